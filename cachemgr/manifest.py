@@ -1,0 +1,190 @@
+"""Version manifests: every file of a version with its size and sha256, and for safetensors files the
+byte range and hash of every tensor, read from the header (no tensor is loaded to find them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .names import ComponentRef, InvalidName, validate_relpath
+
+MANIFEST_NAME = "manifest.json"
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt")
+"""Only safetensors and plain-text configs travel through the tiers: nothing that is unpickled."""
+
+HASH_CHUNK = 1 << 20
+
+
+class ManifestError(ValueError):
+    """A manifest that is malformed, lies about its files, or points outside its version folder."""
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int  # exclusive
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    tensors: tuple[TensorRange, ...] = ()
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.path.endswith(".safetensors")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    component: str
+    version: str
+    files: tuple[FileEntry, ...]
+    created_at: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> ComponentRef:
+        return ComponentRef(self.model, self.component, self.version)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["format"] = 1
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+            files = tuple(
+                FileEntry(
+                    path=f["path"],
+                    size=int(f["size"]),
+                    sha256=str(f["sha256"]),
+                    tensors=tuple(
+                        TensorRange(
+                            name=str(t["name"]),
+                            dtype=str(t["dtype"]),
+                            shape=tuple(int(x) for x in t["shape"]),
+                            start=int(t["start"]),
+                            end=int(t["end"]),
+                            sha256=str(t["sha256"]),
+                        )
+                        for t in f.get("tensors", ())
+                    ),
+                )
+                for f in data["files"]
+            )
+            manifest = cls(
+                model=data["model"],
+                component=data["component"],
+                version=data["version"],
+                files=files,
+                created_at=float(data.get("created_at", 0.0)),
+                meta=dict(data.get("meta") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"malformed manifest: {exc}") from exc
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Reject anything that could escape the version folder, load a pickle, or lie about sizes."""
+        try:
+            ComponentRef(self.model, self.component, self.version)
+        except InvalidName as exc:
+            raise ManifestError(str(exc)) from exc
+        seen: set[str] = set()
+        for entry in self.files:
+            try:
+                validate_relpath(entry.path)
+            except InvalidName as exc:
+                raise ManifestError(str(exc)) from exc
+            if entry.path == MANIFEST_NAME:
+                raise ManifestError(f"{self.ref}: a file may not be named {MANIFEST_NAME}")
+            if not entry.path.endswith(ALLOWED_SUFFIXES):
+                raise ManifestError(
+                    f"{self.ref}: file {entry.path!r} is not allowed; only {', '.join(ALLOWED_SUFFIXES)} "
+                    "files are stored (no pickled weights)"
+                )
+            if entry.path in seen:
+                raise ManifestError(f"{self.ref}: file {entry.path!r} listed twice")
+            seen.add(entry.path)
+            if entry.size < 0 or len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+                raise ManifestError(f"{self.ref}: file {entry.path!r} has a bad size or sha256")
+            for t in entry.tensors:
+                if not (0 <= t.start <= t.end <= entry.size):
+                    raise ManifestError(f"{self.ref}: tensor {t.name!r} of {entry.path!r} lies outside the file")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data offset, header dict). The header is JSON after an 8-byte little-endian length."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ManifestError(f"{path}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100 * (1 << 20):
+            raise ManifestError(f"{path}: safetensors header of {length} bytes is implausible")
+        header = json.loads(fh.read(length))
+    return 8 + length, header
+
+
+def tensor_ranges(path: Path) -> tuple[TensorRange, ...]:
+    offset, header = read_safetensors_header(path)
+    ranges = []
+    with open(path, "rb") as fh:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            fh.seek(offset + begin)
+            digest = hashlib.sha256(fh.read(end - begin)).hexdigest()
+            ranges.append(
+                TensorRange(name, info["dtype"], tuple(info["shape"]), offset + begin, offset + end, digest)
+            )
+    return tuple(ranges)
+
+
+def build_manifest(ref: ComponentRef, source: Path, meta: dict[str, Any] | None = None) -> Manifest:
+    """Describe every file under `source`; refuses files that would not be allowed to load."""
+    files = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        rel = path.relative_to(source).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        tensors = tensor_ranges(path) if rel.endswith(".safetensors") else ()
+        files.append(FileEntry(rel, path.stat().st_size, sha256_file(path), tensors))
+    manifest = Manifest(ref.model, ref.component, ref.version, tuple(files), time.time(), dict(meta or {}))
+    manifest.validate()
+    return manifest

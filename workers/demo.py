@@ -1,0 +1,213 @@
+"""Tiny but real diffusers pipelines, built offline from configs with seeded random weights.
+
+They stand in for production checkpoints on machines with no hub access: the same classes, the same
+files on disk (safetensors + JSON), the same loading code, only small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+DEMO_MODEL = "nano-banana"
+SD_DEMO_MODEL = "pixel-sd"
+
+
+@dataclass(frozen=True)
+class DemoVersion:
+    model: str
+    component: str
+    version: str
+    family: str
+    seed: int
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary in the CLIP layout, with a handful of merges."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = []
+    for a, b in [("e", "r"), ("a", "n"), ("t", "h"), ("i", "n"), ("o", "n</w>"), ("e", "r</w>")]:
+        merges.append((a, b))
+        tokens.append(a + b)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def save_tokenizer(path: Path) -> int:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _byte_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok.save_pretrained(path)
+    return len(vocab)
+
+
+def _text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, _ = _byte_vocab()
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        hidden_act="gelu",
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=64,
+    )
+
+
+def build_sd(path: Path, seed: int) -> Path:
+    """A tiny Stable Diffusion 1.x pipeline saved as a diffusers folder of safetensors."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok_dir = path / "tokenizer"
+    vocab_size = save_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=_vae(seed + 1),
+        text_encoder=_text_encoder(vocab_size, 32, None, seed + 2),
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_sdxl(path: Path, seed: int) -> Path:
+    """A tiny SDXL pipeline; the two text encoders get different widths, as in the real model."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = save_tokenizer(path / "tokenizer")
+    save_tokenizer(path / "tokenizer_2")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=32 + 48,
+        norm_num_groups=32,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_vae(seed + 1),
+        text_encoder=_text_encoder(vocab_size, 32, None, seed + 2),
+        text_encoder_2=_text_encoder(vocab_size, 48, 32, seed + 3),
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading"
+        ),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_lora(base_dir: Path, family: str, path: Path, seed: int, rank: int = 4) -> Path:
+    """A non-zero LoRA for the base's UNet, saved with its adapter metadata (alpha survives loading)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", use_safetensors=True)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank * 2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    torch.manual_seed(seed)
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    layers = get_peft_model_state_dict(unet)
+    path.mkdir(parents=True, exist_ok=True)
+    pipeline_cls = _pipeline_class(family)
+    pipeline_cls.save_lora_weights(
+        path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True
+    )
+    (path / "lora.json").write_text(json.dumps({"family": family, "rank": rank, "alpha": rank * 2}))
+    return path
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
