@@ -211,3 +211,48 @@ def _pipeline_class(family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
+
+
+DEMO_VERSIONS = (
+    DemoVersion(DEMO_MODEL, "base", "v1.0.0", "sdxl", 1000),
+    DemoVersion(DEMO_MODEL, "base", "v1.1.0", "sdxl", 1100),
+    DemoVersion(DEMO_MODEL, "lora", "v2.3.0", "sdxl", 2300),
+    DemoVersion(DEMO_MODEL, "lora", "v2.3.1", "sdxl", 2310),
+    DemoVersion(SD_DEMO_MODEL, "base", "v1.0.0", "sd", 3000),
+    DemoVersion(SD_DEMO_MODEL, "lora", "v1.0.0", "sd", 3100),
+)
+DEMO_RELEASES = (
+    f"{DEMO_MODEL}@base-v1.0.0+lora-v2.3.0",  # the previous release: kept warm so rollback never waits
+    f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.1",  # the active release
+)
+SD_DEMO_RELEASE = f"{SD_DEMO_MODEL}@base-v1.0.0+lora-v1.0.0"
+DEMO_META = {"default_steps": 4, "default_guidance": 5.0, "default_width": 64, "default_height": 64}
+
+
+def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> list[str]:
+    """Build the demo versions missing from `archive` and publish them; returns what was published."""
+    from cachemgr.names import ComponentRef
+
+    published = []
+    bases: dict[tuple[str, str], Path] = {}
+    for v in versions:
+        ref = ComponentRef(v.model, v.component, v.version)
+        if v.component == "base":
+            bases.setdefault((v.model, v.family), workdir / f"{v.model}-{v.version}-base")
+        if archive.has_version(ref):
+            continue
+        folder = workdir / f"{v.model}-{v.component}-{v.version}"
+        if v.component == "base":
+            (build_sdxl if v.family == "sdxl" else build_sd)(folder, v.seed)
+            bases[(v.model, v.family)] = folder
+        else:
+            base_dir = bases.get((v.model, v.family))
+            if base_dir is None or not base_dir.exists():
+                base_dir = workdir / f"{v.model}-lora-base"
+                (build_sdxl if v.family == "sdxl" else build_sd)(base_dir, v.seed - 1)
+            build_lora(base_dir, v.family, folder, v.seed)
+        meta = {"family": v.family, "demo": True, **(DEMO_META if v.component == "base" else {})}
+        archive.publish(ref, folder, meta=meta)
+        published.append(str(ref))
+        log(f"published {ref}")
+    return published

@@ -1,0 +1,27 @@
+"""Celery beat's schedule: a plain dict, task names as strings. Run exactly one beat per fleet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.schedules import crontab
+
+SYNC_TASK = "warmfleet.sync"
+AUDIT_TASK = "warmfleet.audit"
+MAINTENANCE_QUEUE = "fleet.maintenance"
+
+
+def build_schedule(settings: Any) -> dict[str, dict[str, Any]]:
+    """The nightly L2 sync and the audit, at the times (and in the timezone) the settings give."""
+    return {
+        "nightly-l2-sync": {
+            "task": SYNC_TASK,
+            "schedule": crontab(hour=settings.sync_hour, minute=settings.sync_minute),
+            "options": {"queue": MAINTENANCE_QUEUE},
+        },
+        "l2-audit": {
+            "task": AUDIT_TASK,
+            "schedule": crontab(hour=settings.audit_hour, minute=settings.audit_minute),
+            "options": {"queue": MAINTENANCE_QUEUE},
+        },
+    }

@@ -1,0 +1,258 @@
+"""L2: version snapshots on a node's local disk, laid out so `ls` explains it.
+
+    blobs/<sha256>                                   content-addressed file bodies
+    snapshots/<model>/<component>/<version>/<file>   symlinks into ../blobs (a diffusers folder)
+    manifests/<model>/<component>/<version>.json     the verified manifest of each snapshot
+    tmp/                                             private *.incomplete downloads
+    locks/                                           best-effort locks that only avoid duplicate downloads
+
+A snapshot folder is built under tmp/ and renamed into place, so it is either absent or complete; a
+blob is written to a private temp file, verified against its sha256, then renamed. No reader ever
+sees a partial file, and correctness never depends on the locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from filelock import FileLock, Timeout
+
+from .manifest import Manifest, ManifestError
+from .names import ComponentRef, validate_relpath, version_sort_key
+
+
+class ChecksumMismatch(ValueError):
+    """Bytes that do not match the manifest: never renamed into the store."""
+
+
+class SnapshotMissing(LookupError):
+    pass
+
+
+class _HashingWriter:
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+
+@dataclass(frozen=True)
+class BlobCheck:
+    ref: ComponentRef
+    path: str
+    sha256: str
+    ok: bool
+    reason: str = ""
+
+
+class SnapshotStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    # -- layout
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def blob_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.blobs / sha256
+
+    def snapshot_path(self, ref: ComponentRef) -> Path:
+        return self.root / "snapshots" / ref.model / ref.component / ref.version
+
+    def manifest_path(self, ref: ComponentRef) -> Path:
+        return self.root / "manifests" / ref.model / ref.component / f"{ref.version}.json"
+
+    def _ensure_dirs(self) -> None:
+        for d in (self.blobs, self.tmp, self.root / "locks"):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- reading
+    def has(self, ref: ComponentRef) -> bool:
+        return self.snapshot_path(ref).is_dir() and self.manifest_path(ref).is_file()
+
+    def path(self, ref: ComponentRef) -> Path:
+        """The snapshot folder of a version: what `from_pretrained(..., local_files_only=True)` is given."""
+        if not self.has(ref):
+            raise SnapshotMissing(f"{ref} is not in the L2 store at {self.root}; run `warmfleet sync` first")
+        return self.snapshot_path(ref)
+
+    def manifest(self, ref: ComponentRef) -> Manifest:
+        try:
+            return Manifest.from_json(self.manifest_path(ref).read_text())
+        except FileNotFoundError:
+            raise SnapshotMissing(f"{ref} is not in the L2 store at {self.root}") from None
+
+    def has_blob(self, sha256: str) -> bool:
+        return self.blob_path(sha256).is_file()
+
+    def refs(self) -> list[ComponentRef]:
+        out = []
+        base = self.root / "manifests"
+        if not base.is_dir():
+            return out
+        for model in sorted(base.iterdir()):
+            for component in sorted(p for p in model.iterdir() if p.is_dir()):
+                versions = sorted((p.stem for p in component.glob("*.json")), key=version_sort_key)
+                for version in versions:
+                    ref = ComponentRef(model.name, component.name, version)
+                    if self.has(ref):
+                        out.append(ref)
+        return out
+
+    def versions(self, model: str, component: str) -> list[str]:
+        return [r.version for r in self.refs() if r.model == model and r.component == component]
+
+    # -- writing
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 600) -> Iterator[bool]:
+        """Best effort: yields True if held. Only avoids two processes downloading the same blob."""
+        self._ensure_dirs()
+        lock = FileLock(str(self.root / "locks" / f"{name}.lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+
+    def add_blob(self, sha256: str, size: int, fill: Callable[[BinaryIO], None]) -> Path:
+        """Write a blob through `fill(file)`, verify it, then rename it into place.
+
+        The temp file is private to this call; on any failure it is removed and nothing becomes visible.
+        """
+        target = self.blob_path(sha256)
+        if target.is_file():
+            return target
+        self._ensure_dirs()
+        tmp = self.tmp / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete"
+        try:
+            with open(tmp, "wb") as fh:
+                writer = _HashingWriter(fh)
+                fill(writer)  # type: ignore[arg-type]
+                fh.flush()
+                os.fsync(fh.fileno())
+            if writer.size != size or writer.sha.hexdigest() != sha256:
+                raise ChecksumMismatch(
+                    f"blob {sha256[:12]}…: got {writer.size} bytes with sha256 {writer.sha.hexdigest()[:12]}…, "
+                    f"expected {size} bytes; the bytes were discarded"
+                )
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, target)
+            return target
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def add_blob_from_file(self, source: Path, sha256: str, size: int) -> Path:
+        def fill(out: BinaryIO) -> None:
+            with open(source, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+
+        return self.add_blob(sha256, size, fill)
+
+    def commit_snapshot(self, manifest: Manifest) -> Path:
+        """Make a version visible: a folder of links to verified blobs, renamed into place in one step."""
+        manifest.validate()
+        ref = manifest.ref
+        final = self.snapshot_path(ref)
+        if self.has(ref):
+            return final
+        missing = [f.path for f in manifest.files if not self.has_blob(f.sha256)]
+        if missing:
+            raise SnapshotMissing(f"{ref}: cannot commit, blobs missing for {', '.join(missing)}")
+        self._ensure_dirs()
+        staging = Path(tempfile.mkdtemp(dir=self.tmp, prefix=f"snapshot-{ref.version}-", suffix=".incomplete"))
+        try:
+            for entry in manifest.files:
+                link = staging / validate_relpath(entry.path)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                depth = len(Path(entry.path).parts) + 3  # <file parts>/version/component/model → snapshots/
+                link.symlink_to(Path(*([".."] * (depth + 0))) / "blobs" / entry.sha256)
+            manifest_file = self.manifest_path(ref)
+            manifest_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp_manifest = manifest_file.with_suffix(f".{uuid.uuid4().hex[:8]}.incomplete")
+            tmp_manifest.write_text(manifest.to_json())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.is_dir():  # someone else won the race: theirs is identical
+                    raise
+            os.replace(tmp_manifest, manifest_file)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            for leftover in self.manifest_path(ref).parent.glob(f"{ref.version}.*.incomplete"):
+                leftover.unlink(missing_ok=True)
+        return final
+
+    def remove_snapshot(self, ref: ComponentRef) -> None:
+        """Unlink a version (manifest first, so it stops being listed). Blobs are left to the audit's GC."""
+        self.manifest_path(ref).unlink(missing_ok=True)
+        shutil.rmtree(self.snapshot_path(ref), ignore_errors=True)
+
+    # -- checking
+    def check(self, ref: ComponentRef) -> list[BlobCheck]:
+        """Re-hash every blob of a snapshot against its manifest."""
+        manifest = self.manifest(ref)
+        results = []
+        for entry in manifest.files:
+            blob = self.blob_path(entry.sha256)
+            if not blob.is_file():
+                results.append(BlobCheck(ref, entry.path, entry.sha256, False, "missing"))
+                continue
+            link = self.snapshot_path(ref) / entry.path
+            if not link.exists() or link.resolve() != blob.resolve():
+                results.append(BlobCheck(ref, entry.path, entry.sha256, False, "broken link"))
+                continue
+            h = hashlib.sha256()
+            size = 0
+            with open(blob, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            if h.hexdigest() != entry.sha256 or size != entry.size:
+                results.append(BlobCheck(ref, entry.path, entry.sha256, False, "checksum mismatch"))
+            else:
+                results.append(BlobCheck(ref, entry.path, entry.sha256, True))
+        return results
+
+    def quarantine_blob(self, sha256: str) -> Path | None:
+        """Move a corrupt blob aside so the next sync fetches it again; kept for inspection."""
+        blob = self.blob_path(sha256)
+        if not blob.exists():
+            return None
+        qdir = self.root / "quarantine"
+        qdir.mkdir(parents=True, exist_ok=True)
+        dest = qdir / f"{sha256}.{uuid.uuid4().hex[:8]}"
+        os.replace(blob, dest)
+        return dest
+
+
+def manifest_matches(manifest: Manifest, ref: ComponentRef) -> Manifest:
+    if manifest.ref != ref:
+        raise ManifestError(f"manifest for {ref} describes {manifest.ref}")
+    return manifest

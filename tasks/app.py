@@ -1,0 +1,67 @@
+"""The Celery app. Configured from the settings in one call, so tests and the CLI can re-point it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+from celery.signals import before_task_publish
+from kombu import Queue
+
+import beat_schedule
+
+from .routing import FleetRouter
+from .settings import FleetSettings, load_settings
+
+UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
+
+app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance"])
+
+
+def configure(settings: FleetSettings, target: Celery = app) -> Celery:
+    broker = settings.resolved_broker_url
+    router = FleetRouter(broker, settings.model, settings.route_cache_ttl)
+    target.conf.update(
+        broker_url=broker or UNCONFIGURED_BROKER,
+        result_backend=settings.resolved_result_url or broker or UNCONFIGURED_BROKER,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        result_extended=True,
+        result_expires=24 * 3600,
+        task_default_queue="fleet.default",
+        task_create_missing_queues=True,
+        task_queues=[Queue("fleet.default"), Queue(beat_schedule.MAINTENANCE_QUEUE)],
+        task_routes=(router,),
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 0,
+        },
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        timezone=settings.timezone,
+        enable_utc=True,
+        beat_schedule=beat_schedule.build_schedule(settings),
+    )
+    target.fleet_settings = settings  # type: ignore[attr-defined]
+    target.fleet_router = router  # type: ignore[attr-defined]
+    return target
+
+
+@before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Stamp the send time so the worker can report how long a job waited in its queue."""
+    if headers is not None:
+        headers.setdefault("fleet_sent_at", time.time())
+
+
+configure(load_settings())

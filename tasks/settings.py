@@ -1,0 +1,161 @@
+"""All configuration, read in one place: environment variables prefixed FLEET_, or a .env file.
+
+Everything below is passed down as arguments; `cachemgr` never reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from cachemgr.names import Release
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "warmfleet"
+
+
+class FleetSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="root of every embedded default below")
+    broker_url: str | None = Field(None, description="Celery broker; unset = the local fleet's private redis")
+    result_url: str | None = Field(None, description="result backend; unset = the broker URL")
+    cache_root: Path | None = Field(None, description="L2 on this node; unset = <home>/l2")
+    archive_url: str | None = Field(None, description="L3: file:///dir or oss://bucket/prefix; unset = <home>/archive")
+    output_url: str | None = Field(None, description="where images go: file:///dir or oss://bucket/prefix")
+
+    oss_endpoint: str | None = None
+    oss_access_key_id: str | None = None
+    oss_access_key_secret: str | None = None
+    oss_security_token: str | None = None
+
+    device: str = Field("auto", description="auto = cuda if present, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    torch_threads: int = Field(1, ge=1, le=256, description="pinned: the same seed gives the same bytes only at the same count")
+
+    model: str = Field("nano-banana", description="the model a job without one is for")
+    worker_releases: Annotated[list[str], NoDecode] = Field(default_factory=list, description="releases this worker serves")
+    node_name: str = Field(default_factory=socket.gethostname)
+
+    retention_keep: int = Field(5, ge=1)
+    sync_hour: int = Field(2, ge=0, le=23)
+    sync_minute: int = Field(0, ge=0, le=59)
+    audit_hour: int = Field(3, ge=0, le=23)
+    audit_minute: int = Field(30, ge=0, le=59)
+    timezone: str = "UTC"
+
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    warm_ttl_seconds: float = Field(15.0, gt=0)
+    visibility_timeout: int = Field(300, ge=10)
+    route_cache_ttl: float = Field(2.0, ge=0)
+
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: str | None = None
+    metrics_port: int = 9808
+
+    @field_validator("worker_releases", mode="before")
+    @classmethod
+    def _split_releases(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("worker_releases")
+    @classmethod
+    def _valid_releases(cls, value: list[str]) -> list[str]:
+        return [str(Release.parse(v)) for v in value]
+
+    # -- derived locations
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def resolved_cache_root(self) -> Path:
+        return (self.cache_root or self.home / "l2").expanduser().absolute()
+
+    @property
+    def resolved_archive_url(self) -> str:
+        return self.archive_url or (self.home / "archive").absolute().as_uri()
+
+    @property
+    def resolved_output_url(self) -> str:
+        return self.output_url or (self.home / "outputs").absolute().as_uri()
+
+    @property
+    def event_log_path(self) -> Path:
+        return self.home / "events.jsonl"
+
+    def local_fleet_file(self) -> Path:
+        return self.state_dir / "fleet.json"
+
+    @property
+    def resolved_broker_url(self) -> str | None:
+        """The configured broker, else the one of a local fleet started by `warmfleet up` under this home."""
+        if self.broker_url:
+            return self.broker_url
+        try:
+            return json.loads(self.local_fleet_file().read_text())["broker_url"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @property
+    def resolved_result_url(self) -> str | None:
+        return self.result_url or self.resolved_broker_url
+
+    def oss_options(self) -> dict[str, object]:
+        return {
+            k: v
+            for k, v in {
+                "endpoint": self.oss_endpoint,
+                "access_key_id": self.oss_access_key_id,
+                "access_key_secret": self.oss_access_key_secret,
+                "security_token": self.oss_security_token,
+            }.items()
+            if v is not None
+        }
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if device.startswith("cuda") else "float32"
+
+    def child_env(self) -> dict[str, str]:
+        """These settings as FLEET_ variables, for processes the CLI starts."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            key = "FLEET_" + name.upper()
+            env[key] = json.dumps(value) if isinstance(value, list) else str(value)
+        return env
+
+
+def load_settings(**overrides: object) -> FleetSettings:
+    return FleetSettings(**overrides)  # type: ignore[arg-type]
+
+
+def offline_environment() -> None:
+    """No hub access, ever: set before diffusers/transformers are imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

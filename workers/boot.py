@@ -1,0 +1,113 @@
+"""A GPU worker's life: ensure L2 → warm L1 → announce → consume. It never loads a model to serve a job."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from tasks.settings import FleetSettings, offline_environment
+
+log = logging.getLogger("warmfleet.worker")
+
+
+def worker_name(settings: FleetSettings, releases: list[str], name: str | None) -> str:
+    if name:
+        return name if "@" in name else f"{name}@{settings.node_name}"
+    return f"gpu-{os.getpid()}@{settings.node_name or socket.gethostname()}"
+
+
+def run_worker(settings: FleetSettings, releases: list[str], name: str | None = None, loglevel: str = "INFO") -> int:
+    offline_environment()
+    import redis
+    import torch
+
+    from cachemgr import Cache, EventLog, Release, open_archive, open_output_store
+    from cachemgr.names import queue_for
+    from cachemgr.sync import sync_release
+    from tasks import app, configure, serving
+    from tasks.registry import Heartbeat, WarmRegistry, WorkerState
+
+    from .models import builder_for, family_of
+    from .runtime import WorkerRuntime
+
+    if not releases:
+        print("warmfleet worker: name at least one release (--release or FLEET_WORKER_RELEASES)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_interop_threads(1)
+    configure(settings)
+    hostname = worker_name(settings, releases, name)
+    device = settings.resolved_device()
+    broker = settings.resolved_broker_url
+    if not broker:
+        print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
+        return 2
+    registry = WarmRegistry(redis.Redis.from_url(broker), ttl=settings.warm_ttl_seconds)
+    state = WorkerState(worker=hostname, node=settings.node_name, pid=os.getpid(), state="loading",
+                        releases=list(releases), device=device)
+    registry.publish(state)
+    events = EventLog(settings.event_log_path, settings.node_name)
+    cache = Cache.at(settings.resolved_cache_root)
+    pipelines = {}
+    try:
+        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        for text in releases:
+            release = Release.parse(text)
+            sync_release(archive, cache.store, release, events=events)
+            events.emit("L2_WARMUP", release=str(release), outcome="READY")
+            family = family_of(cache.store, release)
+            pipelines[str(release)] = (
+                builder_for(family).builder(release.model, release)
+                .with_cache(cache).on(device, settings.resolved_dtype(device)).with_events(events).build()
+            )
+            state.loads += 1
+    except Exception as exc:
+        state.state = "failed"
+        state.error = f"{type(exc).__name__}: {exc}"
+        registry.publish(state)
+        events.emit("L1_LOAD", outcome="FAILED", worker=hostname, releases=",".join(releases), reason=state.error)
+        log.error("worker %s failed to load and will not consume: %s", hostname, state.error)
+        print(f"warmfleet worker {hostname}: failed to load: {state.error}", file=sys.stderr)
+        return 3
+
+    outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
+    serving.install(WorkerRuntime(hostname, pipelines, outputs, state))
+    state.state = "warm"
+    registry.publish(state)
+    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds)
+    heartbeat.start()
+    queues = ",".join(queue_for(r) for r in releases)
+    log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
+    try:
+        app.worker_main(
+            argv=[
+                "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", f"--queues={queues}",
+                f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
+                "--task-events",
+            ]
+        )
+    finally:
+        heartbeat.stop()
+        state.state = "stopping"
+        try:
+            registry.withdraw(state)
+        except redis.RedisError:
+            pass
+    return 0
+
+
+def run_maintenance_worker(settings: FleetSettings, name: str | None = None, loglevel: str = "INFO") -> int:
+    """The node's maintenance worker: runs sync and audit so GPU workers never stop serving for them."""
+    offline_environment()
+    from beat_schedule import MAINTENANCE_QUEUE
+    from tasks import app, configure
+
+    configure(settings)
+    hostname = name or f"maintenance@{settings.node_name}"
+    app.worker_main(
+        argv=["worker", "--pool=solo", f"--queues={MAINTENANCE_QUEUE}", f"--hostname={hostname}",
+              f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events"]
+    )
+    return 0

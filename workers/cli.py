@@ -1,0 +1,439 @@
+"""`warmfleet`: one CLI for operators. Errors are one line that names what to check, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tasks.settings import FleetSettings, load_settings, offline_environment
+
+
+def _settings(ctx: click.Context) -> FleetSettings:
+    return ctx.ensure_object(dict).setdefault("settings", load_settings())
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into one line and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        from cachemgr import ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing
+        from tasks.requests import BadRequest
+        from tasks.routing import FleetNotConfigured, NoRoute
+
+        from .localfleet import FleetError
+        from .models import LoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing, BadRequest,
+                FleetNotConfigured, NoRoute, FleetError, LoadError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except redis.ConnectionError as exc:
+            raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None
+
+    return wrapper
+
+
+def _redis(settings: FleetSettings):
+    import redis
+
+    from tasks.routing import FleetNotConfigured
+
+    url = settings.resolved_broker_url
+    if not url:
+        raise FleetNotConfigured("no broker: set FLEET_BROKER_URL or start a local fleet with `warmfleet up`")
+    return redis.Redis.from_url(url)
+
+
+def _archive(settings: FleetSettings):
+    from cachemgr import open_archive
+
+    return open_archive(settings.resolved_archive_url, **settings.oss_options())
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """warmfleet: a Celery fleet of GPU workers that keep their model resident."""
+    offline_environment()
+    _settings(ctx)
+
+
+# -- the local fleet ---------------------------------------------------------------------------------------
+
+
+def _default_releases(settings: FleetSettings) -> list[str]:
+    from .demo import DEMO_RELEASES
+
+    return settings.worker_releases or list(DEMO_RELEASES)
+
+
+@main.command()
+@click.option("--release", "releases", multiple=True, help="a release to start a worker for (repeatable)")
+@click.option("--active", help="the release new jobs go to (default: the last one)")
+@click.option("--foreground", is_flag=True, help="stay up until Ctrl-C, then stop everything")
+@click.option("--no-flower", is_flag=True)
+@click.option("--no-beat", is_flag=True)
+@click.pass_context
+@friendly
+def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foreground: bool, no_flower: bool,
+       no_beat: bool) -> None:
+    """Start a local fleet on embedded defaults (private redis, workers, beat, Flower)."""
+    from .localfleet import LocalFleet
+
+    settings = _settings(ctx)
+    fleet = LocalFleet(settings, log=click.echo)
+    state = fleet.up(list(releases) or _default_releases(settings), active, flower=not no_flower, beat=not no_beat)
+    _print_fleet(state)
+    if foreground:
+        _wait_for_interrupt(fleet, state)
+
+
+def _print_fleet(state: Any) -> None:
+    click.echo(f"fleet up: broker {state.broker_url}")
+    if state.flower_url:
+        click.echo(f"  flower   {state.flower_url}")
+    for p in state.procs:
+        click.echo(f"  {p.name:<12} pid {p.pid:<8} log {p.log}")
+
+
+def _wait_for_interrupt(fleet: Any, state: Any) -> None:
+    click.echo("running in the foreground; Ctrl-C stops everything")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopped = fleet.down(state)
+        click.echo(f"stopped: {', '.join(stopped)}")
+
+
+@main.command()
+@click.pass_context
+@friendly
+def down(ctx: click.Context) -> None:
+    """Stop a background local fleet started by `warmfleet up`."""
+    from .localfleet import LocalFleet
+
+    stopped = LocalFleet(_settings(ctx)).down()
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "no local fleet is running")
+
+
+DEMO_PROMPTS = ("Leather Jacket", "a banana in a spacesuit", "neon city at dusk", "a red bicycle")
+
+
+@main.command()
+@click.option("--prompt", "prompts", multiple=True, help="prompts to send (default: a few examples)")
+@click.option("--foreground", is_flag=True, help="stay up after the demo until Ctrl-C")
+@click.pass_context
+@friendly
+def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool) -> None:
+    """The main job: start a local fleet, send prompts through generate.delay, print what happened, stop."""
+    from tasks import configure, generate
+
+    from .localfleet import LocalFleet
+
+    settings = _settings(ctx)
+    releases = _default_releases(settings)
+    fleet = LocalFleet(settings, log=click.echo)
+    state = fleet.up(releases, None)
+    try:
+        _print_fleet(state)
+        configure(settings.model_copy(update={"broker_url": state.broker_url}))
+        jobs = []
+        for i, prompt in enumerate(prompts or DEMO_PROMPTS):
+            kwargs: dict[str, Any] = {"seed": 1000 + i}
+            if i == len(prompts or DEMO_PROMPTS) - 1 and len(releases) > 1:
+                kwargs["release"] = releases[0]  # one job pinned to the previous release
+            jobs.append((prompt, generate.delay(prompt, **kwargs)))
+        rows = [(prompt, r.get(timeout=120)) for prompt, r in jobs]
+        _print_results(rows)
+        outputs = settings.resolved_output_url
+        click.echo(f"\nimages are in {outputs}")
+    finally:
+        if foreground:
+            _wait_for_interrupt(fleet, state)
+        else:
+            stopped = fleet.down(state)
+            click.echo(f"stopped: {', '.join(stopped)}")
+
+
+def _print_results(rows: list[tuple[str, dict[str, Any]]]) -> None:
+    header = f"{'prompt':<26} {'release':<40} {'worker':<22} {'queued':>9} {'infer':>9}  image"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for prompt, res in rows:
+        t = res["timings"]
+        click.echo(
+            f"{prompt[:26]:<26} {res['release']:<40} {res['worker'][:22]:<22} "
+            f"{t['queued_ms'] or 0:>7.1f}ms {t['inference_ms']:>7.1f}ms  {res['image_uri']}"
+        )
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--release", "releases", multiple=True, help="release to serve (repeatable; default FLEET_WORKER_RELEASES)")
+@click.option("--name", help="worker name (default gpu-<pid>@<node>)")
+@click.option("--loglevel", default="INFO")
+@click.pass_context
+def worker(ctx: click.Context, releases: tuple[str, ...], name: str | None, loglevel: str) -> None:
+    """Run one GPU worker: ensure L2, load the pipeline once, announce warm, then consume."""
+    from .boot import run_worker
+
+    settings = _settings(ctx)
+    sys.exit(run_worker(settings, list(releases) or settings.worker_releases, name, loglevel))
+
+
+@main.command("maintenance-worker")
+@click.option("--name")
+@click.option("--loglevel", default="INFO")
+@click.pass_context
+def maintenance_worker(ctx: click.Context, name: str | None, loglevel: str) -> None:
+    """Run the node's maintenance worker (sync, audit)."""
+    from .boot import run_maintenance_worker
+
+    sys.exit(run_maintenance_worker(_settings(ctx), name, loglevel))
+
+
+# -- models and the cache ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.argument("component")
+@click.argument("version")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--family", help="model family of a base (sd, sdxl, …)")
+@click.option("--meta", multiple=True, help="key=value stored in the manifest (repeatable)")
+@click.pass_context
+@friendly
+def publish(ctx: click.Context, model: str, component: str, version: str, path: Path, family: str | None,
+            meta: tuple[str, ...]) -> None:
+    """Push a model version (a folder of safetensors and configs) into the archive."""
+    from tqdm import tqdm
+
+    from cachemgr.names import ComponentRef
+
+    ref = ComponentRef(model, component, version)
+    extra: dict[str, Any] = dict(m.split("=", 1) for m in meta)
+    for k, v in list(extra.items()):
+        try:
+            extra[k] = json.loads(v)
+        except ValueError:
+            pass
+    if family:
+        extra["family"] = family
+    archive = _archive(_settings(ctx))
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {ref}", disable=total < (8 << 20)) as bar:
+        manifest = archive.publish(ref, path, meta=extra, progress=bar.update)
+    click.echo(f"published {ref}: {len(manifest.files)} files, {manifest.total_size} bytes → {archive.url}")
+
+
+@main.command("publish-demo")
+@click.pass_context
+@friendly
+def publish_demo_cmd(ctx: click.Context) -> None:
+    """Build the tiny demo models offline and publish the versions missing from the archive."""
+    import shutil
+    import tempfile
+
+    from .demo import publish_demo
+
+    archive = _archive(_settings(ctx))
+    work = Path(tempfile.mkdtemp(prefix="warmfleet-demo-"))
+    try:
+        done = publish_demo(archive, work, log=click.echo)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    click.echo(f"{len(done)} version(s) published to {archive.url}" if done else "demo models already published")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.pass_context
+@friendly
+def versions(ctx: click.Context, model: str | None) -> None:
+    """List the versions in the archive (and which are in this node's L2)."""
+    from cachemgr import Cache
+    from cachemgr.names import ComponentRef
+
+    settings = _settings(ctx)
+    archive = _archive(settings)
+    store = Cache.at(settings.resolved_cache_root).store
+    for m in [model] if model else archive.list_models():
+        for component in archive.list_components(m):
+            for version in archive.list_versions(m, component):
+                ref = ComponentRef(m, component, version)
+                click.echo(f"{str(ref):<40} {'L2' if store.has(ref) else '  '}")
+
+
+@main.command()
+@click.option("--release", "releases", multiple=True, help="sync these releases (default: what the fleet needs)")
+@click.pass_context
+@friendly
+def sync(ctx: click.Context, releases: tuple[str, ...]) -> None:
+    """Bring versions from the archive (L3) into this node's L2, verified."""
+    from tqdm import tqdm
+
+    from cachemgr import Cache, EventLog, Release
+    from cachemgr.sync import sync_refs
+    from tasks.maintenance import wanted_refs
+
+    settings = _settings(ctx)
+    archive = _archive(settings)
+    store = Cache.at(settings.resolved_cache_root).store
+    if releases:
+        refs = sorted({ref for r in releases for ref in Release.parse(r).refs()})
+    else:
+        try:
+            client = _redis(settings)
+            client.ping()
+        except Exception:
+            client = None
+        refs = wanted_refs(settings, client)
+    total = sum(archive.read_manifest(r).total_size for r in refs if not store.has(r))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=total == 0) as bar:
+        summary = sync_refs(archive, store, refs, progress=bar.update,
+                            events=EventLog(settings.event_log_path, settings.node_name))
+    for r in summary.reports:
+        click.echo(f"{str(r.ref):<40} {r.outcome:<10} fetched {r.bytes_fetched} B, reused {r.bytes_reused} B")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="show what would be repaired, change nothing")
+@click.pass_context
+@friendly
+def audit(ctx: click.Context, dry_run: bool) -> None:
+    """Re-hash L2 against the manifests; quarantine corrupt blobs so the next sync re-fetches them."""
+    from cachemgr import Cache, EventLog
+    from cachemgr.audit import execute_audit, plan_audit
+
+    settings = _settings(ctx)
+    store = Cache.at(settings.resolved_cache_root).store
+    plan = plan_audit(store)
+    click.echo(f"checked {len(plan.checks)} files; {len(plan.corrupt)} bad")
+    for c in plan.corrupt:
+        click.echo(f"  {c.ref}/{c.path}: {c.reason}")
+    if not dry_run and plan.corrupt:
+        result = execute_audit(store, plan, EventLog(settings.event_log_path, settings.node_name))
+        click.echo(f"quarantined {len(result.quarantined)}; unlinked {', '.join(result.removed_snapshots)}")
+    if plan.corrupt:
+        sys.exit(1)
+
+
+@main.group()
+def cache() -> None:
+    """The cache event log."""
+
+
+@cache.command("log")
+@click.option("-n", "--last", default=50, help="how many events")
+@click.option("--json", "as_json", is_flag=True, help="raw JSON lines")
+@click.pass_context
+def cache_log(ctx: click.Context, last: int, as_json: bool) -> None:
+    from cachemgr.events import EventLog, render
+
+    settings = _settings(ctx)
+    for record in EventLog(settings.event_log_path).read(last):
+        click.echo(json.dumps(record) if as_json else render(record))
+
+
+# -- routing -----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.argument("release")
+@click.option("--force", is_flag=True, help="promote even with no warm worker for the release")
+@click.pass_context
+@friendly
+def promote(ctx: click.Context, model: str, release: str, force: bool) -> None:
+    """Send new jobs for MODEL to RELEASE."""
+    from cachemgr import Release
+    from tasks.registry import WarmRegistry
+    from tasks.routing import RouteTable
+
+    settings = _settings(ctx)
+    rel = Release.parse(release)
+    if rel.model != model:
+        raise click.ClickException(f"{release} is not a release of {model}")
+    client = _redis(settings)
+    if not force and not WarmRegistry(client).is_warm(str(rel)):
+        raise click.ClickException(
+            f"no warm worker for {rel}: start one (`warmfleet worker --release {rel}`) or use --force"
+        )
+    route = RouteTable(client).set_active(rel, actor="cli", reason="promote")
+    click.echo(f"{model}: active {route.active} (previous {route.previous})")
+
+
+@main.command()
+@click.pass_context
+@friendly
+def routes(ctx: click.Context) -> None:
+    """The route table: each model's active release."""
+    from tasks.routing import RouteTable
+
+    table = RouteTable(_redis(_settings(ctx)))
+    for model in table.models():
+        route = table.get(model)
+        click.echo(f"{model:<20} active {route.active}  previous {route.previous or '-'}")
+
+
+@main.command()
+@click.pass_context
+@friendly
+def status(ctx: click.Context) -> None:
+    """Models, their active release, and every worker's state, load count and heartbeat age."""
+    from tasks.registry import WarmRegistry
+    from tasks.routing import RouteTable
+
+    client = _redis(_settings(ctx))
+    table = RouteTable(client)
+    registry = WarmRegistry(client)
+    for model in table.models():
+        route = table.get(model)
+        click.echo(f"model {model}: active {route.active} (previous {route.previous or '-'})")
+    now = time.time()
+    click.echo(f"{'worker':<28} {'state':<8} {'loads':>5} {'jobs':>6} {'beat':>6}  releases")
+    for w in registry.workers():
+        click.echo(f"{w.worker:<28} {w.state:<8} {w.loads:>5} {w.jobs:>6} {now - w.heartbeat_at:>5.1f}s  "
+                   f"{', '.join(w.releases)}{'  error: ' + w.error if w.error else ''}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--release")
+@click.option("--seed", type=int)
+@click.option("--steps", type=int)
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--timeout", default=120.0)
+@click.pass_context
+@friendly
+def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | None, steps: int | None,
+             width: int | None, height: int | None, timeout: float) -> None:
+    """Send one prompt through the fleet and print the result."""
+    from tasks import generate as generate_task
+
+    params = {k: v for k, v in dict(release=release, seed=seed, steps=steps, width=width, height=height).items()
+              if v is not None}
+    result = generate_task.delay(prompt, **params).get(timeout=timeout)
+    click.echo(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""A local fleet on embedded defaults: a private redis-server on a free loopback port, one worker per
+release, a maintenance worker, Celery beat and Flower — started, tracked in a state file, stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.settings import FleetSettings
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise FleetError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    log: str
+    stop_signal: int = signal.SIGTERM
+
+
+@dataclass
+class FleetState:
+    broker_url: str
+    home: str
+    procs: list[Proc] = field(default_factory=list)
+    flower_url: str | None = None
+    releases: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.__dict__, "procs": [p.__dict__ for p in self.procs]}, indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> FleetState | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        data["procs"] = [Proc(**p) for p in data.get("procs", [])]
+        return cls(**data)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class LocalFleet:
+    def __init__(self, settings: FleetSettings, log=print) -> None:
+        self.settings = settings
+        self.log = log
+        self.state_file = settings.local_fleet_file()
+        self.logs = settings.state_dir / "logs"
+
+    def running(self) -> FleetState | None:
+        state = FleetState.load(self.state_file)
+        if state and any(alive(p.pid) for p in state.procs):
+            return state
+        return None
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        return Proc(name, proc.pid, str(log_path))
+
+    def child_env(self, broker_url: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(self.settings.child_env())
+        env["FLEET_BROKER_URL"] = broker_url
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def up(self, releases: list[str], active: str | None, flower: bool = True, beat: bool = True,
+           timeout: float = 180.0) -> FleetState:
+        if self.running():
+            raise FleetError(f"a local fleet is already running (state in {self.state_file}); run `warmfleet down`")
+        redis_server = shutil.which("redis-server")
+        if not redis_server:
+            raise FleetError("redis-server not found on PATH; install it (apt-get install redis-server)")
+        home = self.settings.home
+        state = FleetState(broker_url="", home=str(home), releases=list(releases))
+        try:
+            self._prepare_models(releases)
+            port = free_port()
+            redis_dir = self.settings.state_dir / "redis"
+            redis_dir.mkdir(parents=True, exist_ok=True)
+            state.broker_url = f"redis://127.0.0.1:{port}/0"
+            state.procs.append(self._spawn("redis", [
+                redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
+                "--save", "", "--appendonly", "yes", "--protected-mode", "yes",
+            ], os.environ.copy()))
+            state.save(self.state_file)
+            wait_port(port)
+            env = self.child_env(state.broker_url)
+            self._route(state.broker_url, releases, active)
+            for i, release in enumerate(releases):
+                state.procs.append(self._spawn(f"worker-{i}", [
+                    sys.executable, "-m", "workers.cli", "worker", "--release", release,
+                    "--name", f"gpu{i}", "--loglevel", "INFO",
+                ], env))
+            state.procs.append(self._spawn("maintenance", [sys.executable, "-m", "workers.cli", "maintenance-worker"], env))
+            if beat:
+                schedule = self.settings.state_dir / "beat-schedule"
+                state.procs.append(self._spawn("beat", [
+                    sys.executable, "-m", "celery", "-A", "tasks.app", "beat", "--schedule", str(schedule),
+                    "--loglevel", "INFO",
+                ], env))
+            if flower:
+                fport = self.settings.flower_port if self._port_free(self.settings.flower_port) else free_port()
+                args = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", "--address=127.0.0.1",
+                        f"--port={fport}"]
+                if self.settings.flower_password:
+                    args.append(f"--basic-auth={self.settings.flower_user}:{self.settings.flower_password}")
+                state.procs.append(self._spawn("flower", args, env))
+                state.flower_url = f"http://127.0.0.1:{fport}"
+            state.save(self.state_file)
+            self._wait_warm(state, releases, timeout)
+        except BaseException:
+            self.down(state)
+            raise
+        return state
+
+    @staticmethod
+    def _port_free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    def _prepare_models(self, releases: list[str]) -> None:
+        """Embedded defaults: publish the demo models into the archive if they are not there yet."""
+        from cachemgr import Release, open_archive
+
+        from .demo import publish_demo
+
+        archive = open_archive(self.settings.resolved_archive_url, **self.settings.oss_options())
+        missing = [ref for r in releases for ref in Release.parse(r).refs() if not archive.has_version(ref)]
+        if not missing:
+            return
+        workdir = self.settings.state_dir / "demo-build"
+        self.log(f"building the demo models into {archive.url} …")
+        publish_demo(archive, workdir, log=self.log)
+        shutil.rmtree(workdir, ignore_errors=True)
+        still = [str(ref) for ref in missing if not archive.has_version(ref)]
+        if still:
+            raise FleetError(f"not in the archive and not a demo model: {', '.join(still)}; publish them first")
+
+    def _route(self, broker_url: str, releases: list[str], active: str | None) -> None:
+        import redis
+
+        from cachemgr import Release
+        from tasks.routing import RouteTable
+
+        table = RouteTable(redis.Redis.from_url(broker_url))
+        by_model: dict[str, list[str]] = {}
+        for r in releases:
+            by_model.setdefault(Release.parse(r).model, []).append(r)
+        for model, rels in by_model.items():
+            if table.active(model):
+                continue
+            target = active if active and Release.parse(active).model == model else rels[-1]
+            for r in rels:  # history: older releases first, the target last
+                if r != target:
+                    table.set_active(r, actor="warmfleet up", reason="initial route")
+            table.set_active(target, actor="warmfleet up", reason="initial route")
+
+    def _wait_warm(self, state: FleetState, releases: list[str], timeout: float) -> None:
+        import redis
+
+        from tasks.registry import WarmRegistry
+
+        registry = WarmRegistry(redis.Redis.from_url(state.broker_url))
+        since = time.time() - 1
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = [p for p in state.procs if not alive(p.pid)]
+            if dead:
+                tail = Path(dead[0].log).read_text(errors="replace")[-2000:] if Path(dead[0].log).exists() else ""
+                raise FleetError(f"{dead[0].name} exited during start; its log ({dead[0].log}) ends:\n{tail}")
+            try:
+                registry.wait_warm(releases, timeout=min(2.0, max(0.1, deadline - time.monotonic())), since=since)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise FleetError(f"workers not warm after {timeout:.0f}s; see logs in {self.logs}") from None
+            except RuntimeError as exc:
+                raise FleetError(str(exc)) from None
+
+    def down(self, state: FleetState | None = None, timeout: float = 15.0) -> list[str]:
+        """Stop what the fleet started: workers first, redis last. Nothing it did not start is touched."""
+        state = state or FleetState.load(self.state_file)
+        if state is None:
+            return []
+        stopped = []
+        order = sorted(state.procs, key=lambda p: p.name == "redis")
+        for group in ([p for p in order if p.name != "redis"], [p for p in order if p.name == "redis"]):
+            for p in group:
+                if alive(p.pid):
+                    try:
+                        os.killpg(p.pid, signal.SIGTERM)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + timeout
+            for p in group:
+                while alive(p.pid) and time.monotonic() < deadline:
+                    _reap(p.pid)
+                    time.sleep(0.05)
+                if alive(p.pid):
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    time.sleep(0.1)
+                _reap(p.pid)
+                stopped.append(p.name)
+        if self.state_file.exists():
+            current = FleetState.load(self.state_file)
+            if current is None or current.broker_url == state.broker_url:
+                self.state_file.unlink(missing_ok=True)
+        return stopped
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,29 @@
+"""Model families. Each is one readable module; `builder_for` picks one from a base manifest's family."""
+
+from cachemgr import Release, SnapshotStore
+
+from .base import LoadError, ModelBuilder
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+FAMILIES: dict[str, type[ModelBuilder]] = {
+    StableDiffusion.family: StableDiffusion,
+    StableDiffusionXL.family: StableDiffusionXL,
+}
+
+
+def builder_for(family: str) -> type[ModelBuilder]:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise LoadError(f"unknown model family {family!r}; supported: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_of(store: SnapshotStore, release: Release) -> str:
+    family = store.manifest(release.base).meta.get("family")
+    if not family:
+        raise LoadError(f"{release.base} has no 'family' in its manifest meta; republish it with --family")
+    return str(family)
+
+
+__all__ = ["FAMILIES", "LoadError", "ModelBuilder", "StableDiffusion", "StableDiffusionXL", "builder_for", "family_of"]

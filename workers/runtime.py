@@ -1,0 +1,63 @@
+"""What a worker process serves with: its resident pipelines, keyed by release, and the output store."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cachemgr import OutputStore
+from cachemgr.names import release_of_queue
+from tasks.registry import WorkerState
+from tasks.requests import BadRequest, GenerateRequest
+from tasks.serving import NotServing
+
+from .resident import ResidentPipeline
+
+
+class WorkerRuntime:
+    def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState) -> None:
+        self.worker = worker
+        self.pipelines = pipelines
+        self.outputs = outputs
+        self.state = state
+
+    def pick(self, request: GenerateRequest, queue: str | None) -> ResidentPipeline:
+        queued_for = release_of_queue(queue) if queue else None
+        release = str(queued_for) if queued_for else request.release
+        if request.release and release and request.release != release:
+            raise BadRequest(f"job pinned to {request.release} arrived on the queue of {release}")
+        if release is None:
+            if len(self.pipelines) == 1:
+                return next(iter(self.pipelines.values()))
+            raise BadRequest("job names no release and arrived on no release queue")
+        try:
+            return self.pipelines[release]
+        except KeyError:
+            raise NotServing(f"worker {self.worker} is not warm on {release}; it serves {', '.join(self.pipelines)}") from None
+
+    def serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
+        started = time.time()
+        resident = self.pick(request, queue)
+        png, params, inference = resident.generate(request)
+        stored_at = time.perf_counter()
+        uri = self.outputs.put(f"{task_id}.png", png, "image/png")
+        store_seconds = time.perf_counter() - stored_at
+        finished = time.time()
+        self.state.jobs += 1
+        queued = max(0.0, started - sent_at) if sent_at else None
+        return {
+            "task_id": task_id,
+            "image_uri": uri,
+            "image_key": f"{task_id}.png",
+            "release": resident.release,
+            "worker": self.worker,
+            "device": resident.device,
+            "prompt": request.prompt,
+            **params,
+            "timings": {
+                "queued_ms": round(queued * 1000, 2) if queued is not None else None,
+                "inference_ms": round(inference * 1000, 2),
+                "store_ms": round(store_seconds * 1000, 2),
+                "total_ms": round((finished - (sent_at or started)) * 1000, 2),
+            },
+        }
