@@ -73,7 +73,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         return 3
 
     outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
-    serving.install(WorkerRuntime(hostname, pipelines, outputs, state))
+    serving.install(WorkerRuntime(hostname, pipelines, outputs, state, after_job=registry.publish))
     state.state = "warm"
     registry.publish(state)
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cachemgr import OutputStore
@@ -15,7 +16,9 @@ from .resident import ResidentPipeline
 
 
 class WorkerRuntime:
-    def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState) -> None:
+    def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState,
+                 after_job: Callable[[WorkerState], None] | None = None) -> None:
+        self.after_job = after_job
         self.worker = worker
         self.pipelines = pipelines
         self.outputs = outputs
@@ -44,6 +47,11 @@ class WorkerRuntime:
         store_seconds = time.perf_counter() - stored_at
         finished = time.time()
         self.state.jobs += 1
+        if self.after_job:
+            try:
+                self.after_job(self.state)
+            except Exception:  # the registry is best effort; the job's result must not depend on it
+                pass
         queued = max(0.0, started - sent_at) if sent_at else None
         return {
             "task_id": task_id,

@@ -1,0 +1,97 @@
+"""Shared fixtures. Integration fixtures start real processes on private ports under temp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+for _key in [k for k in os.environ if k.startswith("FLEET_")]:
+    del os.environ[_key]  # tests never pick up an operator's configuration
+
+from cachemgr import LocalArchive  # noqa: E402
+from tasks.settings import FleetSettings  # noqa: E402
+from workers.demo import DEMO_RELEASES, publish_demo  # noqa: E402
+
+from .support import RedisServer, start_worker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models, built once per test session and published into a local archive."""
+    root = tmp_path_factory.mktemp("archive")
+    publish_demo(LocalArchive(root), tmp_path_factory.mktemp("demo-build"), log=lambda *_: None)
+    return root
+
+
+@pytest.fixture
+def archive_copy(demo_archive_dir: Path, tmp_path: Path) -> LocalArchive:
+    """A private copy of the demo archive that a test may change."""
+    import shutil
+
+    dest = tmp_path / "archive"
+    shutil.copytree(demo_archive_dir, dest)
+    return LocalArchive(dest)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_settings(redis_server: RedisServer, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
+    home = tmp_path_factory.mktemp("home")
+    return FleetSettings(
+        home=home,
+        broker_url=redis_server.url,
+        archive_url=demo_archive_dir.as_uri(),
+        torch_threads=1,
+        heartbeat_seconds=1.0,
+        warm_ttl_seconds=4.0,
+        route_cache_ttl=0.0,
+        node_name="testnode",
+    )
+
+
+@pytest.fixture(scope="module")
+def producer(fleet_settings: FleetSettings):
+    """The producer side: the `tasks` app pointed at the private broker."""
+    import tasks
+
+    tasks.configure(fleet_settings)
+    yield tasks
+    tasks.app.pool.force_close_all()
+
+
+@pytest.fixture(scope="module")
+def two_workers(fleet_settings: FleetSettings, producer, tmp_path_factory: pytest.TempPathFactory):
+    """Two warm workers, one per demo release, and a route to the newer release."""
+    import redis
+
+    from tasks.routing import RouteTable
+
+    logs = tmp_path_factory.mktemp("logs")
+    old, new = DEMO_RELEASES
+    workers = [start_worker(fleet_settings, [old], "w-old", logs, wait=False),
+               start_worker(fleet_settings, [new], "w-new", logs, wait=False)]
+    from .support import wait_warm
+
+    try:
+        for w in workers:
+            wait_warm(fleet_settings, w)
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    table = RouteTable(redis.Redis.from_url(fleet_settings.broker_url))
+    table.set_active(old, actor="test")
+    table.set_active(new, actor="test")
+    yield {"old": workers[0], "new": workers[1], "releases": (old, new)}
+    for w in workers:
+        w.stop()
