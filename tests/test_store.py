@@ -21,7 +21,7 @@ def make_version(tmp_path, seed=0):
     (src / "unet").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     save_file({"w": rng.standard_normal((64, 64)).astype(np.float32)}, str(src / "unet" / "w.safetensors"))
-    (src / "config.json").write_text('{"seed": %d}' % seed)
+    (src / "config.json").write_text(f'{{"seed": {seed}}}')
     return src
 
 

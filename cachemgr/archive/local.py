@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..manifest import MANIFEST_NAME, Manifest, ManifestError
-from ..names import ComponentRef, NAME_PATTERN, COMPONENT_PATTERN, validate_relpath
+from ..names import COMPONENT_PATTERN, NAME_PATTERN, ComponentRef, validate_relpath
 from .base import Archive, ArchiveError, ObjectInfo, VersionNotFound, sort_versions
 
 
