@@ -11,17 +11,18 @@ AUDIT_TASK = "warmfleet.audit"
 MAINTENANCE_QUEUE = "fleet.maintenance"
 
 
-def build_schedule(settings: Any) -> dict[str, dict[str, Any]]:
-    """The nightly L2 sync and the audit, at the times (and in the timezone) the settings give."""
+def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
+    """The nightly L2 sync and the audit, at the times the settings give, in the timezone of `app`
+    (Celery's crontab reads the timezone from its app; `tasks.configure` passes the configured one)."""
     return {
         "nightly-l2-sync": {
             "task": SYNC_TASK,
-            "schedule": crontab(hour=settings.sync_hour, minute=settings.sync_minute),
+            "schedule": crontab(hour=settings.sync_hour, minute=settings.sync_minute, app=app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
         "l2-audit": {
             "task": AUDIT_TASK,
-            "schedule": crontab(hour=settings.audit_hour, minute=settings.audit_minute),
+            "schedule": crontab(hour=settings.audit_hour, minute=settings.audit_minute, app=app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
     }

@@ -50,7 +50,7 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
         task_send_sent_event=True,
         timezone=settings.timezone,
         enable_utc=True,
-        beat_schedule=beat_schedule.build_schedule(settings),
+        beat_schedule=beat_schedule.build_schedule(settings, target),
     )
     target.fleet_settings = settings  # type: ignore[attr-defined]
     target.fleet_router = router  # type: ignore[attr-defined]
