@@ -5,16 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
+from kombu.utils.uuid import uuid
 
 from . import serving
 from .app import app
 from .requests import BadRequest, GenerateRequest
+from .routing import ROUTE_KEY_HEADER
 
 
 class GenerateTask(Task):
-    """Validates on the producer side too, so a bad job is refused before it ever reaches a queue."""
+    """Validates on the producer side too, so a bad job is refused before it ever reaches a queue.
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+    It also makes the task id itself (Celery's router is never shown the id) and hands it to the router in a
+    header, so a canary split is decided by the id: the same id always lands on the same release.
+    """
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any) -> Any:
         params = dict(kwargs or {})
         if args:
             names = ["prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "release", "model"]
@@ -22,7 +28,9 @@ class GenerateTask(Task):
                 raise BadRequest(f"bad generate request: too many positional arguments ({len(args)})")
             params.update(zip(names, args, strict=False))
         GenerateRequest.parse(**params)
-        return super().apply_async(args=(), kwargs=params, **options)
+        task_id = task_id or uuid()
+        options["headers"] = {**(options.get("headers") or {}), ROUTE_KEY_HEADER: task_id}
+        return super().apply_async(args=(), kwargs=params, task_id=task_id, **options)
 
 
 @app.task(bind=True, base=GenerateTask, name="warmfleet.generate", throws=(BadRequest,))

@@ -2,7 +2,7 @@
 
 ROUTE_KEY = "fleet:route:{model}"  # hash: active, previous, canary, canary_weight, updated_at
 ROUTE_MODELS = "fleet:routes"  # set of models with a route
-ROUTE_HISTORY = "fleet:routes:history"  # stream of changes
+ROUTE_HISTORY = "fleet:routes:history"  # stream: model, from, to, from_canary, canary, actor, reason, forced
 ROUTE_CHANNEL = "fleet:routes:changed"  # pub/sub: a model name when its route changes
 WARM_KEY = "fleet:warm:{release}:{worker}"  # hash with TTL: a worker warm on a release
 WARM_PATTERN = "fleet:warm:*"
@@ -10,3 +10,16 @@ WORKER_KEY = "fleet:worker:{worker}"  # hash with TTL: a worker's state, loads, 
 WORKER_PATTERN = "fleet:worker:*"
 PIN_KEY = "fleet:pins"  # set of component refs that retention must keep
 DEAD_KEY = "fleet:dead"  # list of jobs recorded as dead, with reasons
+NODE_L2_KEY = "fleet:l2:{node}"  # hash with TTL: the component refs a node's L2 holds, as its workers last saw them
+NODE_L2_PATTERN = "fleet:l2:*"
+
+# kombu's Redis transport keeps one list per queue and priority step: `queue` for step 0, then
+# `queue` + "\x06\x16" + step for the others (kombu.transport.redis.Channel.sep and PRIORITY_STEPS).
+PRIORITY_SEP = "\x06\x16"
+QUEUE_PRIORITY_LIST = "{queue}" + PRIORITY_SEP + "{priority}"
+QUEUE_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """Every Redis list holding messages of a queue, highest priority (kombu's step 0) first."""
+    return [queue if p == 0 else QUEUE_PRIORITY_LIST.format(queue=queue, priority=p) for p in QUEUE_PRIORITY_STEPS]

@@ -10,7 +10,9 @@ from typing import Any
 
 import redis
 
-from .keys import WARM_KEY, WARM_PATTERN, WORKER_KEY, WORKER_PATTERN
+from cachemgr.store import SnapshotStore
+
+from .keys import NODE_L2_KEY, NODE_L2_PATTERN, WARM_KEY, WARM_PATTERN, WORKER_KEY, WORKER_PATTERN
 
 
 @dataclass
@@ -48,6 +50,17 @@ class WorkerState:
             started_at=float(d.get("started_at", 0)),
             heartbeat_at=float(d.get("heartbeat_at", 0)),
         )
+
+
+@dataclass(frozen=True)
+class NodeL2:
+    """The component refs one node's L2 holds, as a live worker on that node last listed them."""
+
+    node: str
+    refs: frozenset[str]
+    root: str
+    reported_by: str
+    at: float
 
 
 class WarmRegistry:
@@ -103,6 +116,28 @@ class WarmRegistry:
                 states.append(WorkerState.from_redis(raw))
         return sorted(states, key=lambda s: s.worker)
 
+    def publish_l2(self, node: str, store: SnapshotStore, worker: str) -> None:
+        """Say what this node's L2 holds; it expires with the heartbeats, so a silent node reads as unknown."""
+        refs = [str(ref) for ref in store.refs()]
+        key = NODE_L2_KEY.format(node=node)
+        with self.redis.pipeline() as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping={"refs": json.dumps(refs), "root": str(store.root), "worker": worker,
+                                    "at": repr(time.time())})
+            pipe.pexpire(key, int(self.ttl * 1000))
+            pipe.execute()
+
+    def l2_by_node(self) -> dict[str, NodeL2]:
+        out = {}
+        for key in self.redis.scan_iter(match=NODE_L2_PATTERN, count=500):
+            raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(key).items()}
+            if not raw:
+                continue
+            node = key.decode()[len(NODE_L2_KEY.format(node="")):]
+            out[node] = NodeL2(node, frozenset(json.loads(raw.get("refs", "[]"))), raw.get("root", ""),
+                               raw.get("worker", ""), float(raw.get("at", 0)))
+        return dict(sorted(out.items()))
+
     def wait_warm(self, releases: list[str], timeout: float = 120.0, since: float = 0.0) -> dict[str, Any]:
         """Wait until every release has a warm worker; fail fast if a worker started after `since` failed."""
         deadline = time.monotonic() + timeout
@@ -120,21 +155,34 @@ class WarmRegistry:
 
 
 class Heartbeat(threading.Thread):
-    """Re-publishes a worker's state every `interval` seconds until stopped."""
+    """Re-publishes a worker's state every `interval` seconds until stopped, and its node's L2 contents if given
+    the store (so `warmfleet status` can say which releases a node could warm without a download)."""
 
-    def __init__(self, registry: WarmRegistry, state: WorkerState, interval: float) -> None:
+    def __init__(self, registry: WarmRegistry, state: WorkerState, interval: float,
+                 l2: SnapshotStore | None = None) -> None:
         super().__init__(name="warmfleet-heartbeat", daemon=True)
         self.registry = registry
         self.state = state
         self.interval = interval
+        self.l2 = l2
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        self._publish_l2()
         while not self._stop_event.wait(self.interval):
             try:
                 self.registry.publish(self.state)
             except redis.RedisError:
                 continue  # the broker is down or restarting: try again at the next beat
+            self._publish_l2()
+
+    def _publish_l2(self) -> None:
+        if self.l2 is None:
+            return
+        try:
+            self.registry.publish_l2(self.state.node, self.l2, self.state.worker)
+        except (redis.RedisError, OSError, ValueError):
+            pass  # best effort: status then reads this node's L2 as unknown
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -76,7 +76,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     serving.install(WorkerRuntime(hostname, pipelines, outputs, state, after_job=registry.publish))
     state.state = "warm"
     registry.publish(state)
-    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds)
+    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
     heartbeat.start()
     queues = ",".join(queue_for(r) for r in releases)
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)

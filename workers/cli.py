@@ -352,68 +352,6 @@ def cache_log(ctx: click.Context, last: int, as_json: bool) -> None:
         click.echo(json.dumps(record) if as_json else render(record))
 
 
-# -- routing -----------------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("model")
-@click.argument("release")
-@click.option("--force", is_flag=True, help="promote even with no warm worker for the release")
-@click.pass_context
-@friendly
-def promote(ctx: click.Context, model: str, release: str, force: bool) -> None:
-    """Send new jobs for MODEL to RELEASE."""
-    from cachemgr import Release
-    from tasks.registry import WarmRegistry
-    from tasks.routing import RouteTable
-
-    settings = _settings(ctx)
-    rel = Release.parse(release)
-    if rel.model != model:
-        raise click.ClickException(f"{release} is not a release of {model}")
-    client = _redis(settings)
-    if not force and not WarmRegistry(client).is_warm(str(rel)):
-        raise click.ClickException(
-            f"no warm worker for {rel}: start one (`warmfleet worker --release {rel}`) or use --force"
-        )
-    route = RouteTable(client).set_active(rel, actor="cli", reason="promote")
-    click.echo(f"{model}: active {route.active} (previous {route.previous})")
-
-
-@main.command()
-@click.pass_context
-@friendly
-def routes(ctx: click.Context) -> None:
-    """The route table: each model's active release."""
-    from tasks.routing import RouteTable
-
-    table = RouteTable(_redis(_settings(ctx)))
-    for model in table.models():
-        route = table.get(model)
-        click.echo(f"{model:<20} active {route.active}  previous {route.previous or '-'}")
-
-
-@main.command()
-@click.pass_context
-@friendly
-def status(ctx: click.Context) -> None:
-    """Models, their active release, and every worker's state, load count and heartbeat age."""
-    from tasks.registry import WarmRegistry
-    from tasks.routing import RouteTable
-
-    client = _redis(_settings(ctx))
-    table = RouteTable(client)
-    registry = WarmRegistry(client)
-    for model in table.models():
-        route = table.get(model)
-        click.echo(f"model {model}: active {route.active} (previous {route.previous or '-'})")
-    now = time.time()
-    click.echo(f"{'worker':<28} {'state':<8} {'loads':>5} {'jobs':>6} {'beat':>6}  releases")
-    for w in registry.workers():
-        click.echo(f"{w.worker:<28} {w.state:<8} {w.loads:>5} {w.jobs:>6} {now - w.heartbeat_at:>5.1f}s  "
-                   f"{', '.join(w.releases)}{'  error: ' + w.error if w.error else ''}")
-
-
 @main.command()
 @click.argument("prompt")
 @click.option("--release")
@@ -433,6 +371,11 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
               if v is not None}
     result = generate_task.delay(prompt, **params).get(timeout=timeout)
     click.echo(json.dumps(result, indent=1))
+
+
+from . import cli_routing  # noqa: E402  promote, rollback, routes, status
+
+cli_routing.register(main)
 
 
 if __name__ == "__main__":

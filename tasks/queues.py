@@ -1,0 +1,158 @@
+"""Release queues as kombu's Redis transport stores them: depth, and moving queued jobs between releases.
+
+A kombu message in Redis is JSON: `headers` (task name, id), `properties.delivery_info` (exchange, routing key)
+and a `body` (base64 JSON `[args, kwargs, embed]`). The worker takes its queue, and so the pipeline that serves the
+job, from `delivery_info.routing_key`; a moved message must say its new queue there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from cachemgr.names import QUEUE_PREFIX, InvalidName, queue_for, release_of_queue, validate_name
+
+from .keys import PRIORITY_SEP, queue_lists
+
+# Atomic per message: remove this exact payload from the source list and, only if it was still there, push the
+# rewritten payload at the consuming end of the destination. A worker that took the message first makes LREM
+# return 0 and nothing is pushed: no loss, no duplicate, whatever the consumers do meanwhile.
+_MOVE_ONE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Jobs waiting in a queue: the sum over its priority lists (not counting jobs a worker has taken)."""
+    return sum(queue_depths(client, [queue]).values())
+
+
+def queue_depths(client: redis.Redis, queues: list[str]) -> dict[str, int]:
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for name in queue_lists(queue):
+                pipe.llen(name)
+        sizes = pipe.execute()
+    steps = len(queue_lists("q"))
+    return {queue: sum(sizes[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
+
+
+def queued_releases(client: redis.Redis, model: str) -> list[str]:
+    """Releases of a model with jobs waiting, found by the names of their queue lists (empty lists do not exist)."""
+    found = set()
+    for key in client.scan_iter(match=f"{QUEUE_PREFIX}{validate_name(model, 'model')}@*", count=500):
+        queue = key.decode(errors="replace").split(PRIORITY_SEP, 1)[0]
+        try:
+            release = release_of_queue(queue)
+        except InvalidName:
+            continue  # not a queue of ours
+        if release is not None:
+            found.add(str(release))
+    return sorted(found)
+
+
+@dataclass
+class MoveReport:
+    """What `move_queued` did: task ids moved, pinned ones left in place, and ones a worker took meanwhile."""
+
+    source: str
+    target: str
+    moved: list[str] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)
+    unreadable: int = 0
+    taken_meanwhile: int = 0
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(raw)
+        return message if isinstance(message, dict) and isinstance(message.get("properties"), dict) else None
+    except ValueError:
+        return None
+
+
+def _job_kwargs(message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]] | None:
+    """The job's args and kwargs, or None when the body is not base64 JSON (another encoding, compression)."""
+    try:
+        if message["properties"].get("body_encoding") == "base64":
+            body = json.loads(base64.b64decode(message["body"]))
+        elif message.get("content-type") == "application/json":
+            body = json.loads(message["body"])
+        else:
+            return None
+        args, kwargs = body[0], body[1]
+        return (list(args), dict(kwargs)) if isinstance(args, list) and isinstance(kwargs, dict) else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+PINNED_ARG_INDEX = 7
+"""`release` in generate's positional signature (prompt, negative_prompt, steps, guidance, width, height, seed, release)."""
+
+
+def is_pinned(args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """A job that named its release must be served by that release and nothing else: never moved."""
+    return bool(kwargs.get("release")) or (len(args) > PINNED_ARG_INDEX and bool(args[PINNED_ARG_INDEX]))
+
+
+def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> dict[str, Any]:
+    """The same message (same task id, same delivery tag) addressed to `target_queue`."""
+    delivery = dict(message["properties"].get("delivery_info") or {})
+    delivery["routing_key"] = target_queue
+    if delivery.get("exchange") == source_queue:
+        delivery["exchange"] = target_queue
+    return {**message, "properties": {**message["properties"], "delivery_info": delivery}}
+
+
+def move_queued(client: redis.Redis, source_release: str, target_release: str, max_passes: int = 5) -> MoveReport:
+    """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first.
+
+    Each message moves alone and atomically (see `_MOVE_ONE`), so consumers may keep running. Passes repeat while
+    they find something, to catch jobs sent by producers whose cached route had not flipped yet.
+    """
+    source, target = queue_for(source_release), queue_for(target_release)
+    if source == target:
+        raise ValueError(f"cannot move the jobs of {source_release} onto its own queue")
+    report = MoveReport(source_release, target_release)
+    move_one = client.register_script(_MOVE_ONE)
+    left_alone: set[bytes] = set()
+    for _ in range(max_passes):
+        moved_before = len(report.moved)
+        for src_list, dst_list in zip(queue_lists(source), queue_lists(target), strict=True):
+            # newest first (kombu pushes on the left, pops on the right): each RPUSH lands nearer the consuming end,
+            # so the oldest moved job ends up served first, in the original order.
+            for raw in client.lrange(src_list, 0, -1):
+                if raw in left_alone:
+                    continue
+                _move_message(move_one, report, left_alone, raw, src_list, dst_list, source, target)
+        if len(report.moved) == moved_before:
+            break
+    return report
+
+
+def _move_message(move_one: Any, report: MoveReport, left_alone: set[bytes], raw: bytes, src_list: str,
+                  dst_list: str, source: str, target: str) -> None:
+    message = _decode(raw)
+    job = _job_kwargs(message) if message else None
+    if message is None or job is None:
+        report.unreadable += 1
+        left_alone.add(raw)
+        return
+    task_id = str(message.get("headers", {}).get("id", "?"))
+    if is_pinned(*job):
+        report.pinned.append(task_id)
+        left_alone.add(raw)
+        return
+    rewritten = json.dumps(readdress(message, source, target))
+    if move_one(keys=[src_list, dst_list], args=[raw, rewritten]):
+        report.moved.append(task_id)
+    else:
+        report.taken_meanwhile += 1
