@@ -18,6 +18,8 @@ ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt")
 """Only safetensors and plain-text configs travel through the tiers: nothing that is unpickled."""
 
 HASH_CHUNK = 1 << 20
+PIECE_SIZE = 1 << 20
+"""Non-safetensors files are cut into fixed pieces of this size for differential sync."""
 
 
 class ManifestError(ValueError):
@@ -35,11 +37,26 @@ class TensorRange:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A byte range of a file with its own hash: the unit a differential sync reuses or fetches."""
+
+    start: int
+    end: int
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str
     size: int
     sha256: str
     tensors: tuple[TensorRange, ...] = ()
+    pieces: tuple[Piece, ...] = ()
+    """Cover the file end to end: the safetensors header, each tensor (and any padding), or fixed chunks."""
 
     @property
     def is_safetensors(self) -> bool:
@@ -94,6 +111,9 @@ class Manifest:
                         )
                         for t in f.get("tensors", ())
                     ),
+                    pieces=tuple(
+                        Piece(int(p["start"]), int(p["end"]), str(p["sha256"])) for p in f.get("pieces", ())
+                    ),
                 )
                 for f in data["files"]
             )
@@ -137,6 +157,14 @@ class Manifest:
             for t in entry.tensors:
                 if not (0 <= t.start <= t.end <= entry.size):
                     raise ManifestError(f"{self.ref}: tensor {t.name!r} of {entry.path!r} lies outside the file")
+            if entry.pieces:
+                position = 0
+                for piece in entry.pieces:
+                    if piece.start != position or piece.end < piece.start or len(piece.sha256) != 64:
+                        raise ManifestError(f"{self.ref}: pieces of {entry.path!r} do not tile the file")
+                    position = piece.end
+                if position != entry.size:
+                    raise ManifestError(f"{self.ref}: pieces of {entry.path!r} cover {position} of {entry.size} bytes")
 
 
 def sha256_file(path: Path) -> str:
@@ -176,6 +204,34 @@ def tensor_ranges(path: Path) -> tuple[TensorRange, ...]:
     return tuple(ranges)
 
 
+def _hash_range(fh, start: int, end: int) -> str:
+    fh.seek(start)
+    h = hashlib.sha256()
+    remaining = end - start
+    while remaining:
+        chunk = fh.read(min(HASH_CHUNK, remaining))
+        if not chunk:
+            raise ManifestError("file shrank while it was being described")
+        h.update(chunk)
+        remaining -= len(chunk)
+    return h.hexdigest()
+
+
+def file_pieces(path: Path, size: int, tensors: tuple[TensorRange, ...]) -> tuple[Piece, ...]:
+    """Tensor boundaries for safetensors (so an updated tensor is one piece), fixed chunks otherwise."""
+    if tensors:
+        cuts = sorted({0, size, *(t.start for t in tensors), *(t.end for t in tensors)})
+    else:
+        cuts = sorted({*range(0, size, PIECE_SIZE), size})
+    pieces = []
+    known = {(t.start, t.end): t.sha256 for t in tensors}
+    with open(path, "rb") as fh:
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            if end > start:
+                pieces.append(Piece(start, end, known.get((start, end)) or _hash_range(fh, start, end)))
+    return tuple(pieces)
+
+
 def build_manifest(ref: ComponentRef, source: Path, meta: dict[str, Any] | None = None) -> Manifest:
     """Describe every file under `source`; refuses files that would not be allowed to load."""
     files = []
@@ -184,7 +240,8 @@ def build_manifest(ref: ComponentRef, source: Path, meta: dict[str, Any] | None 
         if rel == MANIFEST_NAME:
             continue
         tensors = tensor_ranges(path) if rel.endswith(".safetensors") else ()
-        files.append(FileEntry(rel, path.stat().st_size, sha256_file(path), tensors))
+        size = path.stat().st_size
+        files.append(FileEntry(rel, size, sha256_file(path), tensors, file_pieces(path, size, tensors)))
     manifest = Manifest(ref.model, ref.component, ref.version, tuple(files), time.time(), dict(meta or {}))
     manifest.validate()
     return manifest

@@ -166,6 +166,47 @@ class SnapshotStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def partial_path(self, sha256: str) -> Path:
+        """Where a resumable download of a blob is assembled; used only by the holder of the blob's lock."""
+        return self.tmp / f"{self.blob_path(sha256).name}.partial"
+
+    def write_blob(self, sha256: str, size: int, fill: Callable[[BinaryIO], None], resumable: bool = True) -> Path:
+        """Assemble a blob in a real file that `fill` may write anywhere in (parallel ranged GETs, copied
+        pieces), then hash the whole file and rename it into place only if it matches.
+
+        With `resumable`, the partial file survives an interruption so the next call continues it; callers
+        pass resumable=True only while holding the blob's lock. A mismatch always discards the bytes.
+        """
+        target = self.blob_path(sha256)
+        if target.is_file():
+            return target
+        self._ensure_dirs()
+        partial = (self.partial_path(sha256) if resumable
+                   else self.tmp / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete")
+        keep = False
+        try:
+            with open(partial, "r+b" if partial.exists() else "w+b") as fh:
+                fill(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            digest, length = _hash_file(partial)
+            if length != size or digest != sha256:
+                raise ChecksumMismatch(
+                    f"blob {sha256[:12]}…: got {length} bytes with sha256 {digest[:12]}…, expected {size} bytes; "
+                    "the bytes were discarded"
+                )
+            os.chmod(partial, 0o444)
+            os.replace(partial, target)
+            return target
+        except ChecksumMismatch:
+            raise
+        except BaseException:
+            keep = resumable  # an interrupted download is continued by the next sync, not started over
+            raise
+        finally:
+            if not keep:
+                partial.unlink(missing_ok=True)
+
     def add_blob_from_file(self, source: Path, sha256: str, size: int) -> Path:
         def fill(out: BinaryIO) -> None:
             with open(source, "rb") as src:
@@ -250,6 +291,16 @@ class SnapshotStore:
         dest = qdir / f"{sha256}.{uuid.uuid4().hex[:8]}"
         os.replace(blob, dest)
         return dest
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
 
 
 def manifest_matches(manifest: Manifest, ref: ComponentRef) -> Manifest:

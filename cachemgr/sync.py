@@ -1,18 +1,29 @@
-"""L3 → L2: bring versions onto a node's disk, verified, without ever exposing a partial file."""
+"""L3 → L2: bring versions onto a node's disk, differentially and verified, never exposing a partial file.
+
+A version's manifest cuts each file into pieces with their own hashes (each safetensors tensor is a piece).
+Syncing a new version reuses every piece already present in any local blob of the same component and
+fetches only the missing byte ranges with ranged GETs; the whole file is then hashed against the manifest
+before it is renamed into the store.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 from .archive import Archive
 from .events import EventLog
-from .manifest import Manifest
+from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
+MAX_RANGE = 16 << 20
+"""Largest single ranged GET when fetching changed pieces (adjacent pieces are merged up to this)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,7 @@ class SyncReport:
     bytes_reused: int = 0
     files_fetched: int = 0
     seconds: float = 0.0
+    ranged_gets: int = 0
 
 
 @dataclass
@@ -37,6 +49,107 @@ class SyncSummary:
     def bytes_reused(self) -> int:
         return sum(r.bytes_reused for r in self.reports)
 
+    @property
+    def updated(self) -> list[ComponentRef]:
+        return [r.ref for r in self.reports if r.outcome == "UPDATED"]
+
+
+class PieceIndex:
+    """sha256 of a piece → where those bytes already are on this node (a verified blob and an offset)."""
+
+    def __init__(self) -> None:
+        self.where: dict[str, tuple[Path, int, int]] = {}
+
+    @classmethod
+    def for_component(cls, store: SnapshotStore, model: str, component: str) -> PieceIndex:
+        index = cls()
+        for ref in store.refs():
+            if ref.model != model or ref.component != component:
+                continue
+            for entry in store.manifest(ref).files:
+                blob = store.blob_path(entry.sha256)
+                if not blob.is_file():
+                    continue
+                for piece in entry.pieces:
+                    index.where.setdefault(piece.sha256, (blob, piece.start, piece.end))
+        return index
+
+    def find(self, piece: Piece) -> tuple[Path, int, int] | None:
+        hit = self.where.get(piece.sha256)
+        return hit if hit and hit[2] - hit[1] == piece.size else None
+
+
+@dataclass
+class _FileResult:
+    fetched: int = 0
+    reused: int = 0
+    ranged_gets: int = 0
+
+
+def _coalesce(pieces: list[Piece]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for p in pieces:
+        if ranges and ranges[-1][1] == p.start and p.end - ranges[-1][0] <= MAX_RANGE:
+            ranges[-1] = (ranges[-1][0], p.end)
+        else:
+            ranges.append((p.start, p.end))
+    out = []
+    for start, end in ranges:  # split oversized single pieces too
+        for s in range(start, end, MAX_RANGE):
+            out.append((s, min(end, s + MAX_RANGE)))
+    return out
+
+
+def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: PieceIndex, fh: BinaryIO,
+              progress: Progress | None, result: _FileResult) -> None:
+    """Write `entry` into `fh`: local pieces copied, missing ones fetched by ranged GETs."""
+    fd = fh.fileno()
+    missing: list[Piece] = []
+    for piece in entry.pieces:
+        hit = index.find(piece)
+        if hit is None:
+            missing.append(piece)
+            continue
+        blob, start, end = hit
+        with open(blob, "rb") as src:
+            data = os.pread(src.fileno(), end - start, start)
+        os.pwrite(fd, data, piece.start)
+        result.reused += piece.size
+        if progress:
+            progress(piece.size)
+    for start, end in _coalesce(missing):
+        data = archive.read_range(ref, entry.path, start, end)
+        if len(data) != end - start:
+            raise ChecksumMismatch(f"{ref}/{entry.path}: range {start}-{end} returned {len(data)} bytes")
+        os.pwrite(fd, data, start)
+        result.fetched += len(data)
+        result.ranged_gets += 1
+        if progress:
+            progress(len(data))
+    os.ftruncate(fd, entry.size)
+
+
+def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
+                progress: Progress | None) -> _FileResult:
+    result = _FileResult()
+    reusable = sum(p.size for p in entry.pieces if index.find(p))
+    with store.lock(entry.sha256) as held:
+        if store.has_blob(entry.sha256):  # another process fetched it while we waited
+            result.reused = entry.size
+            if progress:
+                progress(entry.size)
+            return result
+        if reusable:
+            def fill(fh: BinaryIO) -> None:
+                _assemble(archive, ref, entry, index, fh, progress, result)
+        else:
+            def fill(fh: BinaryIO) -> None:
+                fh.seek(0)
+                archive.download(ref, entry.path, fh, progress)
+                result.fetched = entry.size
+        store.write_blob(entry.sha256, entry.size, fill, resumable=held)
+    return result
+
 
 def sync_ref(
     archive: Archive,
@@ -46,39 +159,36 @@ def sync_ref(
     events: EventLog | None = None,
     manifest: Manifest | None = None,
 ) -> SyncReport:
-    """Make `ref` present in `store`. Blobs already present (any version) are reused, not fetched."""
+    """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds."""
     started = time.monotonic()
     if store.has(ref):
         report = SyncReport(ref, "UNCHANGED", 0, store.manifest(ref).total_size, 0, time.monotonic() - started)
         _log(events, report)
         return report
     manifest = manifest or archive.read_manifest(ref)
-    fetched = reused = files = 0
+    if manifest.ref != ref:
+        raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
+    index = PieceIndex.for_component(store, ref.model, ref.component)
+    fetched = reused = files = gets = 0
     for entry in manifest.files:
         if store.has_blob(entry.sha256):
             reused += entry.size
             if progress:
                 progress(entry.size)
             continue
-        with store.lock(entry.sha256):
-            if store.has_blob(entry.sha256):  # another process fetched it while we waited
-                reused += entry.size
-                if progress:
-                    progress(entry.size)
-                continue
-            try:
-                store.add_blob(
-                    entry.sha256, entry.size, lambda fh, e=entry: archive.download(ref, e.path, fh, progress)
-                )
-            except ChecksumMismatch as exc:
-                if events:
-                    events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,
-                                version=ref.version, file=entry.path, reason=str(exc))
-                raise ChecksumMismatch(f"{ref}/{entry.path}: {exc}") from None
-            fetched += entry.size
-            files += 1
+        try:
+            result = _fetch_file(archive, store, ref, entry, index, progress)
+        except ChecksumMismatch as exc:
+            if events:
+                events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,
+                            version=ref.version, file=entry.path, reason=str(exc))
+            raise ChecksumMismatch(f"{ref}/{entry.path}: {exc}") from None
+        fetched += result.fetched
+        reused += result.reused
+        gets += result.ranged_gets
+        files += 1 if result.fetched else 0
     store.commit_snapshot(manifest)
-    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started)
+    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets)
     _log(events, report)
     return report
 
