@@ -1,0 +1,43 @@
+"""`python -m cachemgr.ossserver --root DIR --port N`: run the OSS test server as a process.
+
+The first line on stdout is the endpoint, printed once the socket listens, so a parent can wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .server import OssServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cachemgr.ossserver", description=__doc__)
+    parser.add_argument("--root", required=True, help="directory holding the buckets")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--access-key-id")
+    parser.add_argument("--access-key-secret")
+    parser.add_argument("--security-token", help="require this STS token with the key")
+    parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    args = parser.parse_args(argv)
+    if bool(args.access_key_id) != bool(args.access_key_secret):
+        parser.error("--access-key-id and --access-key-secret go together")
+
+    server = OssServer(args.root, args.host, args.port, args.access_key_id, args.access_key_secret, args.security_token)
+    for name in args.bucket:
+        server.create_bucket(name)
+    server.start()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(server.endpoint, flush=True)
+    stopped.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
