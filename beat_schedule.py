@@ -6,8 +6,10 @@ from typing import Any
 
 from celery.schedules import crontab
 
-SYNC_TASK = "warmfleet.sync"
+SYNC_TASK = "warmfleet.sync"  # one node's L2, sent to that node's queue
 AUDIT_TASK = "warmfleet.audit"
+SYNC_FLEET_TASK = "warmfleet.sync_fleet"  # fans out to every node with an L2
+AUDIT_FLEET_TASK = "warmfleet.audit_fleet"
 MAINTENANCE_QUEUE = "fleet.maintenance"
 
 
@@ -16,12 +18,12 @@ def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
     (Celery's crontab reads the timezone from its app; `tasks.configure` passes the configured one)."""
     return {
         "nightly-l2-sync": {
-            "task": SYNC_TASK,
+            "task": SYNC_FLEET_TASK,
             "schedule": crontab(hour=settings.sync_hour, minute=settings.sync_minute, app=app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
         "l2-audit": {
-            "task": AUDIT_TASK,
+            "task": AUDIT_FLEET_TASK,
             "schedule": crontab(hour=settings.audit_hour, minute=settings.audit_minute, app=app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },

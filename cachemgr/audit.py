@@ -1,17 +1,29 @@
-"""The L2 audit: re-hash every snapshot against its manifest; plan first, then act."""
+"""The L2 audit: re-hash every snapshot, clear what killed downloads left, apply retention, collect
+unreferenced blobs. Plan first (a frozen description anyone can print), then execute."""
 
 from __future__ import annotations
 
+import shutil
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .archive import Archive
 from .events import EventLog
+from .names import ComponentRef, version_sort_key
 from .store import BlobCheck, SnapshotStore
+
+STALE_AFTER = 6 * 3600
+"""Temp files untouched this long belong to a download that was killed; a live one writes continuously."""
 
 
 @dataclass(frozen=True)
 class AuditPlan:
     checks: tuple[BlobCheck, ...]
     stale_temp_files: tuple[str, ...] = ()
+    retire: tuple[ComponentRef, ...] = ()
+    keep: tuple[tuple[ComponentRef, str], ...] = ()
+    orphan_blobs: tuple[str, ...] = ()
 
     @property
     def corrupt(self) -> tuple[BlobCheck, ...]:
@@ -21,37 +33,124 @@ class AuditPlan:
     def ok(self) -> bool:
         return not self.corrupt
 
+    def describe(self) -> str:
+        lines = [f"checked {len(self.checks)} files: {len(self.corrupt)} bad"]
+        lines += [f"  quarantine {c.ref}/{c.path}: {c.reason}" for c in self.corrupt]
+        lines += [f"  keep   {ref}  ({why})" for ref, why in self.keep]
+        lines += [f"  retire {ref}" for ref in self.retire]
+        lines += [f"  remove temp file {name}" for name in self.stale_temp_files]
+        if self.orphan_blobs:
+            lines.append(f"  collect {len(self.orphan_blobs)} unreferenced blob(s)")
+        return "\n".join(lines)
+
 
 @dataclass
 class AuditResult:
     plan: AuditPlan
     quarantined: list[str] = field(default_factory=list)
     removed_snapshots: list[str] = field(default_factory=list)
+    refetched: list[str] = field(default_factory=list)
     removed_temp_files: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
+    collected_blobs: int = 0
+    seconds: float = 0.0
 
 
-def plan_audit(store: SnapshotStore) -> AuditPlan:
-    checks: list[BlobCheck] = []
+def _protection(protected: Mapping[ComponentRef, str] | Iterable[ComponentRef]) -> dict[ComponentRef, str]:
+    if isinstance(protected, Mapping):
+        return dict(protected)
+    return {ref: "protected" for ref in protected}
+
+
+def plan_retention_l2(store: SnapshotStore, keep: int,
+                      protected: Mapping[ComponentRef, str] | Iterable[ComponentRef] = ()) -> tuple[tuple, tuple]:
+    """Per component: the newest `keep` versions and every protected one stay; the rest retire."""
+    guard = _protection(protected)
+    by_component: dict[tuple[str, str], list[ComponentRef]] = {}
     for ref in store.refs():
-        checks.extend(store.check(ref))
-    stale = tuple(sorted(p.name for p in store.tmp.glob("*.incomplete"))) if store.tmp.is_dir() else ()
-    return AuditPlan(tuple(checks), stale)
+        by_component.setdefault((ref.model, ref.component), []).append(ref)
+    kept: list[tuple[ComponentRef, str]] = []
+    retire: list[ComponentRef] = []
+    for refs in by_component.values():
+        refs.sort(key=lambda r: version_sort_key(r.version))
+        newest = set(refs[-keep:]) if keep > 0 else set()
+        for ref in refs:
+            if ref in guard:
+                kept.append((ref, guard[ref]))
+            elif ref in newest:
+                kept.append((ref, f"latest {keep}"))
+            else:
+                retire.append(ref)
+    return tuple(kept), tuple(retire)
 
 
-def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None = None) -> AuditResult:
-    """Quarantine corrupt blobs and unlink the snapshots that used them, so the next sync re-fetches."""
+def plan_audit(store: SnapshotStore, keep: int | None = None,
+               protected: Mapping[ComponentRef, str] | Iterable[ComponentRef] = (),
+               stale_after: float = STALE_AFTER, verify: bool = True, now: float | None = None) -> AuditPlan:
+    now = time.time() if now is None else now
+    checks: list[BlobCheck] = []
+    if verify:
+        for ref in store.refs():
+            checks.extend(store.check(ref))
+    stale = []
+    if store.tmp.is_dir():
+        for p in store.tmp.iterdir():
+            if p.name.endswith((".incomplete", ".partial")) and now - p.stat().st_mtime > stale_after:
+                stale.append(p.name)
+    kept, retire = plan_retention_l2(store, keep, protected) if keep else ((), ())
+    live = [r for r in store.refs() if r not in retire]
+    referenced = {f.sha256 for r in live for f in store.manifest(r).files}
+    corrupt_blobs = {c.sha256 for c in checks if not c.ok}
+    orphans = []
+    if store.blobs.is_dir():
+        orphans = sorted(b.name for b in store.blobs.iterdir() if b.name not in referenced | corrupt_blobs)
+    return AuditPlan(tuple(checks), tuple(sorted(stale)), retire, kept, tuple(orphans))
+
+
+def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None = None,
+                  archive: Archive | None = None) -> AuditResult:
+    """Quarantine corrupt blobs (kept for inspection) and unlink the snapshots that used them, re-fetch
+    those from the archive when one is given, clear stale temp files, retire, then collect orphans."""
+    from .sync import sync_ref
+
+    started = time.monotonic()
     result = AuditResult(plan)
+    broken: set[ComponentRef] = set()
     for check in plan.corrupt:
-        moved = store.quarantine_blob(check.sha256) if check.reason == "checksum mismatch" else None
-        if moved:
+        if check.reason == "checksum mismatch" and store.quarantine_blob(check.sha256):
             result.quarantined.append(check.sha256)
-        if store.has(check.ref):
-            store.remove_snapshot(check.ref)
-            result.removed_snapshots.append(str(check.ref))
+        broken.add(check.ref)
         if events:
             events.emit("L2_AUDIT", outcome="QUARANTINED", model=check.ref.model, component=check.ref.component,
                         version=check.ref.version, file=check.path, reason=check.reason)
+    for ref in sorted(broken):
+        if store.has(ref):
+            store.remove_snapshot(ref)
+            result.removed_snapshots.append(str(ref))
+    for name in plan.stale_temp_files:
+        path = store.tmp / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        result.removed_temp_files.append(name)
+    for ref in plan.retire:
+        store.remove_snapshot(ref)
+        result.retired.append(str(ref))
+        if events:
+            events.emit("L2_RETIRE", outcome="REMOVED", model=ref.model, component=ref.component, version=ref.version)
+    still_referenced = {f.sha256 for r in store.refs() for f in store.manifest(r).files}
+    for sha in plan.orphan_blobs:
+        if sha not in still_referenced and store.has_blob(sha):
+            store.blob_path(sha).unlink(missing_ok=True)
+            result.collected_blobs += 1
+    if archive is not None:
+        for ref in sorted(broken - set(plan.retire)):
+            sync_ref(archive, store, ref, events=events)
+            result.refetched.append(str(ref))
+    result.seconds = time.monotonic() - started
     if events:
-        events.emit("L2_AUDIT", outcome="OK" if plan.ok else "REPAIRED", blobs_checked=len(plan.checks),
-                    corrupt=len(plan.corrupt))
+        events.emit("AUDIT_RUN", outcome="OK" if plan.ok else "REPAIRED", blobs_checked=len(plan.checks),
+                    corrupt=len(plan.corrupt), retired=len(result.retired), temp_removed=len(result.removed_temp_files),
+                    blobs_collected=result.collected_blobs, seconds=round(result.seconds, 3))
     return result

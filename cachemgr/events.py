@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ SIZE_FIELDS = {"bytes", "bytes_fetched", "bytes_reused", "bytes_total"}
 
 
 class EventLog:
-    def __init__(self, path: Path | str | None, node: str | None = None) -> None:
+    def __init__(self, path: Path | str | None, node: str | None = None,
+                 sinks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
         self.path = Path(path) if path else None
         self.node = node or socket.gethostname()
+        self.sinks = list(sinks or [])
 
     def emit(self, event: str, outcome: str | None = None, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"ts": round(time.time(), 3), "event": event, "node": self.node, **fields}
@@ -35,6 +37,8 @@ class EventLog:
                 os.write(fd, line)  # one write of one line: appends from several processes do not interleave
             finally:
                 os.close(fd)
+        for sink in self.sinks:
+            sink(record)
         return record
 
     def read(self, last: int | None = None) -> list[dict[str, Any]]:

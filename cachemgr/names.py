@@ -136,6 +136,14 @@ def queue_for(release: Release | str) -> str:
     return QUEUE_PREFIX + str(release)
 
 
+NODE_QUEUE_PREFIX = "node."
+
+
+def node_queue(node: str) -> str:
+    """The queue a node's maintenance worker consumes, so beat's sync reaches every node's own disk."""
+    return NODE_QUEUE_PREFIX + validate_name(node, "node")
+
+
 def release_of_queue(queue: str) -> Release | None:
     if not queue.startswith(QUEUE_PREFIX):
         return None

@@ -23,3 +23,7 @@ QUEUE_PRIORITY_STEPS = (0, 3, 6, 9)
 def queue_lists(queue: str) -> list[str]:
     """Every Redis list holding messages of a queue, highest priority (kombu's step 0) first."""
     return [queue if p == 0 else QUEUE_PRIORITY_LIST.format(queue=queue, priority=p) for p in QUEUE_PRIORITY_STEPS]
+
+STATS_KEY = "fleet:stats"  # hash of counters: per-tier hits and bytes, syncs, audits, loads
+NODES_KEY = "fleet:nodes"  # hash: node → last time its maintenance worker was seen (nodes with an L2)
+ALERTS_KEY = "fleet:alerts"  # hash: alert name → JSON of its state (firing since, value)

@@ -1,25 +1,32 @@
-"""Maintenance tasks that beat sends: thin wrappers over `cachemgr`, run by each node's maintenance worker."""
+"""Maintenance tasks: thin wrappers over `cachemgr`, run by each node's maintenance worker.
+
+Beat sends the fleet-wide task to the shared maintenance queue; whichever maintenance worker takes it fans
+it out to every known node's own queue, so each node syncs and audits its own disk.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 
-from beat_schedule import AUDIT_TASK, SYNC_TASK
+from beat_schedule import AUDIT_FLEET_TASK, AUDIT_TASK, SYNC_FLEET_TASK, SYNC_TASK
 from cachemgr import Cache, EventLog, Release, open_archive
 from cachemgr.audit import execute_audit, plan_audit
-from cachemgr.names import ComponentRef
+from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
 
 from .app import app
+from .nodes import NodeRegistry, protected_refs
 from .registry import WarmRegistry
 from .routing import RouteTable
 from .settings import FleetSettings
+from .stats import FleetStats, cache_status, render_cache_status
 
 
 def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[ComponentRef]:
-    """What a node's L2 should hold: routed releases (active and previous), releases warm anywhere,
+    """What a node's L2 should hold: routed releases (active, previous, canary), releases warm anywhere,
     this node's configured releases, and the newest version of each component of a routed model."""
     releases: set[str] = set(settings.worker_releases)
     models: set[str] = {Release.parse(r).model for r in releases}
@@ -28,7 +35,7 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
         for model in table.models():
             route = table.get(model)
             models.add(model)
-            releases.update(r for r in (route.active, route.previous) if r)
+            releases.update(r for r in (route.active, route.previous, getattr(route, "canary", None)) if r)
         releases.update(WarmRegistry(client).warm_workers())
     refs = {ref for r in releases for ref in Release.parse(r).refs()}
     archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
@@ -40,18 +47,35 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
     return sorted(refs)
 
 
-def _redis(settings: FleetSettings) -> redis.Redis | None:
+def redis_client(settings: FleetSettings) -> redis.Redis | None:
     url = settings.resolved_broker_url
     return redis.Redis.from_url(url) if url else None
 
 
-@app.task(name=SYNC_TASK)
-def sync_l2() -> dict[str, Any]:
-    settings: FleetSettings = app.fleet_settings  # type: ignore[attr-defined]
+def event_log(settings: FleetSettings, client: redis.Redis | None) -> EventLog:
+    sinks = [FleetStats(client).sink] if client is not None else []
+    return EventLog(settings.event_log_path, settings.node_name, sinks=sinks)
+
+
+def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, progress: Any = None) -> dict[str, Any]:
+    client = redis_client(settings)
+    events = event_log(settings, client)
     cache = Cache.at(settings.resolved_cache_root)
-    events = EventLog(settings.event_log_path, settings.node_name)
-    archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
-    summary = sync_refs(archive, cache.store, wanted_refs(settings, _redis(settings)), events=events)
+    started = time.monotonic()
+    try:
+        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        refs = refs if refs is not None else wanted_refs(settings, client)
+        summary = sync_refs(archive, cache.store, refs, progress=progress, events=events)
+    except Exception as exc:
+        events.emit("SYNC_RUN", outcome="FAILED", reason=f"{type(exc).__name__}: {exc}",
+                    seconds=round(time.monotonic() - started, 3))
+        raise
+    events.emit("SYNC_RUN", outcome="UPDATED" if summary.updated else "UNCHANGED", versions=len(summary.reports),
+                bytes_fetched=summary.bytes_fetched, bytes_reused=summary.bytes_reused,
+                seconds=round(time.monotonic() - started, 3))
+    if client is not None:
+        WarmRegistry(client, ttl=max(settings.warm_ttl_seconds, 24 * 3600)).publish_l2(
+            settings.node_name, cache.store, f"maintenance@{settings.node_name}")
     return {
         "node": settings.node_name,
         "versions": [f"{r.ref} {r.outcome}" for r in summary.reports],
@@ -60,15 +84,65 @@ def sync_l2() -> dict[str, Any]:
     }
 
 
-@app.task(name=AUDIT_TASK)
-def audit_l2(dry_run: bool = False) -> dict[str, Any]:
-    settings: FleetSettings = app.fleet_settings  # type: ignore[attr-defined]
+def run_audit(settings: FleetSettings, dry_run: bool = False) -> dict[str, Any]:
+    client = redis_client(settings)
+    events = event_log(settings, client)
     store = Cache.at(settings.resolved_cache_root).store
-    plan = plan_audit(store)
-    result = None if dry_run else execute_audit(store, plan, EventLog(settings.event_log_path, settings.node_name))
+    plan = plan_audit(store, keep=settings.retention_keep, protected=protected_refs(client, settings.worker_releases))
+    result = None
+    if not dry_run:
+        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        result = execute_audit(store, plan, events, archive=archive)
+    status = cache_status(FleetStats(client).snapshot()) if client is not None else None
+    if status is not None and not dry_run:
+        events.emit("CACHE_STATUS", line=render_cache_status(status), **status)
     return {
         "node": settings.node_name,
+        "dry_run": dry_run,
+        "plan": plan.describe(),
         "blobs_checked": len(plan.checks),
         "corrupt": [f"{c.ref}/{c.path}: {c.reason}" for c in plan.corrupt],
         "quarantined": result.quarantined if result else [],
+        "refetched": result.refetched if result else [],
+        "retired": result.retired if result else [str(r) for r in plan.retire],
+        "temp_files_removed": result.removed_temp_files if result else list(plan.stale_temp_files),
+        "cache_status": render_cache_status(status) if status else None,
     }
+
+
+def _settings() -> FleetSettings:
+    return app.fleet_settings  # type: ignore[attr-defined]
+
+
+@app.task(name=SYNC_TASK)
+def sync_l2(refs: list[str] | None = None) -> dict[str, Any]:
+    """Sync this node's L2 (the task runs on the node whose queue it was sent to)."""
+    parsed = [ComponentRef(*r.split("/")) for r in refs] if refs else None
+    return run_sync(_settings(), parsed)
+
+
+@app.task(name=AUDIT_TASK)
+def audit_l2(dry_run: bool = False) -> dict[str, Any]:
+    return run_audit(_settings(), dry_run)
+
+
+def _fan_out(task: str, kwargs: dict[str, Any]) -> dict[str, str]:
+    settings = _settings()
+    client = redis_client(settings)
+    nodes = NodeRegistry(client).nodes() if client is not None else []
+    sent = {}
+    for node in nodes or [settings.node_name]:
+        result = app.send_task(task, kwargs=kwargs, queue=node_queue(node))
+        sent[node] = result.id
+    return sent
+
+
+@app.task(name=SYNC_FLEET_TASK)
+def sync_fleet() -> dict[str, str]:
+    """Beat's nightly sync: one sync per node, each on that node's own queue."""
+    return _fan_out(SYNC_TASK, {})
+
+
+@app.task(name=AUDIT_FLEET_TASK)
+def audit_fleet(dry_run: bool = False) -> dict[str, str]:
+    return _fan_out(AUDIT_TASK, {"dry_run": dry_run})

@@ -17,6 +17,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cachemgr.names import Release
 
 
+def _node_default() -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9._-]+", "-", socket.gethostname().lower()).strip("-._")[:64] or "node"
+
+
 def _default_home() -> Path:
     return Path.home() / ".cache" / "warmfleet"
 
@@ -42,7 +48,7 @@ class FleetSettings(BaseSettings):
 
     model: str = Field("nano-banana", description="the model a job without one is for")
     worker_releases: Annotated[list[str], NoDecode] = Field(default_factory=list, description="releases this worker serves")
-    node_name: str = Field(default_factory=socket.gethostname)
+    node_name: str = Field(default_factory=lambda: _node_default())
 
     retention_keep: int = Field(5, ge=1)
     sync_hour: int = Field(2, ge=0, le=23)
@@ -60,6 +66,19 @@ class FleetSettings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str | None = None
     metrics_port: int = 9808
+
+    @field_validator("node_name", mode="before")
+    @classmethod
+    def _node_name(cls, value: object) -> object:
+        """Host names become queue names: lower-case them and replace what the name pattern refuses."""
+        import re
+
+        from cachemgr.names import validate_name
+
+        if isinstance(value, str):
+            value = re.sub(r"[^a-z0-9._-]+", "-", value.strip().lower()).strip("-._")[:64] or "node"
+            validate_name(value, "node")
+        return value
 
     @field_validator("worker_releases", mode="before")
     @classmethod

@@ -25,8 +25,8 @@ def test_the_nightly_sync_is_due_at_two_in_the_configured_timezone():
 
     settings = FleetSettings(timezone="Asia/Shanghai")
     schedule = configure(settings, target=Celery("beat-test")).conf.beat_schedule
-    assert schedule["nightly-l2-sync"]["task"] == "warmfleet.sync"
-    assert schedule["l2-audit"]["task"] == "warmfleet.audit"
+    assert schedule["nightly-l2-sync"]["task"] == "warmfleet.sync_fleet"
+    assert schedule["l2-audit"]["task"] == "warmfleet.audit_fleet"
     cron = schedule["nightly-l2-sync"]["schedule"]
     tz = ZoneInfo("Asia/Shanghai")
     cron.nowfun = lambda: datetime(2026, 11, 22, 2, 0, 30, tzinfo=tz)
@@ -54,35 +54,64 @@ def test_the_celery_app_carries_the_schedule_and_its_timezone(monkeypatch, tmp_p
     assert out.stdout.split(maxsplit=1) == ["Europe/Berlin", "['l2-audit', 'nightly-l2-sync']\n"], out.stderr
 
 
-@pytest.mark.integration
-def test_maintenance_worker_runs_the_sync_and_the_audit(fleet_settings, producer, tmp_path):
-    settings = fleet_settings.model_copy(update={"cache_root": tmp_path / "node-l2"})
-    log = open(tmp_path / "maintenance.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "maintenance-worker", "--name", "maint@test"],
-                            stdout=log, stderr=subprocess.STDOUT, env=child_env(settings), cwd=REPO,
+def start_maintenance(settings, node: str, cache_root, logdir):
+    node_settings = settings.model_copy(update={"cache_root": cache_root, "node_name": node})
+    log = open(logdir / f"maintenance-{node}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "workers.cli", "maintenance-worker", "--name", f"maint@{node}"],
+                            stdout=log, stderr=subprocess.STDOUT, env=child_env(node_settings), cwd=REPO,
                             start_new_session=True)
+
+
+@pytest.mark.integration
+def test_the_nightly_sync_reaches_every_node_and_the_audit_repairs_each_disk(fleet_settings, producer, tmp_path):
+    import time
+
+    import redis
+    from celery.result import AsyncResult
+
+    from tasks.nodes import NodeRegistry
+    from tasks.routing import RouteTable
+
+    client = redis.Redis.from_url(fleet_settings.broker_url)
+    RouteTable(client).set_active(DEMO_RELEASES[1], actor="test")
+    procs = {node: start_maintenance(fleet_settings, node, tmp_path / f"{node}-l2", tmp_path) for node in ("n1", "n2")}
     try:
-        import redis
+        deadline = time.monotonic() + 60
+        while not {"n1", "n2"} <= set(NodeRegistry(client).nodes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        sent = producer.app.send_task("warmfleet.sync_fleet", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=120)
+        assert set(sent) >= {"n1", "n2"}
+        for node in ("n1", "n2"):
+            result = AsyncResult(sent[node], app=producer.app).get(timeout=180)
+            assert result["node"] == node and result["bytes_fetched"] > 0
+            store = Cache.at(tmp_path / f"{node}-l2").store
+            for ref in Release.parse(DEMO_RELEASES[1]).refs():
+                assert store.has(ref), (node, result)
 
-        from tasks.routing import RouteTable
+        # a second night with nothing new fetches nothing
+        sent = producer.app.send_task("warmfleet.sync_fleet", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=120)
+        assert AsyncResult(sent["n1"], app=producer.app).get(timeout=180)["bytes_fetched"] == 0
 
-        RouteTable(redis.Redis.from_url(settings.broker_url)).set_active(DEMO_RELEASES[1], actor="test")
-        result = producer.app.send_task("warmfleet.sync", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=180)
-        store = Cache.at(tmp_path / "node-l2").store
-        for ref in Release.parse(DEMO_RELEASES[1]).refs():
-            assert store.has(ref), result
-        assert result["bytes_fetched"] > 0
-        again = producer.app.send_task("warmfleet.sync", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=180)
-        assert again["bytes_fetched"] == 0
-
-        victim = store.manifest(Release.parse(DEMO_RELEASES[1]).base).file("model_index.json")
+        store = Cache.at(tmp_path / "n2-l2").store
+        base = Release.parse(DEMO_RELEASES[1]).base
+        victim = store.manifest(base).file("model_index.json")
         blob = store.blob_path(victim.sha256)
         os.chmod(blob, 0o644)
         blob.write_text("{}")
-        audit = producer.app.send_task("warmfleet.audit", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=180)
-        assert audit["corrupt"] == [f"{Release.parse(DEMO_RELEASES[1]).base}/model_index.json: checksum mismatch"]
-        assert audit["quarantined"] == [victim.sha256]
-        assert not store.has(Release.parse(DEMO_RELEASES[1]).base)
+        stale = store.tmp / "deadbeef.1234.abcd.incomplete"
+        stale.write_bytes(b"left by a killed download")
+        os.utime(stale, (time.time() - 7 * 3600, time.time() - 7 * 3600))
+        sent = producer.app.send_task("warmfleet.audit_fleet", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=120)
+        n2 = AsyncResult(sent["n2"], app=producer.app).get(timeout=180)
+        n1 = AsyncResult(sent["n1"], app=producer.app).get(timeout=180)
+        assert n1["corrupt"] == []
+        assert n2["corrupt"] == [f"{base}/model_index.json: checksum mismatch"]
+        assert n2["quarantined"] == [victim.sha256]
+        assert n2["refetched"] == [str(base)]
+        assert n2["temp_files_removed"] == [stale.name]
+        assert store.has(base) and all(c.ok for c in store.check(base))
+        assert n2["cache_status"].startswith("L1=") and "L3=MISS(" in n2["cache_status"]
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        for proc in procs.values():
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)

@@ -28,8 +28,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from cachemgr.sync import sync_release
     from tasks import app, configure, serving
     from tasks.registry import Heartbeat, WarmRegistry, WorkerState
+    from tasks.stats import FleetStats
 
-    from .models import builder_for, family_of
+    from .models import builder_for, family_of, group_by_base
     from .runtime import WorkerRuntime
 
     if not releases:
@@ -48,21 +49,23 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     state = WorkerState(worker=hostname, node=settings.node_name, pid=os.getpid(), state="loading",
                         releases=list(releases), device=device)
     registry.publish(state)
-    events = EventLog(settings.event_log_path, settings.node_name)
+    stats = FleetStats(registry.redis)
+    events = EventLog(settings.event_log_path, settings.node_name, sinks=[stats.sink])
     cache = Cache.at(settings.resolved_cache_root)
     pipelines = {}
     try:
         archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
-        for text in releases:
-            release = Release.parse(text)
-            sync_release(archive, cache.store, release, events=events)
-            events.emit("L2_WARMUP", release=str(release), outcome="READY")
-            family = family_of(cache.store, release)
-            pipelines[str(release)] = (
-                builder_for(family).builder(release.model, release)
+        for group in group_by_base([Release.parse(text) for text in releases]):
+            for release in group:
+                sync_release(archive, cache.store, release, events=events)
+                events.emit("L2_WARMUP", release=str(release), outcome="READY")
+            first = group[0]
+            resident = (
+                builder_for(family_of(cache.store, first)).builder(first.model, first).also_serving(*group[1:])
                 .with_cache(cache).on(device, settings.resolved_dtype(device)).with_events(events).build()
             )
-            state.loads += 1
+            pipelines.update(dict.fromkeys(resident.releases, resident))
+            state.loads += 1  # releases that differ only in their LoRA share one pipeline: one load
     except Exception as exc:
         state.state = "failed"
         state.error = f"{type(exc).__name__}: {exc}"
@@ -73,7 +76,12 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         return 3
 
     outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
-    serving.install(WorkerRuntime(hostname, pipelines, outputs, state, after_job=registry.publish))
+
+    def after_job(current: WorkerState) -> None:
+        registry.publish(current)
+        stats.incr(l1_hits=1)
+
+    serving.install(WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job))
     state.state = "warm"
     registry.publish(state)
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
@@ -99,15 +107,45 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
 
 
 def run_maintenance_worker(settings: FleetSettings, name: str | None = None, loglevel: str = "INFO") -> int:
-    """The node's maintenance worker: runs sync and audit so GPU workers never stop serving for them."""
+    """The node's maintenance worker: runs sync and audit so GPU workers never stop serving for them.
+
+    It consumes the fleet's shared maintenance queue (fan-out tasks from beat) and its node's own queue,
+    and registers the node so fleet-wide maintenance reaches this disk."""
     offline_environment()
+    import threading
+
+    import redis
+
     from beat_schedule import MAINTENANCE_QUEUE
+    from cachemgr.names import node_queue
     from tasks import app, configure
+    from tasks.nodes import NodeRegistry
 
     configure(settings)
     hostname = name or f"maintenance@{settings.node_name}"
-    app.worker_main(
-        argv=["worker", "--pool=solo", f"--queues={MAINTENANCE_QUEUE}", f"--hostname={hostname}",
-              f"--loglevel={loglevel}", "--without-mingle", "--without-gossip", "--task-events"]
-    )
+    broker = settings.resolved_broker_url
+    if not broker:
+        print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
+        return 2
+    nodes = NodeRegistry(redis.Redis.from_url(broker))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                nodes.seen(settings.node_name)
+            except redis.RedisError:
+                pass
+            if stop.wait(60):
+                return
+
+    threading.Thread(target=beat, name="warmfleet-node", daemon=True).start()
+    try:
+        app.worker_main(
+            argv=["worker", "--pool=solo", f"--queues={MAINTENANCE_QUEUE},{node_queue(settings.node_name)}",
+                  f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
+                  "--task-events"]
+        )
+    finally:
+        stop.set()
     return 0
