@@ -377,6 +377,10 @@ from . import cli_routing  # noqa: E402  promote, rollback, routes, status
 
 cli_routing.register(main)
 
+from . import cli_health  # noqa: E402  health (container probes)
+
+cli_health.register(main)
+
 
 if __name__ == "__main__":
     main()
