@@ -514,11 +514,21 @@ def test_compose_gpu_profile_runs_a_warm_worker_per_release_on_a_shared_l2():
         gpus.add(tuple(device["device_ids"]))
         assert s["build"]["dockerfile"] == "docker/Dockerfile.gpu"
         assert "fleet.env" in s["env_file"]
+        assert_health_checks_its_own_worker(s)
     assert len(gpus) == 2, "each worker has its own GPU"
     for name in [*workers, "maintenance"]:
         assert f"l2:{L2_PATH}" in gpu[name]["volumes"], name
     assert "l2" in compose()["volumes"]
     assert compose()["x-fleet-env"]["FLEET_CACHE_ROOT"] == L2_PATH
+    # one name per node: its workers are blue@<node>, green@<node>, and its L2 gets its own maintenance queue
+    assert compose()["x-fleet-env"]["FLEET_NODE_NAME"].startswith("${NODE_NAME:?")
+
+
+def assert_health_checks_its_own_worker(service: dict[str, Any]) -> None:
+    """The node's workers share FLEET_NODE_NAME, so each container checks its own worker by name."""
+    argv = argv_of(service["command"])
+    name = argv[argv.index("--name") + 1]
+    assert service["healthcheck"]["test"] == ["CMD", "warmfleet", "health", "--worker", name]
 
 
 def test_compose_cpu_profile_runs_the_demo_without_a_gpu():
@@ -533,7 +543,7 @@ def test_compose_cpu_profile_runs_the_demo_without_a_gpu():
         assert s["depends_on"]["publish-demo"]["condition"] == "service_completed_successfully"
         assert s["environment"]["FLEET_ARCHIVE_URL"].startswith("file:///")
         assert s["environment"]["FLEET_ARCHIVE_URL"] == init["environment"]["FLEET_ARCHIVE_URL"]
-        assert argv_of(s["healthcheck"]["test"][1:]) == ["warmfleet", "health"]
+        assert_health_checks_its_own_worker(s)
     # the first route: the older demo release, then the newer, so the older is the previous one
     script = argv_of(cpu["demo-route"]["command"])[2]
     calls = [seg[seg.index("warmfleet") + 1:] for seg in segments(["sh", "-c", script]) if "warmfleet" in seg]
@@ -593,6 +603,20 @@ def test_worker_template_requests_a_gpu_probes_warmth_and_mounts_node_local_l2()
     assert {"name": "l2", "mountPath": L2_PATH} in worker["volumeMounts"]
     assert {"name": "FLEET_CACHE_ROOT", "value": L2_PATH} in worker["env"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # `warmfleet health` checks the workers of this host: each pod is its own host, so the pod's health never
+    # depends on another pod of the same node
+    assert "FLEET_NODE_NAME" not in {e["name"] for e in worker["env"]}
+
+
+def test_each_nodes_maintenance_worker_is_named_after_its_node():
+    [daemonset] = yaml_docs(K8S / "base/maintenance.yaml")
+    pod = daemonset["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FLEET_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert {"name": "l2", "mountPath": L2_PATH} in container["volumeMounts"]
+    [l2] = [v for v in pod["volumes"] if v["name"] == "l2"]
+    assert l2["hostPath"]["path"] == L2_PATH
 
 
 def test_beat_is_one_replica_recreated_and_flower_is_behind_auth():
