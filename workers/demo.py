@@ -18,6 +18,9 @@ import torch  # noqa: E402
 
 DEMO_MODEL = "nano-banana"
 SD_DEMO_MODEL = "pixel-sd"
+WUERSTCHEN_DEMO_MODEL = "tiny-wuerstchen"
+SINGLE_FILE_DEMO_MODEL = "pixel-single"
+SINGLE_FILE_CHECKPOINT = "48.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -180,12 +183,82 @@ def build_sdxl(path: Path, seed: int) -> Path:
     return path
 
 
+def _wake(module, seed: int, scale: float = 0.2) -> None:
+    """Give every all-zero parameter small random values. Würstchen zero-initialises its gates and
+    residual gammas (an untrained block is an identity), which would make a random tiny model ignore its prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def build_wuerstchen(path: Path, seed: int) -> Path:
+    """A tiny Würstchen: `prior/` and `decoder/` pipeline folders in one base version (see models/wuerstchen.py).
+
+    Sizes are chosen so a 64×64 request gives a 64×64 image: the prior works at 1/32 of the image side
+    (resolution_multiple), the decoder at 8× the prior's side, and the VQ-GAN decodes 4× up.
+    """
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok_dir = path / "tokenizer-build"
+    vocab_size = save_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    prior = WuerstchenPrior(c_in=4, c=32, c_cond=32, c_r=8, depth=1, nhead=2, dropout=0.0)
+    decoder = WuerstchenDiffNeXt(
+        c_in=4, c_out=4, c_r=8, patch_size=1, c_cond=32, c_hidden=[16, 32], nhead=[-1, 2], blocks=[1, 1],
+        level_config=["CT", "CTA"], inject_effnet=[False, True], effnet_embd=4, clip_embd=32, dropout=0.0,
+    )
+    vqgan = PaellaVQModel(
+        up_down_scale_factor=2, levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=16
+    )
+    for i, module in enumerate((prior, decoder, vqgan)):
+        _wake(module, seed + 10 + i)
+    WuerstchenPriorPipeline(
+        tokenizer=tokenizer, text_encoder=_text_encoder(vocab_size, 32, None, seed + 1), prior=prior,
+        scheduler=DDPMWuerstchenScheduler(), resolution_multiple=32.0,
+    ).save_pretrained(path / "prior", safe_serialization=True)
+    WuerstchenDecoderPipeline(
+        tokenizer=tokenizer, text_encoder=_text_encoder(vocab_size, 32, None, seed + 2), decoder=decoder,
+        scheduler=DDPMWuerstchenScheduler(), vqgan=vqgan, latent_dim_scale=8.0,
+    ).save_pretrained(path / "decoder", safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return path
+
+
+def build_single_file(path: Path, seed: int) -> Path:
+    """A tiny SD base as one original-layout checkpoint plus a weightless diffusers `config/` folder."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from .models.original_layout import save_original_checkpoint
+    from .models.single_file import CONFIG_FOLDER
+
+    path.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + "-diffusers")
+    build_sd(staging, seed)
+    pipe = StableDiffusionPipeline.from_pretrained(staging, local_files_only=True, use_safetensors=True)
+    save_original_checkpoint(pipe, path / SINGLE_FILE_CHECKPOINT)
+    shutil.copytree(staging, path / CONFIG_FOLDER, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
+    shutil.rmtree(staging)
+    return path
+
+
+BASE_BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "wuerstchen": build_wuerstchen, "single-file": build_single_file}
+
+
 def build_lora(base_dir: Path, family: str, path: Path, seed: int, rank: int = 4) -> Path:
     """A non-zero LoRA for the base's UNet, saved with its adapter metadata (alpha survives loading)."""
+    from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", use_safetensors=True)
     config = LoraConfig(
@@ -220,13 +293,25 @@ DEMO_VERSIONS = (
     DemoVersion(DEMO_MODEL, "lora", "v2.3.1", "sdxl", 2310),
     DemoVersion(SD_DEMO_MODEL, "base", "v1.0.0", "sd", 3000),
     DemoVersion(SD_DEMO_MODEL, "lora", "v1.0.0", "sd", 3100),
+    DemoVersion(WUERSTCHEN_DEMO_MODEL, "base", "v1.0.0", "wuerstchen", 4000),
+    DemoVersion(SINGLE_FILE_DEMO_MODEL, "base", "v1.0.0", "single-file", 5000),
 )
 DEMO_RELEASES = (
     f"{DEMO_MODEL}@base-v1.0.0+lora-v2.3.0",  # the previous release: kept warm so rollback never waits
     f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.1",  # the active release
 )
 SD_DEMO_RELEASE = f"{SD_DEMO_MODEL}@base-v1.0.0+lora-v1.0.0"
+WUERSTCHEN_DEMO_RELEASE = f"{WUERSTCHEN_DEMO_MODEL}@base-v1.0.0"
+SINGLE_FILE_DEMO_RELEASE = f"{SINGLE_FILE_DEMO_MODEL}@base-v1.0.0"
+SHARED_BASE_RELEASES = (
+    f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.0",  # the previous LoRA on the active base …
+    f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.1",  # … and the active one: one worker, one base, two adapters
+)
 DEMO_META = {"default_steps": 4, "default_guidance": 5.0, "default_width": 64, "default_height": 64}
+FAMILY_META = {
+    "wuerstchen": {"default_guidance": 4.0, "default_decoder_steps": 2, "default_decoder_guidance": 0.0},
+    "single-file": {"checkpoint": SINGLE_FILE_CHECKPOINT},
+}
 
 
 def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> list[str]:
@@ -243,7 +328,7 @@ def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> l
             continue
         folder = workdir / f"{v.model}-{v.component}-{v.version}"
         if v.component == "base":
-            (build_sdxl if v.family == "sdxl" else build_sd)(folder, v.seed)
+            BASE_BUILDERS[v.family](folder, v.seed)
             bases[(v.model, v.family)] = folder
         else:
             base_dir = bases.get((v.model, v.family))
@@ -251,7 +336,8 @@ def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> l
                 base_dir = workdir / f"{v.model}-lora-base"
                 (build_sdxl if v.family == "sdxl" else build_sd)(base_dir, v.seed - 1)
             build_lora(base_dir, v.family, folder, v.seed)
-        meta = {"family": v.family, "demo": True, **(DEMO_META if v.component == "base" else {})}
+        base_meta = {**DEMO_META, **FAMILY_META.get(v.family, {})} if v.component == "base" else {}
+        meta = {"family": v.family, "demo": True, **base_meta}
         archive.publish(ref, folder, meta=meta)
         published.append(str(ref))
         log(f"published {ref}")

@@ -1,19 +1,45 @@
-"""L1: a pipeline loaded once into device memory and only read afterwards."""
+"""L1: a pipeline loaded once into device memory and only read afterwards.
+
+One resident pipeline may serve several releases that share its base and differ only in their LoRA: each
+LoRA is loaded once as a named adapter, and a job activates its release's adapters (`set_adapters`, a few
+milliseconds) instead of reloading anything. Adapters are never fused: fusing drifts the base weights, and
+a switched adapter must give the same bytes as a pipeline that holds that adapter alone.
+"""
 
 from __future__ import annotations
 
 import io
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.requests import GenerateRequest
 
+CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[str, Any]]
+"""(request, resolved params, release defaults) → keyword arguments of the family's pipeline call."""
+
+
+def standard_call_kwargs(request: GenerateRequest, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The Stable Diffusion call shape (SD 1.x/2.x, SDXL, single-file checkpoints)."""
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "num_inference_steps": params["steps"],
+        "guidance_scale": params["guidance"],
+        "width": params["width"],
+        "height": params["height"],
+    }
+
+
+class NotResident(KeyError):
+    """A release this pipeline does not hold: routing sent a job to the wrong worker."""
+
 
 @dataclass
 class ResidentPipeline:
-    release: str
+    release: str  # the release it was built for first; a shared pipeline serves every key of `adapters`
     family: str
     pipeline: Any
     device: str
@@ -22,6 +48,36 @@ class ResidentPipeline:
     load_seconds: float = 0.0
     nbytes: int = 0
     calls: int = field(default=0)
+    adapters: dict[str, tuple[str, ...]] = field(default_factory=dict)  # release → its adapter names
+    call_kwargs: CallKwargs = standard_call_kwargs
+    active: str | None = None
+    switches: int = 0
+
+    @property
+    def releases(self) -> list[str]:
+        return list(self.adapters) or [self.release]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter held in device memory, once each, in load order."""
+        return list(dict.fromkeys(name for names in self.adapters.values() for name in names))
+
+    def activate(self, release: str) -> float:
+        """Make `release`'s adapters the active ones; returns the seconds it took (0 when already active)."""
+        if release == self.active:
+            return 0.0
+        if release not in self.releases:
+            raise NotResident(f"{release} is not resident here; this pipeline serves {', '.join(self.releases)}")
+        started = time.perf_counter()
+        names = self.adapters.get(release, ())
+        if names:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(list(names))
+        elif self.adapter_names:
+            self.pipeline.disable_lora()  # a base-only release beside LoRA releases: run the bare base
+        self.active = release
+        self.switches += 1
+        return time.perf_counter() - started
 
     def resolve(self, request: GenerateRequest) -> dict[str, Any]:
         return {
@@ -32,23 +88,16 @@ class ResidentPipeline:
             "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
         }
 
-    def generate(self, request: GenerateRequest) -> tuple[bytes, dict[str, Any], float]:
-        """PNG bytes, the parameters used, and inference seconds. Same seed → same bytes."""
+    def generate(self, request: GenerateRequest, release: str | None = None) -> tuple[bytes, dict[str, Any], float]:
+        """PNG bytes, the parameters used, and inference seconds. Same release and seed → same bytes."""
         import torch
 
+        self.activate(release or self.active or self.release)
         params = self.resolve(request)
         generator = torch.Generator("cpu").manual_seed(params["seed"])
         started = time.perf_counter()
         with torch.inference_mode():
-            result = self.pipeline(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                num_inference_steps=params["steps"],
-                guidance_scale=params["guidance"],
-                width=params["width"],
-                height=params["height"],
-                generator=generator,
-            )
+            result = self.pipeline(**self.call_kwargs(request, params, self.defaults), generator=generator)
         inference = time.perf_counter() - started
         self.calls += 1
         buf = io.BytesIO()

@@ -2,13 +2,14 @@
 
 from cachemgr import Release, SnapshotStore
 
-from .base import LoadError, ModelBuilder
+from .base import LoadError, ModelBuilder, group_by_base
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
+from .single_file import SingleFile
+from .wuerstchen import Wuerstchen
 
 FAMILIES: dict[str, type[ModelBuilder]] = {
-    StableDiffusion.family: StableDiffusion,
-    StableDiffusionXL.family: StableDiffusionXL,
+    family.family: family for family in (StableDiffusion, StableDiffusionXL, Wuerstchen, SingleFile)
 }
 
 
@@ -26,4 +27,15 @@ def family_of(store: SnapshotStore, release: Release) -> str:
     return str(family)
 
 
-__all__ = ["FAMILIES", "LoadError", "ModelBuilder", "StableDiffusion", "StableDiffusionXL", "builder_for", "family_of"]
+__all__ = [
+    "FAMILIES",
+    "LoadError",
+    "ModelBuilder",
+    "SingleFile",
+    "StableDiffusion",
+    "StableDiffusionXL",
+    "Wuerstchen",
+    "builder_for",
+    "family_of",
+    "group_by_base",
+]

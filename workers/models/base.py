@@ -1,4 +1,9 @@
-"""One builder shape for every model family: `Family.builder(model, release=…).with_cache(…).build()`."""
+"""One builder shape for every model family: `Family.builder(model, release=…).with_cache(…).build()`.
+
+A family module says only what differs: how its base version is laid out and loaded (`load_pipeline`), its
+defaults, and how its pipeline is called (`call_kwargs`). Everything else — where L2 is, filling it from L3,
+device and dtype, LoRA adapters, several releases on one base — is here, once.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from typing import Any, ClassVar, Self
 from cachemgr import Archive, Cache, EventLog, Release, SnapshotStore
 from cachemgr.names import ComponentRef
 from cachemgr.sync import sync_release
+from tasks.requests import GenerateRequest
 
-from ..resident import ResidentPipeline
+from ..resident import ResidentPipeline, standard_call_kwargs
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -19,6 +25,21 @@ def adapter_name(version: str) -> str:
     return "lora_" + version.replace(".", "_").replace("-", "_")
 
 
+def shared_base_key(release: Release) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Releases with the same key differ only in their LoRA, so one loaded pipeline can serve them all."""
+    return release.model, tuple((c, v) for c, v in release.components if c != "lora")
+
+
+def group_by_base(releases: list[Release]) -> list[list[Release]]:
+    """Releases grouped so each group needs one pipeline load; the order of first appearance is kept."""
+    groups: dict[tuple, list[Release]] = {}
+    for release in releases:
+        group = groups.setdefault(shared_base_key(release), [])
+        if release not in group:
+            group.append(release)
+    return list(groups.values())
+
+
 class LoadError(RuntimeError):
     """A release that cannot be loaded (missing or corrupt files, wrong family); the worker stays cold."""
 
@@ -26,17 +47,19 @@ class LoadError(RuntimeError):
 class ModelBuilder:
     family: ClassVar[str] = ""
     pipeline_class_name: ClassVar[str] = ""
+    supports_lora: ClassVar[bool] = True
 
     def __init__(self, model: str, release: str | Release | None = None) -> None:
         self.model = model
         self.release = Release.parse(str(release)) if release else None
+        self.shared: list[Release] = []
         self.cache: Cache | None = None
         self.archive: Archive | None = None
         self.device: str | None = None
         self.dtype: str | None = None
         self.events: EventLog | None = None
-        if self.release and self.release.model != model:
-            raise ValueError(f"release {self.release} is not a release of model {model!r}")
+        if self.release:
+            self._check_model(self.release)
 
     @classmethod
     def builder(cls, model: str, release: str | Release | None = None) -> Self:
@@ -48,7 +71,13 @@ class ModelBuilder:
         return self
 
     def with_release(self, release: str | Release) -> Self:
-        self.release = Release.parse(str(release))
+        self.release = self._check_model(Release.parse(str(release)))
+        return self
+
+    def also_serving(self, *releases: str | Release) -> Self:
+        """More releases on the same base: their LoRAs load as extra adapters of the one pipeline."""
+        for release in releases:
+            self.shared.append(self._check_model(Release.parse(str(release))))
         return self
 
     def with_archive(self, archive: Archive) -> Self:
@@ -66,6 +95,17 @@ class ModelBuilder:
         return self
 
     # -- resolution
+    def _check_model(self, release: Release) -> Release:
+        if release.model != self.model:
+            raise ValueError(f"release {release} is not a release of model {self.model!r}")
+        return release
+
+    @property
+    def releases(self) -> list[Release]:
+        if self.release is None:
+            raise LoadError(f"no release given for {self.model}: use .with_release('{self.model}@base-…')")
+        return list(dict.fromkeys([self.release, *self.shared]))
+
     def _resolved_cache(self) -> Cache:
         if self.cache is not None:
             return self.cache
@@ -85,54 +125,62 @@ class ModelBuilder:
 
     def ensure_local(self) -> SnapshotStore:
         """L2 first: sync from the archive if given, else insist every component is already on disk."""
-        if self.release is None:
-            raise LoadError(f"no release given for {self.model}: use .with_release('{self.model}@base-…')")
+        releases = self.releases
         store = self._resolved_cache().store
-        missing = [ref for ref in self.release.refs() if not store.has(ref)]
-        if missing and self.archive is not None:
-            sync_release(self.archive, store, self.release, events=self.events)
-        elif missing:
-            raise LoadError(
-                f"{', '.join(map(str, missing))} not in L2 at {store.root}; run `warmfleet sync` or give an archive"
-            )
+        for release in releases:
+            missing = [ref for ref in release.refs() if not store.has(ref)]
+            if missing and self.archive is not None:
+                sync_release(self.archive, store, release, events=self.events)
+            elif missing:
+                raise LoadError(
+                    f"{', '.join(map(str, missing))} not in L2 at {store.root}; run `warmfleet sync` or give an archive"
+                )
         return store
+
+    def check_releases(self) -> list[Release]:
+        """Refuse, before touching any disk, what this builder could only get wrong: releases on different
+        bases, components it does not know, and LoRAs on a family that takes none."""
+        first, *rest = releases = self.releases
+        for release in rest:
+            if shared_base_key(release) != shared_base_key(first):
+                raise LoadError(
+                    f"{release} and {first} do not share a base (only their LoRA may differ); "
+                    "serve them from separate workers"
+                )
+        for release in releases:
+            for component, _ in release.components[1:]:
+                if component != "lora":
+                    raise LoadError(f"{release}: component {component!r} is not supported by the {self.family} builder")
+                if not self.supports_lora:
+                    raise LoadError(f"{release}: the {self.family} builder does not load LoRA adapters")
+        return releases
 
     def build(self) -> ResidentPipeline:
         import torch
 
+        releases = self.check_releases()
         store = self.ensure_local()
-        assert self.release is not None
-        base = store.manifest(self.release.base)
+        primary = releases[0]
+        base = store.manifest(primary.base)
         family = base.meta.get("family")
         if family and family != self.family:
-            raise LoadError(f"{self.release.base} is a {family!r} model, not {self.family!r}")
+            raise LoadError(f"{primary.base} is a {family!r} model, not {self.family!r}")
         device, dtype = self._resolved_device()
         started = time.perf_counter()
         try:
-            pipe = self.load_pipeline(store, self.release.base, getattr(torch, dtype))
-            adapters = []
-            for component, version in self.release.components[1:]:
-                if component == "lora":
-                    ref = ComponentRef(self.model, component, version)
-                    name = adapter_name(version)
-                    pipe.load_lora_weights(
-                        str(store.path(ref)), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
-                    )
-                    adapters.append(name)
-            if adapters:
-                pipe.set_adapters(adapters)
+            pipe = self.load_pipeline(store, primary.base, getattr(torch, dtype))
+            adapters = self.load_adapters(pipe, store, releases)
             pipe.to(device)
         except LoadError:
             raise
         except Exception as exc:  # diffusers raises many kinds; the worker needs one clear reason
-            raise LoadError(f"cannot load {self.release}: {type(exc).__name__}: {exc}") from exc
+            raise LoadError(f"cannot load {primary}: {type(exc).__name__}: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
-        nbytes = sum(store.manifest(r).total_size for r in self.release.refs())
-        if self.events:
-            self.events.emit("L1_LOAD", release=str(self.release), device=device, bytes=nbytes, seconds=round(seconds, 3))
-        return ResidentPipeline(
-            release=str(self.release),
+        refs = list(dict.fromkeys(ref for r in releases for ref in r.refs()))
+        nbytes = sum(store.manifest(ref).total_size for ref in refs)
+        resident = ResidentPipeline(
+            release=str(primary),
             family=self.family,
             pipeline=pipe,
             device=device,
@@ -140,15 +188,42 @@ class ModelBuilder:
             defaults=self.defaults(base.meta),
             load_seconds=seconds,
             nbytes=nbytes,
+            adapters=adapters,
+            call_kwargs=self.call_kwargs,
         )
+        resident.activate(str(primary))
+        if self.events:
+            self.events.emit("L1_LOAD", release=str(primary), releases=",".join(map(str, releases)),
+                             adapters=",".join(resident.adapter_names), device=device, bytes=nbytes,
+                             seconds=round(seconds, 3))
+        return resident
+
+    def load_adapters(self, pipe: Any, store: SnapshotStore, releases: list[Release]) -> dict[str, tuple[str, ...]]:
+        """Each release's LoRA as a named adapter, loaded once however many releases name it."""
+        adapters: dict[str, tuple[str, ...]] = {}
+        loaded: set[str] = set()
+        for release in releases:
+            names = []
+            for _, version in release.components[1:]:  # all LoRA: check_releases refused anything else
+                name = adapter_name(version)
+                if name not in loaded:
+                    path = store.path(ComponentRef(release.model, "lora", version))
+                    pipe.load_lora_weights(
+                        str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
+                    )
+                    loaded.add(name)
+                names.append(name)
+            adapters[str(release)] = tuple(names)
+        return adapters
 
     # -- per family
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
+        """The base version, a diffusers folder in L2, loaded offline from safetensors only."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class_name)
         return cls.from_pretrained(
-            str(store.path(base)), local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype
         )
 
     def defaults(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -158,3 +233,8 @@ class ModelBuilder:
             "width": int(meta.get("default_width", 512)),
             "height": int(meta.get("default_height", 512)),
         }
+
+    @staticmethod
+    def call_kwargs(request: GenerateRequest, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        """How a job becomes the family's pipeline call; Stable Diffusion's shape unless a family says otherwise."""
+        return standard_call_kwargs(request, params, defaults)

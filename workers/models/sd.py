@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x."""
+"""Stable Diffusion 1.x / 2.x: a diffusers folder (unet, vae, text_encoder, tokenizer, scheduler) in L2."""
 
 from .base import ModelBuilder
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion XL: two text encoders, size and crop conditioning."""
+"""Stable Diffusion XL: two text encoders, size and crop conditioning; a diffusers folder in L2."""
 
 from typing import Any
 

@@ -1,0 +1,68 @@
+"""A base published as one full checkpoint file (`48.safetensors`), as trainers and model shops ship them.
+
+Layout of a base version:
+
+    <name>.safetensors   the whole model in the original (CompVis/LDM) key layout: UNet, VAE, text encoder(s)
+    config/              a diffusers folder with configs, tokenizer and scheduler but no weights
+
+`from_single_file` works offline only when given `config=<local diffusers folder>`; without it diffusers
+guesses the architecture and fetches configs from the hub. The folder's model_index.json names the pipeline
+(Stable Diffusion or SDXL), so one family serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cachemgr import SnapshotStore
+from cachemgr.names import ComponentRef
+
+from .base import LoadError, ModelBuilder
+
+CONFIG_FOLDER = "config"
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def checkpoint_file(root: Path, meta: dict[str, Any]) -> Path:
+    """The checkpoint the manifest names (meta "checkpoint"), else the one top-level .safetensors file."""
+    if meta.get("checkpoint"):
+        path = root / str(meta["checkpoint"])
+        if path.parent != root or not path.name.endswith(".safetensors") or not path.is_file():
+            raise LoadError(f"checkpoint {meta['checkpoint']!r} is not a top-level .safetensors file of {root}")
+        return path
+    found = sorted(root.glob("*.safetensors"))
+    if len(found) != 1:
+        raise LoadError(
+            f"{root} holds {len(found)} top-level .safetensors files; a single-file base holds exactly one "
+            "(or names it in its manifest meta as 'checkpoint')"
+        )
+    return found[0]
+
+
+def pipeline_class(config: Path) -> Any:
+    try:
+        name = json.loads((config / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        raise LoadError(f"{config} has no readable model_index.json naming the pipeline") from None
+    if name not in PIPELINES:
+        raise LoadError(f"single-file bases of {name} are not supported; supported: {', '.join(PIPELINES)}")
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+class SingleFile(ModelBuilder):
+    family = "single-file"
+    pipeline_class_name = "StableDiffusionPipeline"  # or SDXL: read from config/model_index.json
+
+    def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
+        root = store.path(base)
+        config = root / CONFIG_FOLDER
+        if not config.is_dir():
+            raise LoadError(f"{base} has no {CONFIG_FOLDER}/ folder: single-file bases are published with one")
+        checkpoint = checkpoint_file(root, store.manifest(base).meta)
+        return pipeline_class(config).from_single_file(
+            str(checkpoint), config=str(config), local_files_only=True, dtype=torch_dtype
+        )
