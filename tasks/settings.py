@@ -66,6 +66,11 @@ class FleetSettings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str | None = None
     metrics_port: int = 9808
+    metrics_address: str = "127.0.0.1"
+    alert_l3_miss_ratio: float = Field(0.01, gt=0, le=1, description="alert when L3 misses exceed this share…")
+    alert_window_seconds: float = Field(300.0, gt=0, description="…for this long")
+    alert_eval_seconds: float = Field(15.0, gt=0)
+    alert_webhook_url: str | None = Field(None, description="POSTed a JSON body when an alert fires or resolves")
 
     @field_validator("node_name", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 def run_cli(args: list[str], home: Path, archive: Path, timeout: float = 400) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_HOME=str(home), FLEET_ARCHIVE_URL=archive.as_uri(), FLEET_FLOWER_PORT=str(free_port()),
+               FLEET_METRICS_PORT=str(free_port()),
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
                           cwd=home, timeout=timeout)
@@ -33,7 +34,7 @@ def test_demo_serves_real_images_and_leaves_no_process_behind(tmp_path, demo_arc
     assert done.returncode == 0, out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
     names = re.findall(r"^  (\S+)\s+pid", out, re.M)
-    assert set(names) >= {"redis", "worker-0", "worker-1", "maintenance", "beat", "flower"}
+    assert set(names) >= {"redis", "worker-0", "worker-1", "maintenance", "beat", "flower", "metrics"}
     images = re.findall(r"file://(\S+\.png)", out)
     assert len(images) == 4
     for image in images:

@@ -2,63 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from tasks.settings import FleetSettings, load_settings, offline_environment
+from tasks.settings import FleetSettings, offline_environment
 
-
-def _settings(ctx: click.Context) -> FleetSettings:
-    return ctx.ensure_object(dict).setdefault("settings", load_settings())
-
-
-def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one line and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import redis
-
-        from cachemgr import ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing
-        from tasks.requests import BadRequest
-        from tasks.routing import FleetNotConfigured, NoRoute
-
-        from .localfleet import FleetError
-        from .models import LoadError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing, BadRequest,
-                FleetNotConfigured, NoRoute, FleetError, LoadError) as exc:
-            raise click.ClickException(str(exc)) from None
-        except redis.ConnectionError as exc:
-            raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None
-
-    return wrapper
-
-
-def _redis(settings: FleetSettings):
-    import redis
-
-    from tasks.routing import FleetNotConfigured
-
-    url = settings.resolved_broker_url
-    if not url:
-        raise FleetNotConfigured("no broker: set FLEET_BROKER_URL or start a local fleet with `warmfleet up`")
-    return redis.Redis.from_url(url)
-
-
-def _archive(settings: FleetSettings):
-    from cachemgr import open_archive
-
-    return open_archive(settings.resolved_archive_url, **settings.oss_options())
+from .cli_common import _archive, _settings, friendly  # noqa: E402
 
 
 @click.group()
@@ -103,6 +57,8 @@ def _print_fleet(state: Any) -> None:
     click.echo(f"fleet up: broker {state.broker_url}")
     if state.flower_url:
         click.echo(f"  flower   {state.flower_url}")
+    if state.metrics_url:
+        click.echo(f"  metrics  {state.metrics_url}")
     for p in state.procs:
         click.echo(f"  {p.name:<12} pid {p.pid:<8} log {p.log}")
 
@@ -286,12 +242,11 @@ def versions(ctx: click.Context, model: str | None) -> None:
 @click.pass_context
 @friendly
 def sync(ctx: click.Context, releases: tuple[str, ...]) -> None:
-    """Bring versions from the archive (L3) into this node's L2, verified."""
+    """Bring versions from the archive (L3) into this node's L2: differential and verified (same code as beat's)."""
     from tqdm import tqdm
 
-    from cachemgr import Cache, EventLog, Release
-    from cachemgr.sync import sync_refs
-    from tasks.maintenance import wanted_refs
+    from cachemgr import Cache, Release
+    from tasks.maintenance import redis_client, run_sync, wanted_refs
 
     settings = _settings(ctx)
     archive = _archive(settings)
@@ -299,39 +254,37 @@ def sync(ctx: click.Context, releases: tuple[str, ...]) -> None:
     if releases:
         refs = sorted({ref for r in releases for ref in Release.parse(r).refs()})
     else:
+        client = redis_client(settings)
         try:
-            client = _redis(settings)
-            client.ping()
+            if client is not None:
+                client.ping()
         except Exception:
-            client = None
+            client = None  # no fleet up: sync what this node is configured for and the newest versions
         refs = wanted_refs(settings, client)
     total = sum(archive.read_manifest(r).total_size for r in refs if not store.has(r))
     with tqdm(total=total, unit="B", unit_scale=True, desc="sync", disable=total == 0) as bar:
-        summary = sync_refs(archive, store, refs, progress=bar.update,
-                            events=EventLog(settings.event_log_path, settings.node_name))
-    for r in summary.reports:
-        click.echo(f"{str(r.ref):<40} {r.outcome:<10} fetched {r.bytes_fetched} B, reused {r.bytes_reused} B")
+        result = run_sync(settings, refs, progress=bar.update)
+    for line in result["versions"]:
+        click.echo(f"  {line}")
+    click.echo(f"fetched {result['bytes_fetched']} B from L3, reused {result['bytes_reused']} B already on disk")
 
 
 @main.command()
-@click.option("--dry-run", is_flag=True, help="show what would be repaired, change nothing")
+@click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
 @click.pass_context
 @friendly
 def audit(ctx: click.Context, dry_run: bool) -> None:
-    """Re-hash L2 against the manifests; quarantine corrupt blobs so the next sync re-fetches them."""
-    from cachemgr import Cache, EventLog
-    from cachemgr.audit import execute_audit, plan_audit
+    """Re-hash L2, quarantine and re-fetch corrupt files, clear stale temp files, apply retention (same as beat's)."""
+    from tasks.maintenance import run_audit
 
-    settings = _settings(ctx)
-    store = Cache.at(settings.resolved_cache_root).store
-    plan = plan_audit(store)
-    click.echo(f"checked {len(plan.checks)} files; {len(plan.corrupt)} bad")
-    for c in plan.corrupt:
-        click.echo(f"  {c.ref}/{c.path}: {c.reason}")
-    if not dry_run and plan.corrupt:
-        result = execute_audit(store, plan, EventLog(settings.event_log_path, settings.node_name))
-        click.echo(f"quarantined {len(result.quarantined)}; unlinked {', '.join(result.removed_snapshots)}")
-    if plan.corrupt:
+    result = run_audit(_settings(ctx), dry_run=dry_run)
+    click.echo(result["plan"])
+    if not dry_run:
+        click.echo(f"quarantined {len(result['quarantined'])}, re-fetched {len(result['refetched'])}, "
+                   f"retired {len(result['retired'])}, temp files removed {len(result['temp_files_removed'])}")
+    if result["cache_status"]:
+        click.echo(f"CACHE_STATUS {result['cache_status']}")
+    if result["corrupt"] and dry_run:
         sys.exit(1)
 
 
@@ -380,6 +333,10 @@ cli_routing.register(main)
 from . import cli_health  # noqa: E402  health (container probes)
 
 cli_health.register(main)
+
+from . import cli_ops  # noqa: E402  prune, pin, metrics, cache status
+
+cli_ops.register(main)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class FleetState:
     home: str
     procs: list[Proc] = field(default_factory=list)
     flower_url: str | None = None
+    metrics_url: str | None = None
     releases: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
@@ -150,6 +151,10 @@ class LocalFleet:
                     sys.executable, "-m", "celery", "-A", "tasks.app", "beat", "--schedule", str(schedule),
                     "--loglevel", "INFO",
                 ], env))
+            mport = self.settings.metrics_port if self._port_free(self.settings.metrics_port) else free_port()
+            state.procs.append(self._spawn("metrics", [sys.executable, "-m", "workers.cli", "metrics",
+                                                       "--port", str(mport)], env))
+            state.metrics_url = f"http://127.0.0.1:{mport}/metrics"
             if flower:
                 fport = self.settings.flower_port if self._port_free(self.settings.flower_port) else free_port()
                 args = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", "--address=127.0.0.1",

@@ -1,0 +1,57 @@
+"""What every CLI module shares: the settings of this invocation, friendly errors, the broker and archive."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from tasks.settings import FleetSettings, load_settings
+
+
+def _settings(ctx: click.Context) -> FleetSettings:
+    return ctx.ensure_object(dict).setdefault("settings", load_settings())
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into one line and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        from cachemgr import ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing
+        from tasks.requests import BadRequest
+        from tasks.routing import FleetNotConfigured, NoRoute
+
+        from .localfleet import FleetError
+        from .models import LoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing, BadRequest,
+                FleetNotConfigured, NoRoute, FleetError, LoadError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except redis.ConnectionError as exc:
+            raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None
+
+    return wrapper
+
+
+def _redis(settings: FleetSettings):
+    import redis
+
+    from tasks.routing import FleetNotConfigured
+
+    url = settings.resolved_broker_url
+    if not url:
+        raise FleetNotConfigured("no broker: set FLEET_BROKER_URL or start a local fleet with `warmfleet up`")
+    return redis.Redis.from_url(url)
+
+
+def _archive(settings: FleetSettings):
+    from cachemgr import open_archive
+
+    return open_archive(settings.resolved_archive_url, **settings.oss_options())
