@@ -29,6 +29,7 @@ class _ProcessState(Generic[V]):
         self.entries: dict[str, tuple[float, V]] = {}
         self.generation = 0  # bumped by every invalidation; a read started before one is not cached
         self.listening = False
+        self.subscriptions = 0  # how many times the subscriber has (re)subscribed
         self.client: redis.Redis | None = None
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
@@ -108,11 +109,16 @@ class RouteCache(Generic[V]):
         with state.lock:
             return state.changed.wait_for(lambda: state.generation > above, timeout)
 
-    def wait_listening(self, timeout: float) -> bool:
+    @property
+    def subscriptions(self) -> int:
+        return self._current().subscriptions
+
+    def wait_listening(self, timeout: float, after: int = 0) -> bool:
+        """Wait until the subscriber is subscribed (for the `after`+1-th time or later: a re-subscription)."""
         state = self._current()
         self._ensure_subscriber(state)
         with state.lock:
-            return state.changed.wait_for(lambda: state.listening, timeout)
+            return state.changed.wait_for(lambda: state.listening and state.subscriptions > after, timeout)
 
     def close(self) -> None:
         """Stop this process's subscriber (tests, benchmarks); the next `get` starts a new one."""
@@ -135,6 +141,7 @@ class RouteCache(Generic[V]):
     def _set_listening(self, state: _ProcessState[V], listening: bool) -> None:
         with state.lock:
             state.listening = listening
+            state.subscriptions += 1 if listening else 0
             state.entries.clear()  # whatever happened while not listening is unknown
             state.generation += 1
             state.changed.notify_all()
