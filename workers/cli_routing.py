@@ -1,6 +1,6 @@
 """`warmfleet promote | rollback | routes | status`: version switching by queue routing, from the operator's seat.
 
-Registered on the main group by `workers/cli.py`. This module does not import `workers.cli`: under
+Registered on the main group by `workers/cli.py`. It imports `cli_common`, never `workers.cli`: under
 `python -m workers.cli` that module runs as `__main__`, and importing it by name would build a second CLI.
 """
 
@@ -16,22 +16,13 @@ from typing import Any
 
 import click
 
-from tasks.settings import FleetSettings, load_settings
-
-
-def _settings(ctx: click.Context) -> FleetSettings:
-    return ctx.ensure_object(dict).setdefault("settings", load_settings())
+from .cli_common import _redis as _broker
+from .cli_common import _settings
+from .cli_common import friendly as _common_friendly
 
 
 def _redis(ctx: click.Context) -> Any:
-    import redis
-
-    from tasks.routing import FleetNotConfigured
-
-    url = _settings(ctx).resolved_broker_url
-    if not url:
-        raise FleetNotConfigured("no broker: set FLEET_BROKER_URL or start a local fleet with `warmfleet up`")
-    return redis.Redis.from_url(url)
+    return _broker(_settings(ctx))
 
 
 def _actor() -> str:
@@ -44,24 +35,19 @@ def _actor() -> str:
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The errors an operator can fix become one line and exit status 1."""
+    """The shared friendly errors, plus route changes refused with a reason: one line and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import redis
-
-        from cachemgr.names import InvalidName
         from tasks.rollout import RouteRefused
-        from tasks.routing import FleetNotConfigured, RouteError
+        from tasks.routing import RouteError
 
         try:
             return fn(*args, **kwargs)
-        except (InvalidName, RouteError, RouteRefused, FleetNotConfigured) as exc:
+        except (RouteError, RouteRefused) as exc:
             raise click.ClickException(str(exc)) from None
-        except redis.ConnectionError as exc:
-            raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None
 
-    return wrapper
+    return _common_friendly(wrapper)
 
 
 @click.command()
