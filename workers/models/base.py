@@ -8,6 +8,7 @@ device and dtype, LoRA adapters, several releases on one base — is here, once.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, ClassVar, Self
 
 from cachemgr import Archive, Cache, EventLog, Release, SnapshotStore
@@ -208,9 +209,11 @@ class ModelBuilder:
                 name = adapter_name(version)
                 if name not in loaded:
                     path = store.path(ComponentRef(release.model, "lora", version))
-                    pipe.load_lora_weights(
-                        str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
-                    )
+                    with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
+                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                        pipe.load_lora_weights(
+                            str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
+                        )
                     loaded.add(name)
                 names.append(name)
             adapters[str(release)] = tuple(names)
