@@ -27,3 +27,4 @@ def queue_lists(queue: str) -> list[str]:
 STATS_KEY = "fleet:stats"  # hash of counters: per-tier hits and bytes, syncs, audits, loads
 NODES_KEY = "fleet:nodes"  # hash: node → last time its maintenance worker was seen (nodes with an L2)
 ALERTS_KEY = "fleet:alerts"  # hash: alert name → JSON of its state (firing since, value)
+RUN_LOCK_KEY = "fleet:lock:{name}"  # SET NX PX: one run of a maintenance job at a time, expiring if its holder dies

@@ -18,6 +18,7 @@ from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
 
 from .app import app
+from .locks import run_lock
 from .nodes import NodeRegistry, protected_refs
 from .registry import WarmRegistry
 from .routing import RouteTable
@@ -114,35 +115,52 @@ def _settings() -> FleetSettings:
     return app.fleet_settings  # type: ignore[attr-defined]
 
 
+RUN_LOCK_SECONDS = 6 * 3600
+"""A node's sync or audit holds its lock at most this long; a killed run's lock expires after it."""
+FAN_OUT_WINDOW = 30 * 60
+"""A fleet-wide run triggered again inside this window (a second beat, a retry) is not fanned out again."""
+
+
 @app.task(name=SYNC_TASK)
 def sync_l2(refs: list[str] | None = None) -> dict[str, Any]:
-    """Sync this node's L2 (the task runs on the node whose queue it was sent to)."""
+    """Sync this node's L2 (the task runs on the node whose queue it was sent to); one run at a time."""
+    settings = _settings()
     parsed = [ComponentRef(*r.split("/")) for r in refs] if refs else None
-    return run_sync(_settings(), parsed)
+    with run_lock(redis_client(settings), f"sync:{settings.node_name}", RUN_LOCK_SECONDS) as held:
+        if not held:
+            return {"node": settings.node_name, "skipped": "another sync of this node is running"}
+        return run_sync(settings, parsed)
 
 
 @app.task(name=AUDIT_TASK)
 def audit_l2(dry_run: bool = False) -> dict[str, Any]:
-    return run_audit(_settings(), dry_run)
+    settings = _settings()
+    with run_lock(redis_client(settings), f"audit:{settings.node_name}", RUN_LOCK_SECONDS) as held:
+        if not held:
+            return {"node": settings.node_name, "skipped": "another audit of this node is running"}
+        return run_audit(settings, dry_run)
 
 
-def _fan_out(task: str, kwargs: dict[str, Any]) -> dict[str, str]:
+def _fan_out(name: str, task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     settings = _settings()
     client = redis_client(settings)
-    nodes = NodeRegistry(client).nodes() if client is not None else []
-    sent = {}
-    for node in nodes or [settings.node_name]:
-        result = app.send_task(task, kwargs=kwargs, queue=node_queue(node))
-        sent[node] = result.id
-    return sent
+    with run_lock(client, f"fan-out:{name}", FAN_OUT_WINDOW, release=False) as held:
+        if not held:
+            return {"skipped": f"{name} was already sent to every node in the last {FAN_OUT_WINDOW // 60} minutes"}
+        nodes = NodeRegistry(client).nodes() if client is not None else []
+        sent = {}
+        for node in nodes or [settings.node_name]:
+            result = app.send_task(task, kwargs=kwargs, queue=node_queue(node))
+            sent[node] = result.id
+        return sent
 
 
 @app.task(name=SYNC_FLEET_TASK)
-def sync_fleet() -> dict[str, str]:
-    """Beat's nightly sync: one sync per node, each on that node's own queue."""
-    return _fan_out(SYNC_TASK, {})
+def sync_fleet() -> dict[str, Any]:
+    """Beat's nightly sync: one sync per node, each on that node's own queue; once per window."""
+    return _fan_out("sync", SYNC_TASK, {})
 
 
 @app.task(name=AUDIT_FLEET_TASK)
-def audit_fleet(dry_run: bool = False) -> dict[str, str]:
-    return _fan_out(AUDIT_TASK, {"dry_run": dry_run})
+def audit_fleet(dry_run: bool = False) -> dict[str, Any]:
+    return _fan_out("audit", AUDIT_TASK, {"dry_run": dry_run})

@@ -88,7 +88,8 @@ def test_the_nightly_sync_reaches_every_node_and_the_audit_repairs_each_disk(fle
             for ref in Release.parse(DEMO_RELEASES[1]).refs():
                 assert store.has(ref), (node, result)
 
-        # a second night with nothing new fetches nothing
+        # a second night with nothing new fetches nothing (the night's fan-out window has passed)
+        client.delete("fleet:lock:fan-out:sync")
         sent = producer.app.send_task("warmfleet.sync_fleet", queue=beat_schedule.MAINTENANCE_QUEUE).get(timeout=120)
         assert AsyncResult(sent["n1"], app=producer.app).get(timeout=180)["bytes_fetched"] == 0
 
@@ -115,3 +116,77 @@ def test_the_nightly_sync_reaches_every_node_and_the_audit_repairs_each_disk(fle
         for proc in procs.values():
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_beat_at_020001_sends_the_sync_to_every_node_once_and_not_again_at_020030(fleet_settings, producer, tmp_path):
+    """Drive the real beat scheduler with a fixed clock; a dispatcher maintenance worker fans the run out to
+    the queues of the registered nodes (n1 and n2 run no worker here, so their messages stay countable)."""
+    import time
+
+    import redis
+    from celery.beat import Scheduler
+
+    from cachemgr.names import node_queue
+    from tasks.nodes import NodeRegistry
+
+    client = redis.Redis.from_url(fleet_settings.broker_url)
+    client.delete("fleet:nodes", "fleet:lock:fan-out:sync", beat_schedule.MAINTENANCE_QUEUE,
+                  node_queue("n1"), node_queue("n2"))
+    for node in ("n1", "n2"):
+        NodeRegistry(client).seen(node)
+
+    clock = {"now": datetime(2026, 11, 21, 1, 59, 0, tzinfo=ZoneInfo("UTC"))}
+    schedule = beat_schedule.build_schedule(fleet_settings, producer.app)
+    for entry in schedule.values():
+        entry["schedule"].nowfun = lambda: clock["now"]
+    producer.app.conf.beat_schedule = schedule
+    scheduler = Scheduler(app=producer.app, lazy=False)
+
+    def tick_at(hour: int, minute: int, second: int) -> None:
+        clock["now"] = datetime(2026, 11, 21, hour, minute, second, tzinfo=ZoneInfo("UTC"))
+        for _ in range(3):
+            scheduler.tick()
+
+    tick_at(1, 59, 30)
+    assert client.llen(beat_schedule.MAINTENANCE_QUEUE) == 0
+    tick_at(2, 0, 1)
+    assert client.llen(beat_schedule.MAINTENANCE_QUEUE) == 1
+    tick_at(2, 0, 30)
+    assert client.llen(beat_schedule.MAINTENANCE_QUEUE) == 1
+
+    proc = start_maintenance(fleet_settings, "dispatcher", tmp_path / "dispatcher-l2", tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (client.llen(node_queue("n1")) and client.llen(node_queue("n2"))):
+            time.sleep(0.2)
+        assert client.llen(node_queue("n1")) == 1 and client.llen(node_queue("n2")) == 1
+        # a beat that fires twice: the second fan-out inside the window does nothing
+        second = producer.app.send_task(beat_schedule.SYNC_FLEET_TASK, queue=beat_schedule.MAINTENANCE_QUEUE)
+        assert "skipped" in second.get(timeout=120)
+        assert client.llen(node_queue("n1")) == 1 and client.llen(node_queue("n2")) == 1
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        client.delete(node_queue("n1"), node_queue("n2"), "fleet:nodes")
+        producer.app.conf.beat_schedule = beat_schedule.build_schedule(fleet_settings, producer.app)
+
+
+def test_the_run_lock_excludes_overlaps_and_expires_when_its_holder_dies(redis_server):
+    import time
+
+    from tasks.locks import run_lock
+
+    client = redis_server.client()
+    with run_lock(client, "unit", 30) as first:
+        with run_lock(client, "unit", 30) as second:
+            assert first and not second
+    with run_lock(client, "unit", 30) as again:
+        assert again  # released by its holder
+    with run_lock(client, "unit-expiring", 0.3, release=False) as held:
+        assert held
+    with run_lock(client, "unit-expiring", 0.3) as blocked:
+        assert not blocked
+    time.sleep(0.5)
+    with run_lock(client, "unit-expiring", 0.3) as after_expiry:
+        assert after_expiry
