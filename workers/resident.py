@@ -52,6 +52,7 @@ class ResidentPipeline:
     call_kwargs: CallKwargs = standard_call_kwargs
     active: str | None = None
     switches: int = 0
+    lora_disabled: bool = False
 
     @property
     def releases(self) -> list[str]:
@@ -71,10 +72,13 @@ class ResidentPipeline:
         started = time.perf_counter()
         names = self.adapters.get(release, ())
         if names:
-            self.pipeline.enable_lora()
+            if self.lora_disabled:  # enable_lora walks every module: as costly as the switch itself
+                self.pipeline.enable_lora()
+                self.lora_disabled = False
             self.pipeline.set_adapters(list(names))
         elif self.adapter_names:
             self.pipeline.disable_lora()  # a base-only release beside LoRA releases: run the bare base
+            self.lora_disabled = True
         self.active = release
         self.switches += 1
         return time.perf_counter() - started
