@@ -109,7 +109,8 @@ def run_child(archive_dir: Path, root: Path, report: Path) -> None:
             os.environ.update(env)
             sync_release(archive, Cache.at(cache_root).store, release)
             before = _tree(root)
-            builder = builder_for(family).builder(release.model, release)
+            # as the worker boot does: the family comes from the base manifest's meta
+            builder = builder_for(family_of(Cache.at(cache_root).store, release)).builder(release.model, release)
             if mode == "with_cache":
                 builder = builder.with_cache(Cache.at(cache_root))
             opened.clear()
