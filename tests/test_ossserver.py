@@ -362,6 +362,15 @@ def test_a_dropped_connection_is_resumed_within_the_same_call(server, bucket_nam
     assert target.read_bytes() == (source / "model.safetensors").read_bytes()
 
 
+def test_iterating_a_file_survives_a_dropped_connection(server, bucket_name, published):
+    archive, _, source = published
+    server.drop_after(bucket_name, "l3/nano-banana/base/v1.0.0/model.safetensors", offset=1_000_000, times=2)
+
+    data = b"".join(archive.iter_file(REF, "model.safetensors", chunk_size=64 * 1024))
+
+    assert data == (source / "model.safetensors").read_bytes()
+
+
 def test_server_errors_are_retried(server, bucket_name, published):
     archive, _, _ = published
     server.fail_next(2)

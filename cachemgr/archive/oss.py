@@ -372,7 +372,10 @@ class OssArchive(Archive):
         return self._call(what, self._bucket.get_object, key, byte_range=(start, end - 1), headers=headers, missing=missing)
 
     def iter_file(self, ref: ComponentRef, path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        info = self.stat(ref, path)
+        return self._iter_object(ref, path, self.stat(ref, path), chunk_size)
+
+    def _iter_object(self, ref: ComponentRef, path: str, info: ObjectInfo, chunk_size: int) -> Iterator[bytes]:
+        """Stream one object; a dropped connection continues from the last byte received (If-Match pins the ETag)."""
         key, pos, failures = self._key(ref, path), 0, 0
         while pos < info.size:
             result = self._open_range(key, pos, info.size, info.etag, f"read {ref}/{path}", f"{ref}/{path}")
@@ -409,7 +412,7 @@ class OssArchive(Archive):
         info = self.stat(ref, path)
         target = _file_target(dest)
         if target is None:
-            for chunk in self.iter_file(ref, path, READ_BLOCK):
+            for chunk in self._iter_object(ref, path, info, READ_BLOCK):
                 dest.write(chunk)
                 if progress:
                     progress(len(chunk))
