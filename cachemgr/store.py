@@ -170,12 +170,14 @@ class SnapshotStore:
         """Where a resumable download of a blob is assembled; used only by the holder of the blob's lock."""
         return self.tmp / f"{self.blob_path(sha256).name}.partial"
 
-    def write_blob(self, sha256: str, size: int, fill: Callable[[BinaryIO], None], resumable: bool = True) -> Path:
+    def write_blob(self, sha256: str, size: int, fill: Callable[[BinaryIO], tuple[str, int] | None],
+                   resumable: bool = True) -> Path:
         """Assemble a blob in a real file that `fill` may write anywhere in (parallel ranged GETs, copied
         pieces), then hash the whole file and rename it into place only if it matches.
 
         With `resumable`, the partial file survives an interruption so the next call continues it; callers
-        pass resumable=True only while holding the blob's lock. A mismatch always discards the bytes.
+        pass resumable=True only while holding the blob's lock. A mismatch always discards the bytes. A `fill`
+        that wrote the file sequentially may return the (sha256, size) of exactly what it wrote, sparing a re-read.
         """
         target = self.blob_path(sha256)
         if target.is_file():
@@ -186,10 +188,10 @@ class SnapshotStore:
         keep = False
         try:
             with open(partial, "r+b" if partial.exists() else "w+b") as fh:
-                fill(fh)
+                written = fill(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            digest, length = _hash_file(partial)
+            digest, length = written if written is not None else _hash_file(partial)
             if length != size or digest != sha256:
                 raise ChecksumMismatch(
                     f"blob {sha256[:12]}…: got {length} bytes with sha256 {digest[:12]}…, expected {size} bytes; "

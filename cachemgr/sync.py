@@ -101,32 +101,49 @@ def _coalesce(pieces: list[Piece]) -> list[tuple[int, int]]:
 
 
 def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: PieceIndex, fh: BinaryIO,
-              progress: Progress | None, result: _FileResult) -> None:
-    """Write `entry` into `fh`: local pieces copied, missing ones fetched by ranged GETs."""
-    fd = fh.fileno()
-    missing: list[Piece] = []
-    for piece in entry.pieces:
-        hit = index.find(piece)
-        if hit is None:
-            missing.append(piece)
-            continue
-        blob, start, end = hit
-        with open(blob, "rb") as src:
-            data = os.pread(src.fileno(), end - start, start)
-        os.pwrite(fd, data, piece.start)
-        result.reused += piece.size
-        if progress:
-            progress(piece.size)
+              progress: Progress | None, result: _FileResult) -> tuple[str, int]:
+    """Write `entry` into `fh` in one sequential pass — local pieces copied, missing ones fetched by ranged
+    GETs — hashing the bytes as they are written, so the file needs no second read to be verified."""
+    import hashlib
+
+    fetched: dict[int, bytes] = {}
+    missing = [p for p in entry.pieces if index.find(p) is None]
     for start, end in _coalesce(missing):
         data = archive.read_range(ref, entry.path, start, end)
         if len(data) != end - start:
             raise ChecksumMismatch(f"{ref}/{entry.path}: range {start}-{end} returned {len(data)} bytes")
-        os.pwrite(fd, data, start)
+        fetched[start] = data
         result.fetched += len(data)
         result.ranged_gets += 1
         if progress:
             progress(len(data))
-    os.ftruncate(fd, entry.size)
+    digest = hashlib.sha256()
+    fh.seek(0)
+    fh.truncate(0)
+    sources: dict[Path, BinaryIO] = {}
+    try:
+        pending = b""
+        pending_at = -1
+        for piece in entry.pieces:
+            hit = index.find(piece)
+            if hit is None:
+                if pending_at < 0 or pending_at + len(pending) <= piece.start:
+                    pending_at, pending = next((s, d) for s, d in fetched.items()
+                                               if s <= piece.start < s + len(d))
+                data = pending[piece.start - pending_at:piece.end - pending_at]
+            else:
+                blob, start, end = hit
+                src = sources.get(blob) or sources.setdefault(blob, open(blob, "rb"))
+                data = os.pread(src.fileno(), end - start, start)
+                result.reused += piece.size
+                if progress:
+                    progress(piece.size)
+            digest.update(data)
+            fh.write(data)
+    finally:
+        for src in sources.values():
+            src.close()
+    return digest.hexdigest(), fh.tell()
 
 
 def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
@@ -140,8 +157,8 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
                 progress(entry.size)
             return result
         if reusable:
-            def fill(fh: BinaryIO) -> None:
-                _assemble(archive, ref, entry, index, fh, progress, result)
+            def fill(fh: BinaryIO) -> tuple[str, int]:
+                return _assemble(archive, ref, entry, index, fh, progress, result)
         else:
             def fill(fh: BinaryIO) -> None:
                 fh.seek(0)
