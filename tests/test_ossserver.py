@@ -75,6 +75,8 @@ def test_a_wrong_secret_is_refused_with_signature_does_not_match(server, bucket_
         bad.put_object("x", b"x")
     assert info.value.status == 403
     assert info.value.request_id
+    with pytest.raises(oss2.exceptions.SignatureDoesNotMatch):  # a large body still gets the error, not a reset
+        bad.put_object("big", os.urandom(4 << 20))
 
 
 def test_an_unknown_key_id_is_refused(server, bucket_name):

@@ -347,7 +347,7 @@ class OssArchive(Archive):
                 self._check_range(result, start, ref, path)
                 data = _body_reader(result).read()
                 complete = True
-                return data
+                return data[: end - start]  # a server that ignored the range sent the whole object
             except _READ_ERRORS as exc:
                 if attempt == self.retries:
                     raise ArchiveUnavailable(self._interrupted(what, exc)) from exc
@@ -570,9 +570,14 @@ def _body_reader(result: Any) -> Any:
 
 
 def _finish(result: Any, complete: bool) -> None:
-    """Hand a fully read connection back to the pool for reuse; close one whose body was left unread."""
+    """Hand a connection whose body was read to its end back to the pool; close any other.
+
+    Reusing a connection with unread body bytes would feed them to the next response, so "complete" must be
+    confirmed by http.client itself (it closes its side once Content-Length bytes were read).
+    """
     raw = result.resp.response.raw
-    if complete and hasattr(raw, "release_conn"):
+    fp = getattr(raw, "_fp", None)
+    if complete and isinstance(fp, http.client.HTTPResponse) and fp.isclosed() and hasattr(raw, "release_conn"):
         raw.release_conn()
     else:
         result.close()

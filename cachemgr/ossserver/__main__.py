@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.access_key_id) != bool(args.access_key_secret):
         parser.error("--access-key-id and --access-key-secret go together")
 
-    server = OssServer(args.root, args.host, args.port, args.access_key_id, args.access_key_secret, args.security_token)
+    server = OssServer(
+        args.root, args.host, args.port, args.access_key_id, args.access_key_secret, args.security_token,
+        log_requests=False,
+    )
     for name in args.bucket:
         server.create_bucket(name)
     server.start()

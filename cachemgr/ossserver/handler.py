@@ -226,7 +226,19 @@ class OssHandler(BaseHTTPRequestHandler):
         if body and self.command != "HEAD":
             self.wfile.write(body)
 
+    def _drain(self, limit: int = 16 << 20) -> None:
+        """Read and drop the body of a refused request, so the client reads the error rather than a reset."""
+        length = self.headers.get("Content-Length")
+        if self._body_done or not length or not length.isdigit() or int(length) > limit:
+            return
+        try:
+            for _ in self._iter_body():
+                pass
+        except OSError:
+            self._body_done = False
+
     def _send_error(self, exc: OssError, req: Request | None) -> None:
+        self._drain()
         host_id = f"{req.bucket}.{self._host}" if req and req.bucket else self._host
         extra = dict(exc.extra)
         if req and req.bucket and exc.code in ("NoSuchBucket",):
