@@ -69,6 +69,12 @@ def test_requests_signed_with_the_right_keys_are_accepted(bucket):
     assert bucket.get_object("hello.txt").read() == b"hello"
 
 
+def test_the_server_signs_the_subresources_oss2_signs():
+    from cachemgr.ossserver.signing import SUBRESOURCES
+
+    assert SUBRESOURCES == oss2.auth.ProviderAuth._subresource_key_set
+
+
 def test_a_wrong_secret_is_refused_with_signature_does_not_match(server, bucket_name):
     bad = oss2.Bucket(oss2.Auth(AK, "not-the-secret"), server.endpoint, bucket_name)
     with pytest.raises(oss2.exceptions.SignatureDoesNotMatch) as info:

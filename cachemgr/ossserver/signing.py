@@ -14,20 +14,20 @@ from .errors import OssError
 
 SUBRESOURCES = frozenset(
     """acl uploads location cors logging website referer lifecycle delete append tagging objectMeta uploadId
-    partNumber security-token position img style styleName replication replicationProgress replicationLocation
+    partNumber security-token position style styleName replication replicationProgress replicationLocation
     cname bucketInfo comp qos live status vod startTime endTime symlink x-oss-process response-content-type
     response-content-language response-expires response-cache-control response-content-disposition
-    response-content-encoding udf udfName udfImage udfId udfImageDesc udfApplication udfApplicationLog restore
+    response-content-encoding restore
     callback callback-var qosInfo policy stat encryption versions versioning versionId requestPayment
     x-oss-request-payer sequential inventory inventoryId continuation-token asyncFetch worm wormId wormExtend
-    link group objectInfo referer-list transferAcceleration metaQuery x-oss-traffic-limit resourceGroup
+    link group objectInfo transferAcceleration metaQuery x-oss-traffic-limit resourceGroup
     regionList accessPoint accessPointPolicy publicAccessBlock requesterQosInfo qosRequester resourcePool
     resourcePoolInfo resourcePoolBuckets x-oss-ac-source-ip x-oss-ac-subnet-mask x-oss-ac-vpc-id
     x-oss-ac-forward-allow x-oss-async-process bucketArchiveDirectRead httpsConfig redundancyTransition
     x-oss-target-redundancy-type x-oss-redundancy-transition-taskid x-oss-write-get-object-response
     x-oss-access-point-name""".split()
 )
-"""Query parameters that are part of the signed resource; every other parameter is left out of the signature."""
+"""Query parameters that are part of the signed resource (the list oss2 2.19 signs); others are not signed."""
 
 MAX_SKEW_S = 15 * 60
 
