@@ -61,6 +61,10 @@ class FleetSettings(BaseSettings):
     warm_ttl_seconds: float = Field(15.0, gt=0)
     visibility_timeout: int = Field(300, ge=10)
     route_cache_ttl: float = Field(2.0, ge=0)
+    batch_max: int = Field(1, ge=1, le=64, description="jobs one pipeline call may serve together; 1 = no batching")
+    batch_wait_ms: float = Field(
+        20.0, ge=0, le=5000, description="how long a batching worker holds its first job waiting for companions"
+    )
 
     flower_port: int = 5555
     flower_user: str = "admin"
