@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from beat_schedule import AUDIT_FLEET_TASK, AUDIT_TASK, SYNC_FLEET_TASK, SYNC_TASK
-from cachemgr import Cache, EventLog, Release, open_archive
+from cachemgr import Cache, EventLog, Release
 from cachemgr.audit import execute_audit, plan_audit
 from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
@@ -39,7 +39,7 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
             releases.update(r for r in (route.active, route.previous, getattr(route, "canary", None)) if r)
         releases.update(WarmRegistry(client).warm_workers())
     refs = {ref for r in releases for ref in Release.parse(r).refs()}
-    archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+    archive = settings.open_archive()
     for model in models:
         for component in archive.list_components(model):
             latest = archive.latest_version(model, component)
@@ -64,7 +64,7 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
     cache = Cache.at(settings.resolved_cache_root)
     started = time.monotonic()
     try:
-        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        archive = settings.open_archive()
         refs = refs if refs is not None else wanted_refs(settings, client)
         summary = sync_refs(archive, cache.store, refs, progress=progress, events=events)
     except Exception as exc:
@@ -92,7 +92,7 @@ def run_audit(settings: FleetSettings, dry_run: bool = False) -> dict[str, Any]:
     plan = plan_audit(store, keep=settings.retention_keep, protected=protected_refs(client, settings.worker_releases))
     result = None
     if not dry_run:
-        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        archive = settings.open_archive()
         result = execute_audit(store, plan, events, archive=archive)
     status = cache_status(FleetStats(client).snapshot()) if client is not None else None
     if status is not None and not dry_run:

@@ -115,7 +115,8 @@ class FleetSettings(BaseSettings):
 
     @property
     def resolved_archive_url(self) -> str:
-        return self.archive_url or (self.home / "archive").absolute().as_uri()
+        recorded = self._local_fleet().get("archive_url") if not self.archive_url else None
+        return self.archive_url or str(recorded or (self.home / "archive").absolute().as_uri())
 
     @property
     def resolved_output_url(self) -> str:
@@ -131,28 +132,50 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str | None:
         """The configured broker, else the one of a local fleet started by `warmfleet up` under this home."""
-        if self.broker_url:
-            return self.broker_url
-        try:
-            return json.loads(self.local_fleet_file().read_text())["broker_url"]
-        except (OSError, ValueError, KeyError):
-            return None
+        return self.broker_url or self._local_fleet().get("broker_url")  # type: ignore[return-value]
 
     @property
     def resolved_result_url(self) -> str | None:
         return self.result_url or self.resolved_broker_url
 
+    def _local_fleet(self) -> dict[str, object]:
+        """What `warmfleet up` recorded for producers and operators on this machine (broker, OSS archive)."""
+        try:
+            return json.loads(self.local_fleet_file().read_text())
+        except (OSError, ValueError):
+            return {}
+
     def oss_options(self) -> dict[str, object]:
+        """Endpoint and credentials: the settings', else those of a local OSS-backed fleet when its archive is used."""
+        fleet = self._local_fleet() if not self.archive_url and not self.oss_endpoint else {}
+        recorded = fleet.get("oss") if isinstance(fleet.get("oss"), dict) else {}
         return {
             k: v
             for k, v in {
-                "endpoint": self.oss_endpoint,
-                "access_key_id": self.oss_access_key_id,
-                "access_key_secret": self.oss_access_key_secret,
+                "endpoint": self.oss_endpoint or recorded.get("endpoint"),
+                "access_key_id": self.oss_access_key_id or recorded.get("access_key_id"),
+                "access_key_secret": self.oss_access_key_secret or recorded.get("access_key_secret"),
                 "security_token": self.oss_security_token,
             }.items()
             if v is not None
         }
+
+    def archive_options(self) -> dict[str, object]:
+        """oss_options plus where resumable-download checkpoints go: under this node's cache, never in $HOME."""
+        options = self.oss_options()
+        if self.resolved_archive_url.startswith("oss://"):
+            options["checkpoint_dir"] = self.resolved_cache_root / "checkpoints"
+        return options
+
+    def open_archive(self):  # noqa: ANN201 - cachemgr's Archive; imported lazily to keep settings light
+        from cachemgr import open_archive
+
+        return open_archive(self.resolved_archive_url, **self.archive_options())
+
+    def open_outputs(self):  # noqa: ANN201
+        from cachemgr import open_output_store
+
+        return open_output_store(self.resolved_output_url, **self.oss_options())
 
     def resolved_device(self) -> str:
         if self.device != "auto":

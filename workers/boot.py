@@ -23,13 +23,14 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     import redis
     import torch
 
-    from cachemgr import Cache, EventLog, Release, open_archive, open_output_store
+    from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release
     from tasks import app, configure, serving
     from tasks.registry import Heartbeat, WarmRegistry, WorkerState
     from tasks.stats import FleetStats
 
+    from .batching import enable_batching
     from .models import builder_for, family_of, group_by_base
     from .runtime import WorkerRuntime
 
@@ -54,7 +55,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     cache = Cache.at(settings.resolved_cache_root)
     pipelines = {}
     try:
-        archive = open_archive(settings.resolved_archive_url, **settings.oss_options())
+        archive = settings.open_archive()
         for group in group_by_base([Release.parse(text) for text in releases]):
             for release in group:
                 sync_release(archive, cache.store, release, events=events)
@@ -75,13 +76,15 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         print(f"warmfleet worker {hostname}: failed to load: {state.error}", file=sys.stderr)
         return 3
 
-    outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
+    outputs = settings.open_outputs()
 
     def after_job(current: WorkerState) -> None:
         registry.publish(current)
         stats.incr(l1_hits=1)
 
-    serving.install(WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job))
+    runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
+    serving.install(runtime)
+    enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
     state.state = "warm"
     registry.publish(state)
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
@@ -91,7 +94,8 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     try:
         app.worker_main(
             argv=[
-                "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", f"--queues={queues}",
+                "worker", "--pool=solo", "--concurrency=1", f"--queues={queues}",
+                f"--prefetch-multiplier={settings.batch_max}",  # 1 unless batching: the buffer fills from prefetch
                 f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
                 "--task-events",
             ]

@@ -38,16 +38,19 @@ def _default_releases(settings: FleetSettings) -> list[str]:
 @click.option("--foreground", is_flag=True, help="stay up until Ctrl-C, then stop everything")
 @click.option("--no-flower", is_flag=True)
 @click.option("--no-beat", is_flag=True)
+@click.option("--archive", type=click.Choice(["local", "oss"]), default="local",
+              help="L3: a local directory, or the project's OSS-protocol server on loopback (a real oss:// archive)")
 @click.pass_context
 @friendly
 def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foreground: bool, no_flower: bool,
-       no_beat: bool) -> None:
+       no_beat: bool, archive: str) -> None:
     """Start a local fleet on embedded defaults (private redis, workers, beat, Flower)."""
     from .localfleet import LocalFleet
 
     settings = _settings(ctx)
     fleet = LocalFleet(settings, log=click.echo)
-    state = fleet.up(list(releases) or _default_releases(settings), active, flower=not no_flower, beat=not no_beat)
+    state = fleet.up(list(releases) or _default_releases(settings), active, flower=not no_flower, beat=not no_beat,
+                     archive=archive)
     _print_fleet(state)
     if foreground:
         _wait_for_interrupt(fleet, state)
@@ -59,6 +62,8 @@ def _print_fleet(state: Any) -> None:
         click.echo(f"  flower   {state.flower_url}")
     if state.metrics_url:
         click.echo(f"  metrics  {state.metrics_url}")
+    if state.archive_url:
+        click.echo(f"  archive  {state.archive_url} at {state.oss['endpoint'] if state.oss else ''}")
     for p in state.procs:
         click.echo(f"  {p.name:<12} pid {p.pid:<8} log {p.log}")
 
@@ -92,9 +97,10 @@ DEMO_PROMPTS = ("Leather Jacket", "a banana in a spacesuit", "neon city at dusk"
 @main.command()
 @click.option("--prompt", "prompts", multiple=True, help="prompts to send (default: a few examples)")
 @click.option("--foreground", is_flag=True, help="stay up after the demo until Ctrl-C")
+@click.option("--archive", type=click.Choice(["local", "oss"]), default="local", help="L3 kind, as for `up`")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool) -> None:
+def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool, archive: str) -> None:
     """The main job: start a local fleet, send prompts through generate.delay, print what happened, stop."""
     from tasks import configure, generate
 
@@ -103,7 +109,7 @@ def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool) -> None
     settings = _settings(ctx)
     releases = _default_releases(settings)
     fleet = LocalFleet(settings, log=click.echo)
-    state = fleet.up(releases, None)
+    state = fleet.up(releases, None, archive=archive)
     try:
         _print_fleet(state)
         configure(settings.model_copy(update={"broker_url": state.broker_url}))

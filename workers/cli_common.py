@@ -52,6 +52,5 @@ def _redis(settings: FleetSettings):
 
 
 def _archive(settings: FleetSettings):
-    from cachemgr import open_archive
 
-    return open_archive(settings.resolved_archive_url, **settings.oss_options())
+    return settings.open_archive()

@@ -53,12 +53,16 @@ class FleetState:
     procs: list[Proc] = field(default_factory=list)
     flower_url: str | None = None
     metrics_url: str | None = None
+    archive_url: str | None = None
+    oss: dict | None = None
     releases: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.__dict__, "procs": [p.__dict__ for p in self.procs]}, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold the local OSS keys
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({**self.__dict__, "procs": [p.__dict__ for p in self.procs]}, indent=1))
         os.replace(tmp, path)
 
     @classmethod
@@ -117,7 +121,7 @@ class LocalFleet:
         return env
 
     def up(self, releases: list[str], active: str | None, flower: bool = True, beat: bool = True,
-           timeout: float = 180.0) -> FleetState:
+           timeout: float = 180.0, archive: str = "local") -> FleetState:
         if self.running():
             raise FleetError(f"a local fleet is already running (state in {self.state_file}); run `warmfleet down`")
         redis_server = shutil.which("redis-server")
@@ -126,6 +130,10 @@ class LocalFleet:
         home = self.settings.home
         state = FleetState(broker_url="", home=str(home), releases=list(releases))
         try:
+            if archive == "oss":
+                self._start_oss(state)
+            elif archive != "local":
+                raise FleetError(f"unknown archive kind {archive!r}: use local or oss")
             self._prepare_models(releases)
             port = free_port()
             redis_dir = self.settings.state_dir / "redis"
@@ -170,6 +178,26 @@ class LocalFleet:
             raise
         return state
 
+    def _start_oss(self, state: FleetState) -> None:
+        """The project's OSS-protocol server on loopback, with fresh keys: L3 is then a real oss:// archive."""
+        import secrets
+
+        port = free_port()
+        oss = {"endpoint": f"http://127.0.0.1:{port}", "access_key_id": "LTAI" + secrets.token_hex(8),
+               "access_key_secret": secrets.token_urlsafe(24)}
+        state.procs.append(self._spawn("oss", [
+            sys.executable, "-m", "cachemgr.ossserver", "--root", str(self.settings.state_dir / "oss"),
+            "--port", str(port), "--bucket", "warmfleet", "--access-key-id", oss["access_key_id"],
+            "--access-key-secret", oss["access_key_secret"],
+        ], os.environ.copy()))
+        wait_port(port)
+        state.archive_url = "oss://warmfleet/models"
+        state.oss = oss
+        self.settings = self.settings.model_copy(update={
+            "archive_url": state.archive_url, "oss_endpoint": oss["endpoint"],
+            "oss_access_key_id": oss["access_key_id"], "oss_access_key_secret": oss["access_key_secret"]})
+        state.save(self.state_file)
+
     @staticmethod
     def _port_free(port: int) -> bool:
         with socket.socket() as s:
@@ -181,11 +209,11 @@ class LocalFleet:
 
     def _prepare_models(self, releases: list[str]) -> None:
         """Embedded defaults: publish the demo models into the archive if they are not there yet."""
-        from cachemgr import Release, open_archive
+        from cachemgr import Release
 
         from .demo import publish_demo
 
-        archive = open_archive(self.settings.resolved_archive_url, **self.settings.oss_options())
+        archive = self.settings.open_archive()
         missing = [ref for r in releases for ref in Release.parse(r).refs() if not archive.has_version(ref)]
         if not missing:
             return
@@ -244,8 +272,8 @@ class LocalFleet:
         if state is None:
             return []
         stopped = []
-        order = sorted(state.procs, key=lambda p: p.name == "redis")
-        for group in ([p for p in order if p.name != "redis"], [p for p in order if p.name == "redis"]):
+        last = ("redis", "oss")  # the fleet's own services stop after everything that uses them
+        for group in ([p for p in state.procs if p.name not in last], [p for p in state.procs if p.name in last]):
             for p in group:
                 if alive(p.pid):
                     try:

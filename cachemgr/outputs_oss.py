@@ -1,0 +1,54 @@
+"""Images in an OSS prefix, so producers on other machines can fetch them: results carry the object key."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import oss2
+
+from .outputs import OutputStore, validate_key
+
+
+class OssOutputStore(OutputStore):
+    def __init__(self, bucket: str, prefix: str, *, endpoint: str, access_key_id: str | None = None,
+                 access_key_secret: str | None = None, security_token: str | None = None,
+                 connect_timeout: float = 10.0, **_: Any) -> None:
+        if not endpoint:
+            raise ValueError("an oss:// output store needs FLEET_OSS_ENDPOINT")
+        if security_token:
+            auth: Any = oss2.StsAuth(access_key_id or "", access_key_secret or "", security_token)
+        elif access_key_id:
+            auth = oss2.Auth(access_key_id, access_key_secret or "")
+        else:
+            auth = oss2.AnonymousAuth()
+        host = urlparse(endpoint if "://" in endpoint else "http://" + endpoint).netloc
+        self.bucket = oss2.Bucket(auth, endpoint, bucket, connect_timeout=connect_timeout,
+                                  is_path_style=oss2.utils.is_ip_or_localhost(host) or None)
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"oss://{bucket}/{self.prefix}" if self.prefix else f"oss://{bucket}"
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> OssOutputStore:
+        parsed = urlparse(url)
+        return cls(parsed.netloc, parsed.path, **options)
+
+    def key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str = "image/png") -> str:
+        """One PUT: the object appears whole or not at all, and a redelivered job overwrites the same key."""
+        self.bucket.put_object(self.key(key), data, headers={"Content-Type": content_type})
+        return f"oss://{self.bucket_name}/{self.key(key)}"
+
+    def get(self, key: str) -> bytes:
+        return self.bucket.get_object(self.key(key)).read()
+
+    def exists(self, key: str) -> bool:
+        return self.bucket.object_exists(self.key(key))
+
+    def keys(self) -> list[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        return sorted(o.key[len(prefix):] for o in oss2.ObjectIteratorV2(self.bucket, prefix=prefix))
