@@ -107,3 +107,31 @@ class ResidentPipeline:
         buf = io.BytesIO()
         result.images[0].save(buf, format="PNG")
         return buf.getvalue(), params, inference
+
+    def generate_batch(self, requests: list[GenerateRequest], release: str) -> tuple[list[tuple[bytes, dict[str, Any]]], float]:
+        """One pipeline call for jobs of the same call shape (workers/batching.py decides which): prompts as a list
+        and one seeded generator per job, so each image is its own job's. Returns (PNG, params) per job, in order,
+        and the seconds of the one call."""
+        import torch
+
+        self.activate(release)
+        params = [self.resolve(request) for request in requests]
+        calls = [self.call_kwargs(request, p, self.defaults) for request, p in zip(requests, params, strict=True)]
+        kwargs = dict(calls[0])
+        kwargs["prompt"] = [call["prompt"] for call in calls]
+        negatives = [call.get("negative_prompt") for call in calls]
+        kwargs["negative_prompt"] = None if all(n is None for n in negatives) else negatives
+        generators = [torch.Generator("cpu").manual_seed(p["seed"]) for p in params]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            result = self.pipeline(**kwargs, generator=generators)
+        inference = time.perf_counter() - started
+        if len(result.images) != len(requests):
+            raise RuntimeError(f"a batch of {len(requests)} jobs gave {len(result.images)} images")
+        self.calls += 1
+        encoded = []
+        for image, p in zip(result.images, params, strict=True):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            encoded.append((buf.getvalue(), p))
+        return encoded, inference

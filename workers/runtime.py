@@ -24,6 +24,18 @@ class Pick(NamedTuple):
     resident: ResidentPipeline
 
 
+class Prepared(NamedTuple):
+    """A job's image, already made by a batched pipeline call (workers/batching.py); serve() stores and reports it."""
+
+    release: str
+    png: bytes
+    params: dict[str, Any]
+    inference: float
+    started: float
+    batch_id: str
+    batch_size: int
+
+
 class WorkerRuntime:
     def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState,
                  after_job: Callable[[WorkerState], None] | None = None) -> None:
@@ -32,6 +44,8 @@ class WorkerRuntime:
         self.pipelines = pipelines
         self.outputs = outputs
         self.state = state
+        self.batching = False  # set by workers.batching: results then say which batch made them
+        self.prepared: dict[str, Prepared] = {}  # task id → its image from a batch, taken once by serve()
 
     def pick(self, request: GenerateRequest, queue: str | None) -> Pick:
         """The job's release (its queue's, else the one it names) and the pipeline that holds it."""
@@ -52,7 +66,13 @@ class WorkerRuntime:
         started = time.time()
         release, resident = self.pick(request, queue)
         switch_seconds = resident.activate(release)
-        png, params, inference = resident.generate(request, release)
+        prepared = self.prepared.pop(task_id, None)
+        if prepared is not None and prepared.release != release:
+            prepared = None  # made for another release: never serve it
+        if prepared is not None:
+            png, params, inference, started = prepared.png, prepared.params, prepared.inference, prepared.started
+        else:
+            png, params, inference = resident.generate(request, release)
         stored_at = time.perf_counter()
         uri = self.outputs.put(f"{task_id}.png", png, "image/png")
         store_seconds = time.perf_counter() - stored_at
@@ -64,7 +84,11 @@ class WorkerRuntime:
             except Exception:  # the registry is best effort; the job's result must not depend on it
                 pass
         queued = max(0.0, started - sent_at) if sent_at else None
+        batch = {"batch_size": 1, "batch_id": None}
+        if prepared is not None:
+            batch = {"batch_size": prepared.batch_size, "batch_id": prepared.batch_id}
         return {
+            **(batch if self.batching else {}),
             "task_id": task_id,
             "image_uri": uri,
             "image_key": f"{task_id}.png",
