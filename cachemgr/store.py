@@ -271,13 +271,8 @@ class SnapshotStore:
             if not link.exists() or link.resolve() != blob.resolve():
                 results.append(BlobCheck(ref, entry.path, entry.sha256, False, "broken link"))
                 continue
-            h = hashlib.sha256()
-            size = 0
-            with open(blob, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-            if h.hexdigest() != entry.sha256 or size != entry.size:
+            digest, size = _hash_file(blob)
+            if digest != entry.sha256 or size != entry.size:
                 results.append(BlobCheck(ref, entry.path, entry.sha256, False, "checksum mismatch"))
             else:
                 results.append(BlobCheck(ref, entry.path, entry.sha256, True))

@@ -103,6 +103,18 @@ def _vae(seed: int):
     )
 
 
+TINY_UNET = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+"""The UNet shape every tiny SD-family demo shares; each family adds its own conditioning."""
+
+
 def build_sd(path: Path, seed: int) -> Path:
     """A tiny Stable Diffusion 1.x pipeline saved as a diffusers folder of safetensors."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -112,13 +124,7 @@ def build_sd(path: Path, seed: int) -> Path:
     vocab_size = save_tokenizer(tok_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -152,13 +158,7 @@ def build_sdxl(path: Path, seed: int) -> Path:
     save_tokenizer(path / "tokenizer_2")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
