@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -19,8 +20,24 @@ UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
 app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance"])
 
 
+def _drop_connections(target: Celery) -> None:
+    """Forget pooled connections and the cached result backend, so a re-pointed app uses its new URLs."""
+    if target._pool is not None:
+        try:
+            target._pool.force_close_all()
+        except Exception:  # already closed: nothing to release
+            pass
+    target._pool = None
+    amqp = target.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+    target._backend_cache = None
+    target._local = threading.local()
+
+
 def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     broker = settings.resolved_broker_url
+    _drop_connections(target)
     router = FleetRouter(broker, settings.model, settings.route_cache_ttl)
     target.conf.update(
         broker_url=broker or UNCONFIGURED_BROKER,
