@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -134,45 +135,50 @@ class RouteCache(Generic[V]):
         with state.lock:
             if state.thread is not None and state.thread.is_alive():
                 return
-            state.thread = threading.Thread(target=self._listen, args=(state,), name="warmfleet-route-subscriber",
-                                            daemon=True)
+            state.thread = threading.Thread(target=_listen, args=(weakref.ref(self), state, self.redis_url, self.channel),
+                                            name="warmfleet-route-subscriber", daemon=True)
             state.thread.start()
 
-    def _set_listening(self, state: _ProcessState[V], listening: bool) -> None:
-        with state.lock:
-            state.listening = listening
-            state.subscriptions += 1 if listening else 0
-            state.entries.clear()  # whatever happened while not listening is unknown
-            state.generation += 1
-            state.changed.notify_all()
 
-    def _listen(self, state: _ProcessState[V]) -> None:
-        backoff = 0.05
-        while not state.stop.is_set():
-            pubsub = client = None
-            try:
-                client = redis.Redis.from_url(self.redis_url, health_check_interval=10)  # type: ignore[arg-type]
-                pubsub = client.pubsub()
-                pubsub.subscribe(self.channel)
-                while not state.stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self._set_listening(state, True)
-                        backoff = 0.05
-                    elif message["type"] == "message":
-                        self._invalidate(state, message["data"].decode())
-            except (redis.RedisError, OSError, ValueError):
-                pass  # the broker is down or restarting: read through Redis until subscribed again
-            finally:
-                if state.listening:
-                    self._set_listening(state, False)
-                for closable in (pubsub, client):
-                    try:
-                        if closable is not None:
-                            closable.close()
-                    except (redis.RedisError, OSError):
-                        pass
-            state.stop.wait(backoff)
-            backoff = min(backoff * 2, 2.0)
+
+def _set_listening(state: _ProcessState[V], listening: bool) -> None:
+    with state.lock:
+        state.listening = listening
+        state.subscriptions += 1 if listening else 0
+        state.entries.clear()  # whatever happened while not listening is unknown
+        state.generation += 1
+        state.changed.notify_all()
+
+
+def _listen(owner: weakref.ref, state: _ProcessState[V], redis_url: str, channel: str) -> None:
+    """The subscriber thread. It holds its cache only weakly and ends once the cache is gone (a re-configured
+    app drops its old router) or closed."""
+    backoff = 0.05
+    while not state.stop.is_set() and owner() is not None:
+        pubsub = client = None
+        try:
+            client = redis.Redis.from_url(redis_url, health_check_interval=10)
+            pubsub = client.pubsub()
+            pubsub.subscribe(channel)
+            while not state.stop.is_set() and owner() is not None:
+                message = pubsub.get_message(timeout=0.5)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    _set_listening(state, True)
+                    backoff = 0.05
+                elif message["type"] == "message":
+                    RouteCache._invalidate(state, message["data"].decode())
+        except (redis.RedisError, OSError, ValueError):
+            pass  # the broker is down or restarting: read through Redis until subscribed again
+        finally:
+            if state.listening:
+                _set_listening(state, False)
+            for closable in (pubsub, client):
+                try:
+                    if closable is not None:
+                        closable.close()
+                except (redis.RedisError, OSError):
+                    pass
+        state.stop.wait(backoff)
+        backoff = min(backoff * 2, 2.0)

@@ -190,9 +190,6 @@ class FleetRouter:
         self.ttl = ttl
         self.cache = RouteCache(redis_url, lambda client, model: RouteTable(client).get(model), ttl, ROUTE_CHANNEL)
 
-    def table(self) -> RouteTable:
-        return RouteTable(self.cache.client())
-
     def invalidate(self, model: str | None = None) -> None:
         self.cache.invalidate(model)
 

@@ -200,6 +200,19 @@ def test_a_dropped_subscription_forgets_the_cache(client, redis_server):
         router.cache.close()
 
 
+def test_a_dropped_router_stops_its_subscriber(redis_server):
+    """`tasks.configure` builds a new router each time; the old one's thread must not live on."""
+    import gc
+
+    router = _router(redis_server, ttl=600)
+    thread = router.cache._state.thread
+    assert thread is not None and thread.is_alive()
+    del router
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def _forked_child(conn) -> None:
     """In a forked child: the router it inherited (cache warm, subscriber thread not) must not serve stale routes."""
     router = _ROUTER_FOR_FORK
