@@ -61,8 +61,10 @@ def merge_results(entries: list[dict[str, Any]], path: Path = RESULTS_JSON) -> N
     _atomic_write(path, json.dumps(merged, indent=1) + "\n")
 
 
-def write_section(section: str, markdown: str, path: Path = RESULTS_MD) -> None:
-    """Put `markdown` between `<!-- bench:section -->` markers, replacing an earlier run's section."""
+def write_section(section: str, markdown: str, path: Path = RESULTS_MD, first: bool = False) -> None:
+    """Put `markdown` between `<!-- bench:section -->` markers, replacing an earlier run's section.
+
+    A new section goes at the end, or right after the title and intro when `first` (the suite's summary)."""
     begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     try:
@@ -73,6 +75,31 @@ def write_section(section: str, markdown: str, path: Path = RESULTS_MD) -> None:
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1]
         text = head + block + tail
+    elif first and "\n<!-- bench:" in text:
+        head, tail = text.split("\n<!-- bench:", 1)
+        text = head.rstrip("\n") + "\n\n" + block + "\n\n<!-- bench:" + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     _atomic_write(path, text)
+
+
+def versions() -> str:
+    """The versions that move these numbers most."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "diffusers", "celery", "kombu", "redis"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def stamp() -> str:
+    """One line for a section: where and when it was measured, with what."""
+    return f"{today()} · {machine()} · {versions()}"
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "MISSES"

@@ -47,9 +47,10 @@ BATCHABLE_FAMILIES = frozenset({"sd", "sdxl", "single-file"})
 PER_JOB_ARGUMENTS = ("prompt", "negative_prompt")
 """Pipeline arguments that may differ inside a batch; every other argument must be equal (the call shape)."""
 
-PIXEL_TOLERANCE = 2
+PIXEL_TOLERANCE = 3
 """Max abs difference (0–255) allowed between a batched image and its unbatched twin. Batched convolutions and
-matmuls take other kernel paths on CPU, so a few pixels differ by one level; measured: ≤ 1 (bench/RESULTS.md)."""
+matmuls take other kernel paths on CPU, so some pixels move by a level or two: measured ≤ 2 over 64×64/4-step and
+32×32/2-step batches of 8 (bench/bench_batching.py); not byte-identical on this backend."""
 
 
 def call_shape(runtime: WorkerRuntime, request: GenerateRequest, queue: str | None) -> Hashable | None:

@@ -1,0 +1,117 @@
+"""Run the whole benchmark suite: `.venv/bin/python -m bench [--only NAME ...] [--skip NAME ...]`.
+
+Each script runs in its own process (each starts its own redis-server, workers or OSS server, and configures the
+Celery app its own way), one after the other — never two at once, since every figure is a ratio of two things
+measured in the same run on the same cores. Each script merges its entries into bench/results.json and its
+section into bench/RESULTS.md; this runner then writes the summary at the top of RESULTS.md: machine, versions,
+date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from _results import RESULTS_JSON, machine, today, versions, write_section  # noqa: E402
+
+SCRIPTS = [  # cheapest first; (name, extra arguments)
+    ("rollback", []),
+    ("l2_load", []),
+    ("dispatch", []),
+    ("cold_start", []),
+    ("adapter_switch", []),
+    ("throughput", []),
+    ("batching", []),
+    ("concurrency", []),
+    ("memory", []),
+    ("diff_sync", []),
+    ("oss_download", []),
+]
+TIMEOUT_S = 1800
+
+
+def ensure_matplotlib() -> None:
+    """Plots need matplotlib (the `bench` extra); install it into this interpreter if it is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("installing matplotlib (the bench extra) …", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.8"], check=False)
+
+
+def met(value: float, target: str) -> str:
+    """'meets'/'MISSES' for targets written as '<= 5', '>= 0.95', '< 0.02', '0'; '—' for prose targets."""
+    match = re.match(r"^\s*(<=|>=|<|>|=)?\s*(-?[0-9.]+)", target)
+    if not match:
+        return "—"
+    op, bound = match.group(1) or "=", float(match.group(2))
+    ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound, "=": value == bound}[op]
+    return "meets" if ok else "**MISSES**"
+
+
+def summary(outcomes: dict[str, str]) -> str:
+    entries = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    rows = [f"| `{e['name']}` | {e['value']} {e['unit']} | {e['target']} | {met(float(e['value']), e['target'])} | "
+            f"{e['date']} |" for e in entries if e.get("target")]
+    runs = ", ".join(f"{name}: {state}" for name, state in outcomes.items())
+    return f"""
+## Summary (`python -m bench`)
+
+Last suite run: {today()} · {machine()} · {versions()}.
+Scripts: {runs or 'none run'}.
+
+Every figure is a ratio or a paired difference of two things measured in the same run on the same machine
+(2 shared cores: absolute times are noisy, ratios much less so). **GPU figures are pending** a task that has a
+GPU: everything here ran on CPU with the tiny demo models.
+
+| metric | value | target | | measured |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Dynamic batching (`workers/batching.py`): a Celery task strategy wraps Celery's default one and buffers
+`generate` requests (up to `FLEET_BATCH_MAX`, waiting at most `FLEET_BATCH_WAIT_MS` for companions); compatible
+jobs (same release and call shape) run as one pipeline call with one seeded generator per job, then every job
+still goes through Celery's ordinary path (its own result, image key, events and late ack). Chosen over the
+`celery-batches` task class, whose batch task gets stripped-down requests (no headers, no revocation check, no
+per-job events or stored results unless the task writes them) and would make `generate` another task class on
+batching workers. A worker that dies mid-batch loses nothing: every message of the batch is still unacked and
+Redis redelivers it after the visibility timeout; a redelivered job writes the same key.
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    names = [name for name, _ in SCRIPTS]
+    parser.add_argument("--only", nargs="*", choices=names, default=None)
+    parser.add_argument("--skip", nargs="*", choices=names, default=[])
+    args = parser.parse_args()
+    ensure_matplotlib()
+    outcomes: dict[str, str] = {}
+    for name, extra in SCRIPTS:
+        if (args.only is not None and name not in args.only) or name in args.skip:
+            continue
+        script = HERE / f"bench_{name}.py"
+        if not script.exists():
+            outcomes[name] = "missing"
+            continue
+        print(f"== {script.name}", flush=True)
+        started = time.perf_counter()
+        try:
+            rc = subprocess.run([sys.executable, str(script), *extra], timeout=TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        outcomes[name] = "ok" if rc == 0 else f"failed ({rc})"
+        print(f"== {script.name}: {outcomes[name]} in {time.perf_counter() - started:.0f} s", flush=True)
+    write_section("suite", summary(outcomes), first=True)
+    return 0 if all(v == "ok" for v in outcomes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
