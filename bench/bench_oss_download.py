@@ -109,7 +109,7 @@ def measure(out_dir: Path, archive: OssArchive, bucket: oss2.Bucket, url: str, s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--part-size-mib", type=int, default=32)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--no-record", action="store_true", help="print only; leave results.json/RESULTS.md alone")
@@ -119,6 +119,7 @@ def main() -> int:
     if not shutil.which("curl"):
         raise SystemExit("curl is not installed")
     size = args.size_mib << 20
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="bench-oss-") as tmp:
         tmp_path = Path(tmp)
@@ -185,8 +186,9 @@ def main() -> int:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Machine: {machine()}. Date: {today()}. Loopback: client, curl and server share the machine's CPUs, so "
-        "runs are noisy; on disk both tools are bound by page-cache writeback.",
+        f"Machine: {machine()}. Date: {today()}. 1-minute load average when the run started: {load_before:.1f}. "
+        "Loopback: client, curl and server share the machine's CPUs (and anything else running), so single runs "
+        "vary a lot; on disk both tools are also bound by page-cache writeback.",
     ]))
     return 0
 
