@@ -14,6 +14,7 @@ sees a partial file, and correctness never depends on the locks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -36,6 +37,28 @@ class ChecksumMismatch(ValueError):
 
 class SnapshotMissing(LookupError):
     pass
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+"""No space, a file-size limit (RLIMIT_FSIZE) or a quota: all mean the same to an operator."""
+
+
+class DiskFull(OSError):
+    """L2 cannot take more bytes. The temp file was removed and every committed version is untouched."""
+
+
+def disk_full(root: Path, exc: BaseException) -> DiskFull | None:
+    """The one clear error for a write that failed for lack of space, even when it arrives wrapped (an archive's
+    download error caused by a failed write); None for any other error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DiskFull):
+            return seen
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS:
+            return DiskFull(seen.errno, f"L2 disk full at {root}: free space or lower FLEET_RETENTION_KEEP "
+                                        f"({os.strerror(seen.errno)})")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class _HashingWriter:
@@ -163,6 +186,11 @@ class SnapshotStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
             return target
+        except OSError as exc:
+            full = disk_full(self.root, exc)
+            if full is None:
+                raise
+            raise full from exc
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -202,7 +230,10 @@ class SnapshotStore:
             return target
         except ChecksumMismatch:
             raise
-        except BaseException:
+        except BaseException as exc:
+            full = disk_full(self.root, exc)
+            if full is not None:  # nothing to resume into: give the space back
+                raise full from exc
             keep = resumable  # an interrupted download is continued by the next sync, not started over
             raise
         finally:
@@ -229,6 +260,7 @@ class SnapshotStore:
             raise SnapshotMissing(f"{ref}: cannot commit, blobs missing for {', '.join(missing)}")
         self._ensure_dirs()
         staging = Path(tempfile.mkdtemp(dir=self.tmp, prefix=f"snapshot-{ref.version}-", suffix=".incomplete"))
+        tmp_manifest = self.manifest_path(ref).with_suffix(f".{uuid.uuid4().hex[:8]}.incomplete")
         try:
             for entry in manifest.files:
                 link = staging / validate_relpath(entry.path)
@@ -237,7 +269,6 @@ class SnapshotStore:
                 link.symlink_to(Path(*([".."] * (depth + 0))) / "blobs" / entry.sha256)
             manifest_file = self.manifest_path(ref)
             manifest_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp_manifest = manifest_file.with_suffix(f".{uuid.uuid4().hex[:8]}.incomplete")
             tmp_manifest.write_text(manifest.to_json())
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -246,10 +277,14 @@ class SnapshotStore:
                 if not final.is_dir():  # someone else won the race: theirs is identical
                     raise
             os.replace(tmp_manifest, manifest_file)
+        except OSError as exc:
+            full = disk_full(self.root, exc)
+            if full is None:
+                raise
+            raise full from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            for leftover in self.manifest_path(ref).parent.glob(f"{ref.version}.*.incomplete"):
-                leftover.unlink(missing_ok=True)
+            tmp_manifest.unlink(missing_ok=True)  # only our own: a concurrent commit's temp file is not ours
         return final
 
     def remove_snapshot(self, ref: ComponentRef) -> None:
