@@ -30,11 +30,17 @@ from _results import entry, merge_results, stamp, verdict, write_section  # noqa
 PARAMS = {"width": 32, "height": 32, "steps": 2}
 
 
-def user(uid: int, jobs: int, results: Any, go: Any) -> None:
-    """One producer process: send, wait, repeat; report each job's latency and outcome."""
+def user(uid: int, jobs: int, results: Any, config: Any) -> None:
+    """One producer process: send, wait, repeat; report each job's latency and outcome.
+
+    Forked before the parent opens any connection or starts any thread (a fork then copies no held lock);
+    it learns the fleet's settings when the fleet is warm, and that is its signal to start."""
+    from tasks.settings import FleetSettings
+
+    settings = FleetSettings(**config.get())
     import tasks
 
-    go.wait()
+    tasks.configure(settings)
     for j in range(jobs):
         started = time.perf_counter()
         try:
@@ -57,14 +63,15 @@ def main() -> None:
     latencies: list[float] = []
     failures: list[str] = []
     workers = {f"w{i}": {"batch_max": args.batch_max} for i in (1, 2)}
+    queue, config = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=user, args=(u, n, queue, config), daemon=True) for u, n in enumerate(per_user)]
+    for p in procs:
+        p.start()
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp, fleet(Path(tmp), workers) as f:
         f.run(8, **PARAMS)  # warm-up
-        queue, go = ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=user, args=(u, n, queue, go), daemon=True) for u, n in enumerate(per_user)]
-        for p in procs:
-            p.start()
         started = time.perf_counter()
-        go.set()
+        for _ in procs:
+            config.put(f.settings.model_dump(mode="json"))
         deadline = started + 900
         while len(latencies) + len(failures) < args.jobs:
             if time.perf_counter() > deadline:
@@ -83,6 +90,9 @@ def main() -> None:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+    for q in (queue, config):  # nothing left to read: do not wait at exit for a feeder thread
+        q.cancel_join_thread()
+        q.close()
 
     ms = [s * 1000 for s in latencies]
     p50, p95, p99 = (percentile(ms, q) for q in (50, 95, 99))
