@@ -13,18 +13,27 @@ AUDIT_FLEET_TASK = "warmfleet.audit_fleet"
 MAINTENANCE_QUEUE = "fleet.maintenance"
 
 
+def _zoned(schedule: crontab, app: Any) -> crontab:
+    """Bind a crontab to the app whose timezone it runs in. Set through the property, not the constructor,
+    so beat's shelve can still pickle the schedule (it stores constructor arguments, and the app is not
+    picklable); after unpickling, the beat process's current app is that same configured app."""
+    if app is not None:
+        schedule.app = app
+    return schedule
+
+
 def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
     """The nightly L2 sync and the audit, at the times the settings give, in the timezone of `app`
     (Celery's crontab reads the timezone from its app; `tasks.configure` passes the configured one)."""
     return {
         "nightly-l2-sync": {
             "task": SYNC_FLEET_TASK,
-            "schedule": crontab(hour=settings.sync_hour, minute=settings.sync_minute, app=app),
+            "schedule": _zoned(crontab(hour=settings.sync_hour, minute=settings.sync_minute), app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
         "l2-audit": {
             "task": AUDIT_FLEET_TASK,
-            "schedule": crontab(hour=settings.audit_hour, minute=settings.audit_minute, app=app),
+            "schedule": _zoned(crontab(hour=settings.audit_hour, minute=settings.audit_minute), app),
             "options": {"queue": MAINTENANCE_QUEUE},
         },
     }

@@ -190,3 +190,17 @@ def test_the_run_lock_excludes_overlaps_and_expires_when_its_holder_dies(redis_s
     time.sleep(0.5)
     with run_lock(client, "unit-expiring", 0.3) as after_expiry:
         assert after_expiry
+
+
+def test_the_schedule_pickles_for_beats_shelve_and_keeps_its_timezone_in_memory():
+    import pickle
+
+    from celery import Celery
+
+    from tasks.app import configure
+
+    app = configure(FleetSettings(timezone="Asia/Shanghai"), target=Celery("pickle-test"))
+    for entry in app.conf.beat_schedule.values():
+        restored = pickle.loads(pickle.dumps(entry["schedule"]))
+        assert restored == entry["schedule"]
+        assert str(entry["schedule"].tz) == "Asia/Shanghai"
