@@ -46,6 +46,9 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 class DiskFull(OSError):
     """L2 cannot take more bytes. The temp file was removed and every committed version is untouched."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 def disk_full(root: Path, exc: BaseException) -> DiskFull | None:
     """The one clear error for a write that failed for lack of space, even when it arrives wrapped (an archive's

@@ -163,6 +163,7 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
             def fill(fh: BinaryIO) -> None:
                 fh.seek(0)
                 archive.download(ref, entry.path, fh, progress)
+                fh.truncate()  # a longer stale partial must not leave its tail behind
                 result.fetched = entry.size
         store.write_blob(entry.sha256, entry.size, fill, resumable=held)
     return result
@@ -208,6 +209,37 @@ def sync_ref(
     report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets)
     _log(events, report)
     return report
+
+
+def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
+               events: EventLog | None = None) -> list[str]:
+    """Re-hash a snapshot against its manifest before anything loads it. Corrupt or missing blobs are quarantined
+    (kept for inspection), the snapshot is unlinked and fetched again from the archive, then checked again.
+
+    Returns the paths that were repaired; raises ChecksumMismatch when the snapshot is still bad (or there is no
+    archive to repair it from), so a worker refuses to load bytes that are not the published ones."""
+    bad = [c for c in store.check(ref) if not c.ok]
+    if not bad:
+        return []
+    for check in bad:
+        if check.reason == "checksum mismatch":
+            store.quarantine_blob(check.sha256)
+        if events:
+            events.emit("L2_VERIFY", outcome="QUARANTINED", model=ref.model, component=ref.component,
+                        version=ref.version, file=check.path, reason=check.reason)
+    store.remove_snapshot(ref)
+    what = ", ".join(f"{c.path} ({c.reason})" for c in bad)
+    if archive is None:
+        raise ChecksumMismatch(f"{ref} in L2 at {store.root} is corrupt: {what}; no archive to fetch it again from")
+    sync_ref(archive, store, ref, events=events)
+    still = [c for c in store.check(ref) if not c.ok]
+    if still:
+        raise ChecksumMismatch(f"{ref} is still corrupt after a fresh fetch: "
+                               + ", ".join(f"{c.path} ({c.reason})" for c in still))
+    if events:
+        events.emit("L2_VERIFY", outcome="REPAIRED", model=ref.model, component=ref.component, version=ref.version,
+                    files=len(bad))
+    return [c.path for c in bad]
 
 
 def sync_release(

@@ -65,10 +65,22 @@ class FleetSettings(BaseSettings):
     batch_wait_ms: float = Field(
         20.0, ge=0, le=5000, description="how long a batching worker holds its first job waiting for companions"
     )
+    job_max_retries: int = Field(3, ge=0, le=20, description="retries of a job whose pipeline call raised; then it is dead")
+    job_retry_backoff: float = Field(
+        1.0, ge=0, le=600, description="seconds before the first retry, doubled for each next one (capped at 60)"
+    )
+    job_lease_seconds: float = Field(
+        30.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2"
+    )
+    job_extend_visibility: bool = Field(
+        True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
+    )
+    verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str | None = None
+    flower_unauthenticated: bool = Field(False, description="serve Flower without a password (else one is generated)")
     metrics_port: int = 9808
     metrics_address: str = "127.0.0.1"
     alert_l3_miss_ratio: float = Field(0.01, gt=0, le=1, description="alert when L3 misses exceed this share…")

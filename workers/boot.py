@@ -25,7 +25,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
-    from cachemgr.sync import sync_release
+    from cachemgr.sync import sync_release, verify_ref
     from tasks import app, configure, serving
     from tasks.registry import Heartbeat, WarmRegistry, WorkerState
     from tasks.stats import FleetStats
@@ -59,6 +59,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         for group in group_by_base([Release.parse(text) for text in releases]):
             for release in group:
                 sync_release(archive, cache.store, release, events=events)
+                if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
+                    for ref in release.refs():
+                        verify_ref(archive, cache.store, ref, events=events)
                 events.emit("L2_WARMUP", release=str(release), outcome="READY")
             first = group[0]
             resident = (

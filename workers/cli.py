@@ -344,6 +344,10 @@ from . import cli_ops  # noqa: E402  prune, pin, metrics, cache status
 
 cli_ops.register(main)
 
+from . import cli_dead  # noqa: E402  dead (jobs that failed after every retry)
+
+cli_dead.register(main)
+
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         import redis
 
         from cachemgr import ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing
+        from cachemgr.store import DiskFull
         from tasks.requests import BadRequest
         from tasks.routing import FleetNotConfigured, NoRoute
 
@@ -32,7 +33,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing, BadRequest,
-                FleetNotConfigured, NoRoute, FleetError, LoadError) as exc:
+                FleetNotConfigured, NoRoute, FleetError, LoadError, DiskFull) as exc:
             raise click.ClickException(str(exc)) from None
         except redis.ConnectionError as exc:
             raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None

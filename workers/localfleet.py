@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,6 +57,8 @@ class FleetState:
     archive_url: str | None = None
     oss: dict | None = None
     releases: list[str] = field(default_factory=list)
+    flower_user: str | None = None
+    flower_password: str | None = None  # only when `up` generated it; the file is mode 0600
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +170,7 @@ class LocalFleet:
                 fport = self.settings.flower_port if self._port_free(self.settings.flower_port) else free_port()
                 args = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", "--address=127.0.0.1",
                         f"--port={fport}"]
-                if self.settings.flower_password:
-                    args.append(f"--basic-auth={self.settings.flower_user}:{self.settings.flower_password}")
-                state.procs.append(self._spawn("flower", args, env))
+                state.procs.append(self._spawn("flower", args, self._flower_env(env, state)))
                 state.flower_url = f"http://127.0.0.1:{fport}"
             state.save(self.state_file)
             self._wait_warm(state, releases, timeout)
@@ -178,10 +179,28 @@ class LocalFleet:
             raise
         return state
 
+    def _flower_env(self, env: dict[str, str], state: FleetState) -> dict[str, str]:
+        """Flower asks for a password unless FLEET_FLOWER_UNAUTHENTICATED opens it: the configured one, else a fresh
+        one, printed once here and kept in the state file (mode 0600). Passed in the environment, not argv, so
+        `ps` does not show it."""
+        env = dict(env)
+        if self.settings.flower_unauthenticated:
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+            self.log("flower: no password (FLEET_FLOWER_UNAUTHENTICATED=true); anyone on this host can use it")
+            return env
+        password = self.settings.flower_password or secrets.token_urlsafe(18)
+        if "," in password:
+            raise FleetError("FLEET_FLOWER_PASSWORD may not contain ',' (Flower splits its credentials on commas)")
+        env["FLOWER_BASIC_AUTH"] = f"{self.settings.flower_user}:{password}"
+        state.flower_user = self.settings.flower_user
+        if not self.settings.flower_password:
+            state.flower_password = password
+            self.log(f"flower: user {self.settings.flower_user}, password {password} "
+                     f"(generated; kept in {self.state_file}, mode 0600)")
+        return env
+
     def _start_oss(self, state: FleetState) -> None:
         """The project's OSS-protocol server on loopback, with fresh keys: L3 is then a real oss:// archive."""
-        import secrets
-
         port = free_port()
         oss = {"endpoint": f"http://127.0.0.1:{port}", "access_key_id": "LTAI" + secrets.token_hex(8),
                "access_key_secret": secrets.token_urlsafe(24)}
