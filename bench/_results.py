@@ -97,8 +97,9 @@ def versions() -> str:
 
 
 def stamp() -> str:
-    """One line for a section: where and when it was measured, with what."""
-    return f"{today()} · {machine()} · {versions()}"
+    """One line for a section: where and when it was measured, with what, and how busy the shared machine was."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{today()} · {machine()} · {versions()} · load average {load:.1f} at the end of the run"
 
 
 def verdict(ok: bool) -> str:

@@ -215,3 +215,37 @@ def test_bad_requests_are_not_planned_into_a_batch(direct, tmp_path):
     assert [[j.task_id for j in b] for b in plan_batches(runtime, jobs, batch_max=8)] == [["a", "d", "e"]]
     with pytest.raises(BadRequest):
         runtime.pick(jobs[2].generate, jobs[2].queue)
+
+
+def test_a_worker_killed_mid_batch_loses_no_job_and_each_is_served_again_under_its_own_id(
+        fleet_settings, producer, tmp_path):
+    """Every message of a batch stays unacked until its own job is stored: a SIGKILL mid-call loses none."""
+    import signal
+    import time
+
+    import redis
+
+    settings = fleet_settings.model_copy(update={"batch_max": 4, "batch_wait_ms": 400.0, "visibility_timeout": 10})
+    client = redis.Redis.from_url(settings.broker_url)
+    queue = queue_for(OLD)  # a queue no other worker of this module consumes
+    slow = {"width": 64, "height": 64, "steps": 40}
+    pending = [producer.generate.delay("survive", seed=i, release=OLD, **slow) for i in range(4)]
+    doomed = start_worker(settings, [OLD], "w-doomed", tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 120
+        while not (client.llen(queue) == 0 and client.hlen("unacked") >= 4):
+            assert time.monotonic() < deadline, "the batch never formed"
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the batched pipeline call
+        assert not any(r.ready() for r in pending)
+        doomed.stop(signal.SIGKILL)
+    finally:
+        doomed.stop()
+    rescuer = start_worker(settings, [OLD], "w-rescuer", tmp_path / "logs")
+    try:
+        results = [r.get(timeout=180) for r in pending]
+    finally:
+        rescuer.stop()
+    assert [r["task_id"] for r in results] == [p.id for p in pending]
+    assert all(r["worker"] == f"w-rescuer@{settings.node_name}" for r in results)
+    assert all(r["image_key"] == f"{r['task_id']}.png" for r in results)
