@@ -55,10 +55,9 @@ class Counting(Archive):
         self.requests += 1
         return data
 
-    def download(self, ref: ComponentRef, path: str, dest: Any, progress: Any = None) -> None:
-        size = self.inner.stat(ref, path).size
-        self.inner.download(ref, path, dest, progress)
-        self.bytes += size
+    def download(self, ref: ComponentRef, path: str, dest: Any, progress: Any = None, size: int | None = None) -> None:
+        self.inner.download(ref, path, dest, progress, size)
+        self.bytes += size if size is not None else self.inner.stat(ref, path).size
         self.requests += 1
 
 

@@ -63,8 +63,11 @@ class Archive:
     def iter_file(self, ref: ComponentRef, path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         raise NotImplementedError
 
-    def download(self, ref: ComponentRef, path: str, dest: BinaryIO, progress: Progress | None = None) -> None:
-        """Write the whole file to `dest`. Integrity is the caller's job (sha256 against the manifest)."""
+    def download(self, ref: ComponentRef, path: str, dest: BinaryIO, progress: Progress | None = None,
+                 size: int | None = None) -> None:
+        """Write the whole file to `dest`. Integrity is the caller's job (sha256 against the manifest).
+
+        `size`, when the caller knows it from the manifest, lets a remote store skip asking for it."""
         for chunk in self.iter_file(ref, path):
             dest.write(chunk)
             if progress:
