@@ -11,17 +11,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .archive import Archive
+from .archive import Archive, ArchiveError
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
+FILE_WORKERS = 4
+"""Files of one version fetched at once (each large one is itself split into parallel ranged GETs by OSS)."""
 MAX_RANGE = 16 << 20
 """Largest single ranged GET when fetching changed pieces (adjacent pieces are merged up to this)."""
 
@@ -162,7 +165,7 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
         else:
             def fill(fh: BinaryIO) -> None:
                 fh.seek(0)
-                archive.download(ref, entry.path, fh, progress)
+                archive.download(ref, entry.path, fh, progress, size=entry.size)
                 fh.truncate()  # a longer stale partial must not leave its tail behind
                 result.fetched = entry.size
         store.write_blob(entry.sha256, entry.size, fill, resumable=held)
@@ -188,19 +191,35 @@ def sync_ref(
         raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
     index = PieceIndex.for_component(store, ref.model, ref.component)
     fetched = reused = files = gets = 0
+    todo = []
     for entry in manifest.files:
         if store.has_blob(entry.sha256):
             reused += entry.size
             if progress:
                 progress(entry.size)
-            continue
+        else:
+            todo.append(entry)
+
+    def fetch(entry: FileEntry) -> _FileResult:
         try:
-            result = _fetch_file(archive, store, ref, entry, index, progress)
+            return _fetch_file(archive, store, ref, entry, index, progress)
         except ChecksumMismatch as exc:
             if events:
                 events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,
                             version=ref.version, file=entry.path, reason=str(exc))
             raise ChecksumMismatch(f"{ref}/{entry.path}: {exc}") from None
+
+    # files of a version are fetched a few at a time: a version is many small files (configs, tokenizers)
+    # and a few large ones, so per-request latency, not bandwidth, bounds a serial sync
+    with ThreadPoolExecutor(max_workers=min(FILE_WORKERS, max(1, len(todo))), thread_name_prefix="l2-sync") as pool:
+        futures = [pool.submit(fetch, entry) for entry in todo]
+        try:
+            results = [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    for result in results:
         fetched += result.fetched
         reused += result.reused
         gets += result.ranged_gets
@@ -231,7 +250,11 @@ def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
     what = ", ".join(f"{c.path} ({c.reason})" for c in bad)
     if archive is None:
         raise ChecksumMismatch(f"{ref} in L2 at {store.root} is corrupt: {what}; no archive to fetch it again from")
-    sync_ref(archive, store, ref, events=events)
+    try:
+        sync_ref(archive, store, ref, events=events)
+    except (ChecksumMismatch, ArchiveError) as exc:
+        raise ChecksumMismatch(f"{ref} in L2 at {store.root} was corrupt ({what}) and could not be fetched "
+                               f"again: {exc}") from exc
     still = [c for c in store.check(ref) if not c.ok]
     if still:
         raise ChecksumMismatch(f"{ref} is still corrupt after a fresh fetch: "
