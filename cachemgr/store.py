@@ -3,6 +3,7 @@
     blobs/<sha256>                                   content-addressed file bodies
     snapshots/<model>/<component>/<version>/<file>   symlinks into ../blobs (a diffusers folder)
     manifests/<model>/<component>/<version>.json     the verified manifest of each snapshot
+    refs/<model>/<component>/latest                  the newest version present (a name, written atomically)
     tmp/                                             private *.incomplete downloads
     locks/                                           best-effort locks that only avoid duplicate downloads
 
@@ -288,12 +289,32 @@ class SnapshotStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             tmp_manifest.unlink(missing_ok=True)  # only our own: a concurrent commit's temp file is not ours
+        self._update_latest(ref.model, ref.component)
         return final
 
     def remove_snapshot(self, ref: ComponentRef) -> None:
         """Unlink a version (manifest first, so it stops being listed). Blobs are left to the audit's GC."""
         self.manifest_path(ref).unlink(missing_ok=True)
         shutil.rmtree(self.snapshot_path(ref), ignore_errors=True)
+        self._update_latest(ref.model, ref.component)
+
+    def latest(self, model: str, component: str) -> str | None:
+        """The newest version of a component on this disk, as its ref says (None when there is none)."""
+        try:
+            return (self.root / "refs" / model / component / "latest").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _update_latest(self, model: str, component: str) -> None:
+        versions = self.versions(model, component)
+        ref = self.root / "refs" / model / component / "latest"
+        if not versions:
+            ref.unlink(missing_ok=True)
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".latest.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(versions[-1] + "\n")
+        os.replace(tmp, ref)
 
     # -- checking
     def check(self, ref: ComponentRef) -> list[BlobCheck]:

@@ -92,6 +92,11 @@ def test_versions_share_unchanged_blobs(tmp_path):
     assert report.files_fetched == 1
     assert report.bytes_reused == (src / "unet" / "w.safetensors").stat().st_size
     assert len(list(store.blobs.iterdir())) == 3
+    assert store.latest("m", "base") == "v2"
+    store.remove_snapshot(v2)
+    assert store.latest("m", "base") == "v1"
+    store.remove_snapshot(REF)
+    assert store.latest("m", "base") is None
 
 
 def test_concurrent_syncs_of_one_version_agree(tmp_path):
