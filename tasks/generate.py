@@ -52,7 +52,7 @@ class GenerateTask(Task):
 @app.task(bind=True, base=GenerateTask, name="warmfleet.generate", throws=(BadRequest,))
 def generate(
     self: Task,
-    prompt: str,
+    prompt: str | None = None,
     negative_prompt: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -61,11 +61,18 @@ def generate(
     seed: int | None = None,
     release: str | None = None,
     model: str | None = None,
+    *extra: Any,
+    **unknown: Any,
 ) -> dict[str, Any]:
-    """Generate one image on this worker's resident pipeline; returns where it is, never its bytes."""
+    """Generate one image on this worker's resident pipeline; returns where it is, never its bytes.
+
+    A raw send that skipped the producer's checks (another language, a hand-made message) may carry anything: a
+    missing prompt, extra positional values or unknown names are refused as BadRequest too, never a TypeError."""
+    if extra:
+        raise BadRequest(f"bad generate request: too many positional arguments ({9 + len(extra)})")
     request = GenerateRequest.parse(
         prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, width=width,
-        height=height, seed=seed, release=release, model=model,
+        height=height, seed=seed, release=release, model=model, **unknown,
     )
     delivery = self.request.delivery_info or {}
     queue = delivery.get("routing_key") or delivery.get("queue")

@@ -1,0 +1,419 @@
+"""Faults in the cache tiers, injected for real: the archive unreachable during a sync, a download killed with
+SIGKILL halfway, two syncs of one version at once on one L2, and a full disk. `warmfleet sync` runs as its own
+process against the project's OSS-protocol server; workers are real processes serving from L2 meanwhile."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from safetensors.numpy import save_file
+
+from cachemgr import ArchiveError, Cache, EventLog, LocalArchive, Release, SnapshotStore
+from cachemgr.archive.oss import DEFAULT_PART_SIZE, OssArchive
+from cachemgr.names import ComponentRef
+from cachemgr.ossserver import OssServer
+from cachemgr.sync import sync_release
+from tasks.maintenance import run_sync as run_sync_task
+from tasks.settings import FleetSettings
+from tasks.stats import FleetStats
+from workers.demo import DEMO_RELEASES
+
+from .support import REPO, child_env, start_worker
+from .test_reliability import PNG_MAGIC, wait_for
+from .test_reliability_results import record_result
+
+pytestmark = pytest.mark.integration
+
+OLD, NEW = DEMO_RELEASES
+KEY_ID, SECRET = "LTAIreliability01", "never-in-a-log-9b1c"
+BUCKET = "models"
+BIG = ComponentRef("bigmodel", "base", "v1")
+BIG_SIZE = 4 * DEFAULT_PART_SIZE  # 128 MiB: four parallel ranged GETs, resumable part by part
+NEXT = "nano-banana@base-v1.2.0+lora-v2.3.1"
+
+
+@pytest.fixture(autouse=True)
+def _collect_results_while_redis_is_up():
+    yield
+    gc.collect()
+
+
+class Oss:
+    """The OSS test server on a fixed port, which a test may stop and start again (an archive outage)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.server = OssServer(root, access_key_id=KEY_ID, access_key_secret=SECRET).start()
+        self.server.create_bucket(BUCKET)
+        self.port = self.server.port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server = OssServer(self.root, port=self.port, access_key_id=KEY_ID, access_key_secret=SECRET).start()
+
+    def archive(self, **options) -> OssArchive:
+        return OssArchive(BUCKET, "", endpoint=self.endpoint, access_key_id=KEY_ID, access_key_secret=SECRET, **options)
+
+    def gets(self, key: str, since: int = 0) -> list:
+        return [r for r in self.server.requests[since:] if r.method == "GET" and r.key == key]
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    server = Oss(tmp_path_factory.mktemp("oss"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def big_version(oss, tmp_path_factory) -> dict:
+    """A 128 MiB version in OSS: one safetensors tensor of random bytes and a config."""
+    folder = tmp_path_factory.mktemp("big")
+    save_file({"w": np.random.default_rng(7).integers(0, 256, BIG_SIZE - 128, dtype=np.uint8)},
+              str(folder / "weights.safetensors"))
+    (folder / "model_index.json").write_text('{"_class_name": "BigModel"}')
+    manifest = oss.archive().publish(BIG, folder)
+    entry = manifest.file("weights.safetensors")
+    return {"key": f"{BIG.key}/weights.safetensors", "sha": entry.sha256, "size": entry.size, "manifest": manifest}
+
+
+def sync_env(oss: Oss, home: Path, cache_root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_HOME=str(home), FLEET_CACHE_ROOT=str(cache_root), FLEET_ARCHIVE_URL=f"oss://{BUCKET}",
+               FLEET_OSS_ENDPOINT=oss.endpoint, FLEET_OSS_ACCESS_KEY_ID=KEY_ID, FLEET_OSS_ACCESS_KEY_SECRET=SECRET,
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def start_sync(env: dict[str, str], release: str, log: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
+def run_sync(env: dict[str, str], release: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600, **popen)
+
+
+def requested_bytes(records: list) -> int:
+    total = 0
+    for r in records:
+        start, _, end = (r.range or "").removeprefix("bytes=").partition("-")
+        total += int(end) - int(start) + 1
+    return total
+
+
+class BlobWatcher(threading.Thread):
+    """Looks at blobs/ and snapshots/ every few milliseconds and remembers every file it ever saw, with its size."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        super().__init__(daemon=True)
+        self.store = store
+        self.seen: dict[str, set[int]] = {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for folder in (self.store.blobs, self.store.root / "snapshots"):
+                for path in folder.rglob("*") if folder.is_dir() else ():
+                    with contextlib.suppress(OSError):
+                        if path.is_file():
+                            self.seen.setdefault(str(path.relative_to(self.store.root)), set()).add(path.stat().st_size)
+            time.sleep(0.003)
+
+    def stop(self) -> dict[str, set[int]]:
+        self.halt.set()
+        self.join(timeout=10)
+        return self.seen
+
+
+def tree(root: Path, skip: tuple[str, ...] = ("locks",)) -> dict[str, tuple[int, int]]:
+    """Every file under an L2 root with its size and mtime (links as themselves), lock files aside."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in skip or path.is_dir() and not path.is_symlink():
+            continue
+        st = path.lstat()
+        out[str(rel)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_a_sync_killed_mid_download_leaves_nothing_visible_and_the_next_one_resumes(oss, big_version, tmp_path):
+    """`warmfleet sync` of a 128 MiB version is killed with SIGKILL while its download is under way (the server
+    cuts transfers at an offset, so the process is caught between parts): no partial file ever appears among the
+    blobs or snapshots; the next sync fetches only what is missing and verifies the whole file."""
+    size, sha = big_version["size"], big_version["sha"]
+    trials, resumed = [40 << 20, 72 << 20, 104 << 20], []
+    for n, cut in enumerate(trials):
+        root = tmp_path / f"l2-{n}"
+        store = SnapshotStore(root)
+        watcher = BlobWatcher(store)
+        watcher.start()
+        env = sync_env(oss, tmp_path / f"home-{n}", root)
+        oss.server.drop_after(BUCKET, big_version["key"], cut)
+        proc = start_sync(env, str(Release.parse("bigmodel@base-v1")), tmp_path / f"sync-{n}.log")
+        parts_done = cut // DEFAULT_PART_SIZE
+        wait_for(lambda r=root, k=parts_done: checkpoint_parts(r) >= k, timeout=300, what="parts on disk")
+        assert proc.poll() is None, "the sync ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+
+        assert not store.has_blob(sha) and not store.has(BIG)
+        assert store.partial_path(sha).is_file()  # under tmp/, resumable, invisible to readers
+        oss.server.clear_faults()
+        mark = len(oss.server.requests)
+        done = run_sync(env, "bigmodel@base-v1")
+        seen = watcher.stop()
+
+        assert done.returncode == 0, done.stderr
+        fetched = requested_bytes(oss.gets(big_version["key"], mark))
+        assert fetched == size - parts_done * DEFAULT_PART_SIZE  # only the parts the killed run had not finished
+        resumed.append(fetched)
+        assert all(c.ok for c in store.check(BIG))
+        assert not store.partial_path(sha).exists()
+        assert seen[f"blobs/{sha}"] == {size}, "a blob was visible before it was whole"
+        whole = {f.size for f in big_version["manifest"].files}
+        assert all(sizes <= whole for sizes in seen.values()), seen
+    record_result("download killed (kill -9 of sync)", trials=len(trials), sent=len(trials), completed=len(trials),
+                  lost=0, duplicated=0, notes="resumed runs fetched " + ", ".join(f"{b >> 20} MiB" for b in resumed)
+                  + f" of {size >> 20} MiB; no partial blob ever visible")
+
+
+def checkpoint_parts(root: Path) -> int:
+    for path in (root / "checkpoints").glob("*.download.json"):
+        with contextlib.suppress(OSError, ValueError):
+            return len(json.loads(path.read_text()).get("done", ()))
+    return 0
+
+
+def test_two_syncs_of_one_version_at_once_download_it_once(oss, big_version, tmp_path):
+    """Two `warmfleet sync` processes on one L2 (two containers sharing a volume) reach the same version together:
+    one downloads it, the other waits for the blob's lock and finds it there; both see the same verified files."""
+    size, sha = big_version["size"], big_version["sha"]
+    trials, manifest_key = 3, f"{BIG.key}/manifest.json"
+    for n in range(trials):
+        root = tmp_path / f"shared-l2-{n}"
+        store = SnapshotStore(root)
+        mark = len(oss.server.requests)
+        with store.lock(sha):  # both processes must be inside the sync before either may download
+            procs = [start_sync(sync_env(oss, tmp_path / f"home-{n}-{i}", root), "bigmodel@base-v1",
+                                tmp_path / f"two-{n}-{i}.log") for i in range(2)]
+            wait_for(lambda m=mark: len(oss.gets(manifest_key, m)) >= 4, timeout=300, what="both syncs started")
+            time.sleep(1.0)
+            assert all(p.poll() is None for p in procs)
+        codes = [p.wait(timeout=600) for p in procs]
+        logs = [(tmp_path / f"two-{n}-{i}.log").read_text() for i in range(2)]
+
+        assert codes == [0, 0], logs
+        assert requested_bytes(oss.gets(big_version["key"], mark)) == size  # every byte fetched once
+        fetched = sorted(int(log.split("fetched ")[1].split(" B")[0]) for log in logs)
+        assert sum(fetched) == big_version["manifest"].total_size and fetched[1] >= size, logs  # one took the weights
+        assert all(c.ok for c in store.check(BIG))
+        assert [p.name for p in store.blobs.iterdir()].count(sha) == 1
+    record_result("two syncs at once (one L2)", trials=trials, sent=2 * trials, completed=2 * trials, lost=0,
+                  duplicated=0, notes="one download per version, counted in GETs at the OSS server")
+
+
+# -- the archive unreachable, and a full disk, while a worker serves --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oss_fleet(redis_server, oss, demo_archive_dir, tmp_path_factory):
+    """A worker warm on NEW from an OSS archive, and a newer base version published there for syncs to fetch."""
+    local, remote = LocalArchive(demo_archive_dir), oss.archive()
+    for ref in Release.parse(NEW).refs():
+        if not remote.has_version(ref):
+            remote.publish(ref, demo_archive_dir / ref.model / ref.component / ref.version,
+                           meta=local.read_manifest(ref).meta)
+    base = Release.parse(NEXT).base
+    folder = tmp_path_factory.mktemp("v1.2.0") / "base"
+    shutil.copytree(demo_archive_dir / "nano-banana" / "base" / "v1.1.0", folder)
+    (folder / "manifest.json").unlink()
+    (folder / "release-notes.txt").write_text("v1.2.0: a new base version\n")
+    if not remote.has_version(base):
+        remote.publish(base, folder, meta=local.read_manifest(Release.parse(NEW).base).meta)
+    settings = FleetSettings(
+        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url=f"oss://{BUCKET}",
+        oss_endpoint=oss.endpoint, oss_access_key_id=KEY_ID, oss_access_key_secret=SECRET, torch_threads=1,
+        heartbeat_seconds=1.0, warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+    import tasks
+
+    tasks.configure(settings)
+    worker = start_worker(settings, [NEW], "w-oss", tmp_path_factory.mktemp("logs"))
+    yield {"settings": settings, "worker": worker, "producer": tasks}
+    worker.stop()
+    tasks.app.pool.force_close_all()
+
+
+def test_the_archive_unreachable_during_a_sync_leaves_l2_untouched_and_serving_goes_on(oss, oss_fleet):
+    """The archive goes away (server stopped), or answers 503 to every try: the sync retries with backoff, fails
+    with one line saying what to check, reports the failed run, and changes nothing in L2, while the warm worker
+    serves from L1/L2. With a passing fault (two 503s) the same sync succeeds and verifies."""
+    settings, producer = oss_fleet["settings"], oss_fleet["producer"]
+    root = settings.resolved_cache_root
+    env = child_env(settings)
+    retries = oss.archive().retries
+    stats = FleetStats(redis.Redis.from_url(settings.broker_url))
+    served, outages = 0, 0
+    for trial in range(2):
+        for fault in ("stopped", "503"):
+            before, failed_runs = tree(root), stats.snapshot().get("sync_runs_failed", 0)
+            job = producer.generate.delay(f"during the outage {trial} {fault}", seed=trial, release=NEW)
+            with archive_fault(oss, fault, retries + 1) as tries:
+                failed = run_sync(env, NEXT)  # the operator's `warmfleet sync`
+            with archive_fault(oss, fault, retries + 1), pytest.raises(ArchiveError):
+                run_sync_task(settings, [ref for ref in Release.parse(NEXT).refs()])  # beat's nightly sync
+            result = job.get(timeout=300)
+            served += result["image_uri"] is not None
+            outages += 1
+
+            assert failed.returncode == 1 and "Traceback" not in failed.stderr
+            lines = [line for line in failed.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1, failed.stderr
+            if fault == "stopped":
+                assert "cannot reach OSS endpoint" in lines[0] and "FLEET_OSS_ENDPOINT" in lines[0]
+            else:
+                assert "kept failing (503 ServiceUnavailable)" in lines[0] and f"{retries + 1} tries" in lines[0]
+                assert len(tries) == retries + 1 and len({(r.method, r.key) for r in tries}) == 1  # one call, retried
+            assert stats.snapshot().get("sync_runs_failed", 0) == failed_runs + 1
+            assert tree(root) == before  # blobs, snapshots, manifests and tmp/ exactly as they were
+            assert Path(result["image_uri"].removeprefix("file://")).read_bytes().startswith(PNG_MAGIC)
+    runs = [e for e in EventLog(settings.event_log_path).read() if e["event"] == "SYNC_RUN"]
+    assert [e["outcome"] for e in runs[-outages:]] == ["FAILED"] * outages
+    assert all("ArchiveUnavailable" in e["reason"] for e in runs[-outages:])
+
+    mark = len(oss.server.requests)
+    oss.server.fail_next(2)
+    ok = run_sync(env, NEXT)
+    assert ok.returncode == 0, ok.stderr
+    first = oss.server.requests[mark:mark + 3]
+    assert len({(r.method, r.key) for r in first}) == 1  # two 503s, then the same call succeeded
+    store = Cache.at(root).store
+    assert all(c.ok for ref in Release.parse(NEXT).refs() for c in store.check(ref))
+    record_result("archive unreachable during sync", trials=outages, sent=outages, completed=served, lost=0,
+                  duplicated=0, notes=f"each failed sync tried {retries + 1} times with backoff; L2 unchanged; "
+                                      "then two 503s were retried through and the sync verified")
+
+
+@contextlib.contextmanager
+def archive_fault(oss: Oss, fault: str, count: int):
+    """The archive stopped for the block, or answering 503 to its next `count` requests; yields those requests."""
+    mark = len(oss.server.requests)
+    tries: list = []
+    if fault == "stopped":
+        oss.stop()
+    else:
+        oss.server.fail_next(count)
+    try:
+        yield tries
+    finally:
+        if fault == "stopped":
+            oss.start()
+        else:
+            oss.server.clear_faults()
+        tries.extend(oss.server.requests[mark:])
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_mb: int):
+    """A tmpfs of `size_mb` at `path` (needs CAP_SYS_ADMIN); skips the test where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the RLIMIT_FSIZE test covers a full disk")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def publish_next_with_a_big_file(archive: LocalArchive, demo_archive_dir: Path, folder: Path, mib: int) -> None:
+    shutil.copytree(demo_archive_dir / "nano-banana" / "base" / "v1.1.0", folder)
+    (folder / "manifest.json").unlink()
+    save_file({"extra": np.random.default_rng(1).integers(0, 256, mib << 20, dtype=np.uint8)},
+              str(folder / "unet" / "extra.safetensors"))
+    archive.publish(Release.parse(NEXT).base, folder, meta={"family": "sdxl"})
+
+
+def assert_disk_full_and_nothing_changed(done: subprocess.CompletedProcess, root: Path, before: dict) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("sync:")]  # tqdm
+    assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"L2 disk full at {root}: free space or lower FLEET_RETENTION_KEEP" in lines[0]
+    store = SnapshotStore(root)
+    assert list(store.tmp.iterdir()) == []  # the temp file was removed, not left to fill the disk
+    assert not store.has(Release.parse(NEXT).base)
+    assert tree(root) == before
+    assert all(c.ok for ref in Release.parse(NEW).refs() for c in store.check(ref))
+
+
+def test_a_full_disk_fails_the_sync_clearly_and_the_previous_version_is_still_served(redis_server, producer,
+                                                                                      demo_archive_dir, tmp_path):
+    """L2 on a 24 MiB tmpfs holds the served release (7 MiB); a new version with a 32 MiB file does not fit."""
+    archive_dir = tmp_path / "archive"
+    shutil.copytree(demo_archive_dir, archive_dir)
+    with small_disk(tmp_path / "l2", 24) as root:
+        settings = FleetSettings(home=tmp_path / "home", broker_url=redis_server.url, cache_root=root,
+                                 archive_url=archive_dir.as_uri(), torch_threads=1, heartbeat_seconds=1.0,
+                                 warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+        worker = start_worker(settings, [NEW], "w-small-disk", tmp_path / "logs")
+        try:
+            publish_next_with_a_big_file(LocalArchive(archive_dir), demo_archive_dir, tmp_path / "next", 32)
+            SnapshotStore(root).tmp.mkdir(exist_ok=True)
+            trials = 3
+            for trial in range(trials):
+                before = tree(root)
+                done = run_sync(child_env(settings), NEXT)
+                assert_disk_full_and_nothing_changed(done, root, before)
+                result = producer.generate.delay(f"served from a full disk {trial}", seed=trial, release=NEW).get(
+                    timeout=300)
+                assert result["worker"] == f"w-small-disk@{settings.node_name}"
+            failed = [e for e in EventLog(settings.event_log_path).read() if e["event"] == "SYNC_RUN"]
+            assert [e["outcome"] for e in failed] == ["FAILED"] * trials
+            assert "L2 disk full" in failed[-1]["reason"]
+        finally:
+            worker.stop()
+    record_result("disk full during sync (tmpfs)", trials=trials, sent=trials, completed=trials, lost=0,
+                  duplicated=0, notes="ENOSPC: one clear line, temp file removed, previous version served")
+
+
+def test_a_file_size_limit_fails_the_sync_with_the_same_clear_message(demo_archive_dir, tmp_path):
+    """Where no tmpfs can be mounted: the sync process runs under RLIMIT_FSIZE, so its writes fail with EFBIG."""
+    archive_dir = tmp_path / "archive"
+    shutil.copytree(demo_archive_dir, archive_dir)
+    root = tmp_path / "l2"
+    sync_release(LocalArchive(archive_dir), SnapshotStore(root), Release.parse(NEW))
+    SnapshotStore(root).tmp.mkdir(exist_ok=True)
+    publish_next_with_a_big_file(LocalArchive(archive_dir), demo_archive_dir, tmp_path / "next", 16)
+    settings = FleetSettings(home=tmp_path / "home", cache_root=root, archive_url=archive_dir.as_uri())
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    for _ in range(2):
+        before = tree(root)
+        done = run_sync(child_env(settings), NEXT, preexec_fn=limit_file_size)
+        assert_disk_full_and_nothing_changed(done, root, before)
+        assert "File too large" in done.stderr

@@ -1,0 +1,29 @@
+"""Where the reliability tests leave their numbers for `bench/reliability_report.py` (no tests in this module).
+
+A test calls `record_result(...)` once per scenario; nothing is written unless FLEET_RELIABILITY_RESULTS names a
+folder, so an ordinary test run leaves no files behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+RESULTS_ENV = "FLEET_RELIABILITY_RESULTS"
+
+
+def record_result(scenario: str, *, trials: int, sent: int, completed: int, lost: int, duplicated: int,
+                  recovery_s: list[float] | None = None, bound_s: float | None = None, notes: str = "") -> None:
+    """One row of docs/reliability.md's table. `duplicated` counts jobs whose pipeline ran to completion twice;
+    `recovery_s` is one measurement per trial, `bound_s` the bound the settings give."""
+    folder = os.environ.get(RESULTS_ENV)
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    row = {"scenario": scenario, "trials": trials, "sent": sent, "completed": completed, "lost": lost,
+           "duplicated": duplicated, "recovery_s": [round(r, 2) for r in recovery_s or []], "bound_s": bound_s,
+           "notes": notes, "at": time.time()}
+    slug = "".join(c if c.isalnum() else "-" for c in scenario.lower()).strip("-")
+    (Path(folder) / f"{slug}.json").write_text(json.dumps(row, indent=1))
