@@ -3,7 +3,7 @@ lost: a worker killed mid-generation, a job longer than the visibility timeout, 
 
 Two workers are warm on the same release. Timings come from the settings below (see docs/reliability.md): a killed
 worker's job comes back VISIBILITY_TIMEOUT after its last refresh, found by a peer's restore sweep within
-RESTORE_INTERVAL. Tests measure, record (FLEET_RELIABILITY_RESULTS) and assert outcomes, never durations.
+RESTORE_INTERVAL. Tests measure, record (WARMFLEET_RELIABILITY_RESULTS) and assert outcomes, never durations.
 """
 
 from __future__ import annotations

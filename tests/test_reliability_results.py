@@ -1,7 +1,8 @@
 """Where the reliability tests leave their numbers for `bench/reliability_report.py` (no tests in this module).
 
-A test calls `record_result(...)` once per scenario; nothing is written unless FLEET_RELIABILITY_RESULTS names a
-folder, so an ordinary test run leaves no files behind.
+A test calls `record_result(...)` once per scenario; nothing is written unless WARMFLEET_RELIABILITY_RESULTS names
+a folder, so an ordinary test run leaves no files behind. (Not FLEET_…: conftest clears those so tests never pick up
+an operator's configuration.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-RESULTS_ENV = "FLEET_RELIABILITY_RESULTS"
+RESULTS_ENV = "WARMFLEET_RELIABILITY_RESULTS"
 
 
 def record_result(scenario: str, *, trials: int, sent: int, completed: int, lost: int, duplicated: int,

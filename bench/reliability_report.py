@@ -1,0 +1,107 @@
+"""`python -m bench.reliability_report`: run the fault-injection tests, collect what each scenario measured, and write
+the table of docs/reliability.md (between its markers). Nothing in that table is typed by hand.
+
+The tests write one JSON row per scenario when WARMFLEET_RELIABILITY_RESULTS names a folder
+(tests/test_reliability_results.py); this script sets it, runs pytest on the reliability files, and renders the rows.
+`--no-run --results DIR` renders rows collected earlier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench._results import machine, today
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "reliability.md"
+START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
+RESULTS_ENV = "WARMFLEET_RELIABILITY_RESULTS"
+TEST_FILES = ("tests/test_reliability.py", "tests/test_reliability_redis.py", "tests/test_reliability_cache.py",
+              "tests/test_reliability_disk.py", "tests/test_reliability_boot.py")
+
+
+def run_tests(results: Path, files: tuple[str, ...]) -> tuple[int, str]:
+    """pytest on the reliability files with the results folder set; returns its exit status and summary line."""
+    env = {**os.environ, RESULTS_ENV: str(results)}
+    done = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    summary = lines[-1].strip("= ") if lines else f"pytest exited {done.returncode}"
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:])
+    return done.returncode, summary
+
+
+def load_rows(results: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    return sorted(rows, key=lambda r: r.get("at", 0))
+
+
+def seconds(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{min(values):.1f}–{max(values):.1f} (median {statistics.median(values):.1f})"
+
+
+def bound(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def render(rows: list[dict[str, Any]], summary: str) -> str:
+    head = ("| scenario | trials | sent | completed | lost | duplicated | recovery (s) | bound (s) | notes |\n"
+            "|---|---:|---:|---:|---:|---:|---|---:|---|")
+    body = [
+        f"| {r['scenario']} | {r['trials']} | {r['sent']} | {r['completed']} | {r['lost']} | {r['duplicated']} | "
+        f"{seconds(r.get('recovery_s') or [])} | {bound(r.get('bound_s'))} | {r.get('notes', '')} |"
+        for r in rows
+    ]
+    totals = {k: sum(r[k] for r in rows) for k in ("trials", "sent", "completed", "lost", "duplicated")}
+    foot = (f"\nTotals: {totals['trials']} trials, {totals['sent']} sent, {totals['completed']} completed, "
+            f"**{totals['lost']} lost, {totals['duplicated']} duplicated**.\n\n"
+            f"Measured {today()} on {machine()} (shared with other test runs), by `python -m bench.reliability_report`; "
+            f"tests: {summary}.")
+    return "\n".join([head, *body]) + "\n" + foot
+
+
+def write_table(table: str, doc: Path = DOC) -> None:
+    text = doc.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc} has no {START} … {END} markers to write the table between")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    doc.write_text(f"{before}{START}\n{table}\n{END}{after}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.reliability_report", description=__doc__)
+    parser.add_argument("--results", type=Path, help="folder for the rows (default: a fresh temporary folder)")
+    parser.add_argument("--no-run", action="store_true", help="render rows already in --results, run nothing")
+    parser.add_argument("--file", action="append", help="only these test files (repeatable)")
+    args = parser.parse_args(argv)
+    results = args.results or Path(tempfile.mkdtemp(prefix="reliability-"))
+    status, summary = 0, "not run (rendered from earlier rows)"
+    if not args.no_run:
+        status, summary = run_tests(results, tuple(args.file or TEST_FILES))
+    rows = load_rows(results)
+    if not rows:
+        print(f"no rows in {results}", file=sys.stderr)
+        return 1
+    table = render(rows, summary)
+    write_table(table)
+    print(table)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The execution lease and job record (tasks/leases.py) against a real redis-server, one rule per test: the fleet
+tests show them at work inside workers; these pin each rule down in milliseconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from tasks.keys import KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
+from tasks.leases import JobLease, effective_lease_seconds, job_record
+
+
+@pytest.fixture
+def client(redis_server) -> redis.Redis:
+    c = redis_server.client()
+    c.flushdb()
+    return c
+
+
+def lease(client: redis.Redis, worker: str, seconds: float = 1.0, tag: str | None = None, **kw) -> JobLease:
+    return JobLease(client, "job-1", worker, seconds, delivery_tag=tag, poll_seconds=0.02, **kw)
+
+
+def test_the_lease_expires_before_a_dead_holders_message_comes_back():
+    assert effective_lease_seconds(30, 300) == 30
+    assert effective_lease_seconds(30, 10) == 5
+    assert effective_lease_seconds(30, 1) == 1  # never below a second
+
+
+def test_the_first_delivery_runs_and_a_later_one_returns_its_stored_result(client):
+    with lease(client, "w1") as first:
+        assert first.claim().run
+        first.complete({"image_uri": "file:///x.png"})
+    with lease(client, "w2") as again:
+        claim = again.claim()
+    assert not claim.run and claim.result == {"image_uri": "file:///x.png"}
+    record = job_record(client, "job-1")
+    assert (record["runs"], record["completed"], record["duplicates"]) == ("1", "1", "1")
+    assert client.hget(STATS_KEY, "duplicate_deliveries") == b"1"
+
+
+def test_a_delivery_waits_for_a_live_holder_and_runs_nothing(client):
+    got = {}
+    with lease(client, "w1") as holder:
+        assert holder.claim().run
+        waiter = threading.Thread(target=lambda: got.update(claim=_claim(client, "w2")))
+        waiter.start()
+        time.sleep(1.5)  # longer than the lease: only the holder's renewals keep it
+        assert waiter.is_alive(), "the second delivery did not wait for the live holder"
+        holder.complete({"ok": 1})
+    waiter.join(timeout=10)
+    assert got["claim"].result == {"ok": 1} and job_record(client, "job-1")["runs"] == "1"
+
+
+def _claim(client: redis.Redis, worker: str):
+    with lease(client, worker) as second:
+        return second.claim()
+
+
+def test_a_dead_holders_lease_expires_and_the_next_delivery_runs_the_job(client):
+    dead = lease(client, "w1")  # claims without its keepalive thread: as if killed right after
+    assert dead.claim().run
+    assert client.get(LEASE_KEY.format(task_id="job-1")) == dead.token.encode()
+    with lease(client, "w2") as heir:
+        assert heir.claim().run
+    record = job_record(client, "job-1")
+    assert (record["runs"], record["holder"], record.get("duplicates")) == ("2", "w2", None)
+
+
+def test_only_the_holder_releases_its_lease(client):
+    with lease(client, "w1") as holder:
+        assert holder.claim().run
+        impostor = lease(client, "w2")
+        impostor.held = True  # a stale belief that it holds the lease
+        impostor.release()
+        assert client.get(LEASE_KEY.format(task_id="job-1")) == holder.token.encode()
+    assert client.get(LEASE_KEY.format(task_id="job-1")) is None
+
+
+def test_a_dead_job_stays_dead(client):
+    with lease(client, "w1") as holder:
+        assert holder.claim().run
+        holder.bury("InjectedFault: always fails")
+    with lease(client, "w2") as again:
+        claim = again.claim()
+    assert not claim.run and claim.dead == "InjectedFault: always fails"
+
+
+def test_a_running_job_keeps_its_message_fresh_and_never_resurrects_an_acked_one(client):
+    client.zadd(KOMBU_UNACKED_INDEX, {"tag-1": time.time() - 1000})
+    with lease(client, "w1", seconds=0.3, tag="tag-1") as running:
+        assert running.claim().run
+        time.sleep(0.5)
+        assert time.time() - client.zscore(KOMBU_UNACKED_INDEX, "tag-1") < 1.0
+        client.zrem(KOMBU_UNACKED_INDEX, "tag-1")  # acknowledged (or restored) meanwhile
+        time.sleep(0.3)
+        assert client.zscore(KOMBU_UNACKED_INDEX, "tag-1") is None  # ZADD XX: never re-added
