@@ -430,6 +430,10 @@ def test_image_build_context_installs_the_project(dockerfile_name, tmp_path):
 # -- the compose fleet -------------------------------------------------------------------------------------
 
 
+SPAWN_ENV: dict[str, dict[str, str]] = {}
+"""The environment `warmfleet up` gave each process in the last local_fleet_argv call."""
+
+
 def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """The argv `warmfleet up` gives each process, read from workers/localfleet.py by recording its spawns."""
     from workers import localfleet
@@ -439,6 +443,7 @@ def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[st
 
     def spawn(self: LocalFleet, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         spawned[name] = [Path(argv[0]).name, *argv[1:]]
+        SPAWN_ENV[name] = dict(env)
         return Proc(name, 0, "")
 
     monkeypatch.setattr(LocalFleet, "_spawn", spawn)
@@ -473,9 +478,10 @@ def test_compose_and_k8s_run_beat_flower_and_maintenance_as_the_local_fleet_does
         assert _program(argv) == _program(ours), (name, argv, ours)
         assert set(option_names(argv)) <= set(option_names(ours)), (name, argv, ours)
     assert set(option_names(svc["beat"]["command"])) == set(option_names(local["beat"]))
-    # the local fleet turns Flower's auth on with --basic-auth; the deployments give the same option through
-    # Flower's FLOWER_* environment, built from FLEET_FLOWER_PASSWORD
-    assert "--basic-auth" in option_names(local["flower"])
+    # the local fleet and the deployments turn Flower's auth on the same way: through Flower's FLOWER_BASIC_AUTH
+    # environment (built from FLEET_FLOWER_PASSWORD), never a password on the command line where `ps` shows it
+    assert "--basic-auth" not in option_names(local["flower"])
+    assert SPAWN_ENV["flower"]["FLOWER_BASIC_AUTH"] == "admin:secret"
     assert "${FLEET_FLOWER_PASSWORD:?" in svc["flower"]["environment"]["FLOWER_BASIC_AUTH"]
 
 
