@@ -59,16 +59,17 @@ def bound(value: float | None) -> str:
 
 
 def render(rows: list[dict[str, Any]], summary: str) -> str:
-    head = ("| scenario | trials | sent | completed | lost | duplicated | recovery (s) | bound (s) | notes |\n"
-            "|---|---:|---:|---:|---:|---:|---|---:|---|")
+    head = ("| scenario | trials | sent | completed | dead | lost | duplicated | recovery (s) | bound (s) | notes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
     body = [
-        f"| {r['scenario']} | {r['trials']} | {r['sent']} | {r['completed']} | {r['lost']} | {r['duplicated']} | "
-        f"{seconds(r.get('recovery_s') or [])} | {bound(r.get('bound_s'))} | {r.get('notes', '')} |"
+        f"| {r['scenario']} | {r['trials']} | {r['sent']} | {r['completed']} | {r.get('dead', 0)} | {r['lost']} | "
+        f"{r['duplicated']} | {seconds(r.get('recovery_s') or [])} | {bound(r.get('bound_s'))} | {r.get('notes', '')} |"
         for r in rows
     ]
-    totals = {k: sum(r[k] for r in rows) for k in ("trials", "sent", "completed", "lost", "duplicated")}
+    totals = {k: sum(r.get(k, 0) for r in rows) for k in ("trials", "sent", "completed", "dead", "lost", "duplicated")}
     foot = (f"\nTotals: {totals['trials']} trials, {totals['sent']} sent, {totals['completed']} completed, "
-            f"**{totals['lost']} lost, {totals['duplicated']} duplicated**.\n\n"
+            f"{totals['dead']} dead on purpose (poison), **{totals['lost']} lost, {totals['duplicated']} duplicated**."
+            "\n\n"
             f"Measured {today()} on {machine()} (shared with other test runs), by `python -m bench.reliability_report`; "
             f"tests: {summary}.")
     return "\n".join([head, *body]) + "\n" + foot

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cachemgr import ChecksumMismatch, LocalArchive, ManifestError, Release, SnapshotStore
-from cachemgr.names import ComponentRef, InvalidName, queue_for
+from cachemgr.names import ComponentRef, InvalidName, queue_for, validate_component
 from cachemgr.sync import sync_ref, sync_release
 from tasks.registry import WarmRegistry
 from tasks.requests import BadRequest, GenerateRequest
@@ -152,6 +152,14 @@ def invalid(*parts: str) -> bool:
     return False
 
 
+def invalid_component(value: str) -> bool:
+    try:
+        validate_component(value)
+    except InvalidName:
+        return True
+    return False
+
+
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """A folder holding an archive, an L2 and a home: the names under test may only ever write inside the first two."""
@@ -171,9 +179,12 @@ def test_hostile_names_are_refused_by_sync_and_publish_and_write_nothing(sandbox
     assume(invalid(model, version))
     before = snapshot_tree(root, inside=(root / "home",))
     runner = CliRunner()
-    for args in (["sync", f"--release={model}@base-{version}"],
-                 ["publish", "--", model, "base", version, str(root / "folder")],
-                 ["sync", f"--release=nano-banana@base-{version}+lora-{model}"]):
+    commands = [["sync", f"--release={model}@base-{version}"],
+                ["publish", "--", model, "base", version, str(root / "folder")],
+                ["sync", f"--release=nano-banana@base-{version}+lora-{model}"]]
+    if invalid_component(model):  # the same hostile text as a component name
+        commands.append(["publish", "--", "m", model, "v1", str(root / "folder")])
+    for args in commands:
         done = runner.invoke(cli, args, env=env)
         assert done.exit_code != 0, (args, done.output)
         assert done.exception is None or isinstance(done.exception, SystemExit), done.exception

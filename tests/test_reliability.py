@@ -326,5 +326,37 @@ def test_a_poison_job_is_retried_with_backoff_then_dead_and_the_workers_go_on(fl
     assert all(p.id in listing.stdout for p in poison) and "reason InjectedFault" in listing.stdout
     assert {name: w.pid for name, w in pool.workers.items()} == pids
     assert all(w.proc.poll() is None for w in pool.workers.values())
-    record_result("poison job", trials=len(poison), sent=len(poison) + len(good), completed=len(good), lost=0,
-                  duplicated=0, notes=f"each poison job ran 1 + {MAX_RETRIES} times, then dead; good jobs all done")
+    record_result("poison job", trials=len(poison), sent=len(poison) + len(good), completed=len(good),
+                  dead=len(poison), lost=0, duplicated=0,
+                  notes=f"each poison job ran 1 + {MAX_RETRIES} times, then was recorded dead; good jobs all served")
+
+
+def test_a_batching_worker_runs_each_job_once_even_when_its_message_arrives_twice(fleet_settings, producer, client,
+                                                                                  tmp_path_factory):
+    """Batching (FLEET_BATCH_MAX > 1) sits in front of the task body, the lease and record inside it: each job's
+    message queued twice (as a restore would) lands in one buffer with its copy; the job runs once, the copy
+    returns the stored result, and each job keeps its own image."""
+    settings = fleet_settings.model_copy(update={"batch_max": 4, "batch_wait_ms": 300.0})
+    worker = start_worker(settings, [OLD], "r-batch", tmp_path_factory.mktemp("logs"))
+    hostname, queue = f"r-batch@{settings.node_name}", queue_for(OLD)
+    control = producer.app.control
+    try:
+        assert control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=10)
+        jobs = [producer.generate.delay(f"batched twice {i}", seed=500 + i, release=OLD, steps=2, width=32, height=32)
+                for i in range(2)]
+        for raw in client.lrange(queue, 0, -1):
+            client.lpush(queue, raw)  # each message twice, copies first in line
+        assert client.llen(queue) == 4
+        assert control.add_consumer(queue, destination=[hostname], reply=True, timeout=10)
+        results = [j.get(timeout=300) for j in jobs]
+        wait_for(lambda: all(job_record(client, j.id).get("duplicates") == "1" for j in jobs), what="both copies")
+        wait_for(lambda: not client.llen(queue) and not client.hlen(KOMBU_UNACKED), what="every copy acknowledged")
+    finally:
+        worker.stop()
+    for job, result in zip(jobs, results, strict=True):
+        record = job_record(client, job.id)
+        assert (record["runs"], record["completed"]) == ("1", "1"), record
+        assert result["image_key"] == f"{job.id}.png" and images_of(fleet_settings, job.id)
+    assert results[0]["batch_size"] >= 2 and results[0]["batch_id"] == results[1]["batch_id"]  # one call
+    record_result("duplicate delivery to a batching worker", trials=len(jobs), sent=len(jobs), completed=len(jobs),
+                  lost=0, duplicated=0, notes="each message queued twice into one batch: one run per job")
