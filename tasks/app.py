@@ -21,12 +21,13 @@ app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance"])
 
 
 def _drop_connections(target: Celery) -> None:
-    """Forget pooled connections and the cached result backend, so a re-pointed app uses its new URLs."""
-    if target._pool is not None:
-        try:
-            target._pool.force_close_all()
-        except Exception:  # already closed: nothing to release
-            pass
+    """Forget pooled connections and the cached result backend, so a re-pointed app uses its new URLs.
+
+    kombu keeps its pools in a process-wide registry keyed by connection: a pool closed earlier would be handed
+    back for the same URL, so the registry is reset too (only a process that re-points its app does this)."""
+    from kombu import pools
+
+    pools.reset()
     target._pool = None
     amqp = target.__dict__.get("amqp")
     if amqp is not None:

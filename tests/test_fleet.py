@@ -117,3 +117,12 @@ def test_result_waits_are_bounded(producer, two_workers):
     with pytest.raises(CeleryTimeout):
         r.get(timeout=2)
     r.revoke()
+
+
+def test_a_producer_re_pointed_at_the_same_broker_after_closing_its_pool_still_sends(fleet_settings, producer,
+                                                                                     two_workers):
+    """configure() drops kombu's process-wide pools: a pool closed earlier is not handed back for the same URL."""
+    producer.app.pool.force_close_all()
+    producer.configure(fleet_settings)
+    result = producer.generate.delay("after re-pointing", seed=2).get(timeout=120)
+    assert result["release"] == two_workers["releases"][1]
