@@ -1,10 +1,11 @@
-"""Run the whole benchmark suite: `.venv/bin/python -m bench [--only NAME ...] [--skip NAME ...]`.
+"""Run the whole benchmark suite: `.venv/bin/python -m bench [--only NAME ...] [--skip NAME ...] [--large]`.
 
 Each script runs in its own process (each starts its own redis-server, workers or OSS server, and configures the
 Celery app its own way), one after the other — never two at once, since every figure is a ratio of two things
 measured in the same run on the same cores. Each script merges its entries into bench/results.json and its
 section into bench/RESULTS.md; this runner then writes the summary at the top of RESULTS.md: machine, versions,
-date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`.
+date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`. `--large` also runs
+the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("diff_sync", []),
     ("oss_download", []),
 ]
+LARGE_SCRIPTS = [("l2_load", ["--size", "large", "--profile"]), ("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
 
 
@@ -69,7 +71,8 @@ Scripts run by this invocation: {runs or 'none (summary only)'}.
 
 Every figure is a ratio or a paired difference of two things measured in the same run on the same machine
 (2 shared cores: absolute times are noisy, ratios much less so). **GPU figures are pending** a task that has a
-GPU: everything here ran on CPU with the tiny demo models.
+GPU: everything here ran on CPU with the tiny demo models, except the `*_large` entries (`python -m bench --large`:
+cold start and L2 load of a ~0.6 GB SDXL-shaped release).
 
 | metric | value | target | | measured |
 |---|---|---|---|---|
@@ -98,24 +101,30 @@ def main() -> int:
     names = [name for name, _ in SCRIPTS]
     parser.add_argument("--only", nargs="*", choices=names, default=None)
     parser.add_argument("--skip", nargs="*", choices=names, default=[])
+    parser.add_argument("--large", action="store_true",
+                        help="also run l2_load and cold_start with --size large (a ~0.6 GB release)")
     args = parser.parse_args()
     ensure_matplotlib()
     outcomes: dict[str, str] = {}
-    for name, extra in SCRIPTS:
+    runs = [(name, name, extra) for name, extra in SCRIPTS]
+    if args.large:
+        runs += [(f"{name}_large", name, extra) for name, extra in LARGE_SCRIPTS]
+    for label, name, extra in runs:
         if (args.only is not None and name not in args.only) or name in args.skip:
             continue
         script = HERE / f"bench_{name}.py"
         if not script.exists():
-            outcomes[name] = "missing"
+            outcomes[label] = "missing"
             continue
-        print(f"== {script.name}", flush=True)
+        print(f"== {script.name} {' '.join(extra)}", flush=True)
         started = time.perf_counter()
         try:
             rc = subprocess.run([sys.executable, str(script), *extra], timeout=TIMEOUT_S).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-        outcomes[name] = "ok" if rc == 0 else f"failed ({rc})"
-        print(f"== {script.name}: {outcomes[name]} in {time.perf_counter() - started:.0f} s", flush=True)
+        outcomes[label] = "ok" if rc == 0 else f"failed ({rc})"
+        print(f"== {script.name} {' '.join(extra)}: {outcomes[label]} in {time.perf_counter() - started:.0f} s",
+              flush=True)
     write_section("suite", summary(outcomes), first=True)
     return 0 if all(v == "ok" for v in outcomes.values()) else 1
 

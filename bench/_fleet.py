@@ -23,17 +23,40 @@ from tasks.settings import FleetSettings, offline_environment  # noqa: E402
 
 offline_environment()
 
-from workers.demo import DEMO_MODEL, DEMO_RELEASES, DEMO_VERSIONS  # noqa: E402
+from workers.demo import (  # noqa: E402
+    DEMO_MODEL,
+    DEMO_RELEASES,
+    DEMO_VERSIONS,
+    LARGE_DEMO_MODEL,
+    LARGE_DEMO_RELEASE,
+    LARGE_DEMO_VERSIONS,
+)
 
 RELEASE = DEMO_RELEASES[1]  # nano-banana@base-v1.1.0+lora-v2.3.1: tiny SDXL + LoRA
 RELEASE_VERSIONS = [v for v in DEMO_VERSIONS if v.model == DEMO_MODEL and v.version in ("v1.1.0", "v2.3.1")]
 
 
-def publish_release(archive: Any, workdir: Path) -> None:
-    """Build the benchmark release's tiny models offline and publish them into `archive`."""
+@dataclass(frozen=True)
+class BenchModel:
+    """A release the byte-bound benchmarks (cold start, L2 load) can measure, by `--size`."""
+
+    model: str
+    release: str
+    versions: tuple[Any, ...]
+    suffix: str  # appended to result names and section names, so each size keeps its own entries
+
+
+SIZES = {
+    "tiny": BenchModel(DEMO_MODEL, RELEASE, tuple(RELEASE_VERSIONS), ""),  # 7 MB: what the tests and fleet use
+    "large": BenchModel(LARGE_DEMO_MODEL, LARGE_DEMO_RELEASE, LARGE_DEMO_VERSIONS, "_large"),  # ~0.6 GB
+}
+
+
+def publish_release(archive: Any, workdir: Path, size: str = "tiny") -> None:
+    """Build the benchmark release's models offline (seeded) and publish them into `archive`."""
     from workers.demo import publish_demo
 
-    publish_demo(archive, workdir, versions=RELEASE_VERSIONS, log=lambda *_: None)
+    publish_demo(archive, workdir, versions=SIZES[size].versions, log=lambda *_: None)
 
 
 def percentile(values: list[float], q: float) -> float:

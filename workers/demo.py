@@ -21,6 +21,7 @@ SD_DEMO_MODEL = "pixel-sd"
 WUERSTCHEN_DEMO_MODEL = "tiny-wuerstchen"
 SINGLE_FILE_DEMO_MODEL = "pixel-single"
 SINGLE_FILE_CHECKPOINT = "48.safetensors"
+LARGE_DEMO_MODEL = "nano-banana-large"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class DemoVersion:
     version: str
     family: str
     seed: int
+    size: str = "tiny"  # "large": the ~0.6 GB SDXL of build_sdxl(size="large"), for benchmarks only
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -88,16 +90,16 @@ def _text_encoder(vocab_size: int, hidden: int, projection: int | None, seed: in
     return cls(config)
 
 
-def _vae(seed: int):
+def _vae(seed: int, channels: tuple[int, ...] = (32, 64)):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=[32, 64],
+        block_out_channels=list(channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
         latent_channels=4,
         sample_size=64,
     )
@@ -148,31 +150,63 @@ def build_sd(path: Path, seed: int) -> Path:
     return path
 
 
-def build_sdxl(path: Path, seed: int) -> Path:
-    """A tiny SDXL pipeline; the two text encoders get different widths, as in the real model."""
+SDXL_SIZES = {
+    "tiny": {
+        "unet": {**TINY_UNET, "attention_head_dim": (2, 4), "transformer_layers_per_block": (1, 1)},
+        "time_embed_dim": 8,
+        "text_widths": (32, 48),  # text_encoder, text_encoder_2; the second one's projection is "pooled"
+        "pooled": 32,
+        "vae": (32, 64),
+    },
+    "large": {  # SDXL's layout with ~1/20 of its 2.6 B UNet parameters: ~0.6 GB of float32 in all
+        "unet": {
+            "block_out_channels": (256, 512),
+            "layers_per_block": 2,
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": (4, 8),  # heads of 64 channels, as in SDXL
+            "transformer_layers_per_block": (1, 2),
+        },
+        "time_embed_dim": 256,
+        "text_widths": (256, 384),
+        "pooled": 256,
+        "vae": (64, 128, 256, 256),  # four levels: latents at 1/8 of the image side, as in SDXL
+    },
+}
+"""Shapes of the demo SDXL by size. "large" makes byte-bound benchmarks (cold start, L2 load) say something
+about production checkpoints; "tiny" is what the tests and the fleet use, and its bytes must never change."""
+
+
+def build_sdxl(path: Path, seed: int, size: str = "tiny") -> Path:
+    """A seeded SDXL pipeline; the two text encoders get different widths, as in the real model."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
+    if size not in SDXL_SIZES:
+        raise ValueError(f"unknown SDXL demo size {size!r}; choose one of {', '.join(SDXL_SIZES)}")
+    shape = SDXL_SIZES[size]
+    width_1, width_2 = shape["text_widths"]
     path.mkdir(parents=True, exist_ok=True)
     vocab_size = save_tokenizer(path / "tokenizer")
     save_tokenizer(path / "tokenizer_2")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        **TINY_UNET,
-        attention_head_dim=(2, 4),
+        **shape["unet"],
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-        cross_attention_dim=32 + 48,
+        addition_time_embed_dim=shape["time_embed_dim"],
+        projection_class_embeddings_input_dim=shape["pooled"] + 6 * shape["time_embed_dim"],
+        cross_attention_dim=width_1 + width_2,
         norm_num_groups=32,
     )
     pipe = StableDiffusionXLPipeline(
         unet=unet,
-        vae=_vae(seed + 1),
-        text_encoder=_text_encoder(vocab_size, 32, None, seed + 2),
-        text_encoder_2=_text_encoder(vocab_size, 48, 32, seed + 3),
+        vae=_vae(seed + 1, shape["vae"]),
+        text_encoder=_text_encoder(vocab_size, width_1, None, seed + 2),
+        text_encoder_2=_text_encoder(vocab_size, width_2, shape["pooled"], seed + 3),
         tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2"),
         scheduler=EulerDiscreteScheduler(
@@ -308,10 +342,24 @@ SHARED_BASE_RELEASES = (
     f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.1",  # … and the active one: one worker, one base, two adapters
 )
 DEMO_META = {"default_steps": 4, "default_guidance": 5.0, "default_width": 64, "default_height": 64}
+LARGE_DEMO_VERSIONS = (  # not in DEMO_VERSIONS: built only by the benchmarks that ask for --size large
+    DemoVersion(LARGE_DEMO_MODEL, "base", "v1.0.0", "sdxl", 6000, size="large"),
+    DemoVersion(LARGE_DEMO_MODEL, "lora", "v1.0.0", "sdxl", 6100, size="large"),
+)
+LARGE_DEMO_RELEASE = f"{LARGE_DEMO_MODEL}@base-v1.0.0+lora-v1.0.0"
 FAMILY_META = {
     "wuerstchen": {"default_guidance": 4.0, "default_decoder_steps": 2, "default_decoder_guidance": 0.0},
     "single-file": {"checkpoint": SINGLE_FILE_CHECKPOINT},
 }
+
+
+def _build_base(v: DemoVersion, folder: Path, seed: int) -> Path:
+    """The base a version is (or a LoRA version is trained on): by family, and for SDXL by size."""
+    if v.family == "sdxl":
+        return build_sdxl(folder, seed, size=v.size)
+    if v.size != "tiny":
+        raise ValueError(f"{v.model} {v.version}: only the sdxl demo comes in size {v.size!r}")
+    return BASE_BUILDERS[v.family](folder, seed)
 
 
 def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> list[str]:
@@ -328,13 +376,13 @@ def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> l
             continue
         folder = workdir / f"{v.model}-{v.component}-{v.version}"
         if v.component == "base":
-            BASE_BUILDERS[v.family](folder, v.seed)
+            _build_base(v, folder, v.seed)
             bases[(v.model, v.family)] = folder
         else:
             base_dir = bases.get((v.model, v.family))
             if base_dir is None or not base_dir.exists():
                 base_dir = workdir / f"{v.model}-lora-base"
-                (build_sdxl if v.family == "sdxl" else build_sd)(base_dir, v.seed - 1)
+                _build_base(v, base_dir, v.seed - 1)
             build_lora(base_dir, v.family, folder, v.seed)
         base_meta = {**DEMO_META, **FAMILY_META.get(v.family, {})} if v.component == "base" else {}
         meta = {"family": v.family, "demo": True, **base_meta}
