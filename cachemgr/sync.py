@@ -8,6 +8,7 @@ before it is renamed into the store.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from .store import ChecksumMismatch, SnapshotStore
 Progress = Callable[[int], None]
 FILE_WORKERS = 4
 """Files of one version fetched at once (each large one is itself split into parallel ranged GETs by OSS)."""
+VERIFY_WORKERS = max(2, min(8, os.cpu_count() or 2))
+VERIFY_GROUP = 8 << 20
 MAX_RANGE = 16 << 20
 """Largest single ranged GET when fetching changed pieces (adjacent pieces are merged up to this)."""
 
@@ -107,8 +110,6 @@ def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: Piec
               progress: Progress | None, result: _FileResult) -> tuple[str, int]:
     """Write `entry` into `fh` in one sequential pass — local pieces copied, missing ones fetched by ranged
     GETs — hashing the bytes as they are written, so the file needs no second read to be verified."""
-    import hashlib
-
     fetched: dict[int, bytes] = {}
     missing = [p for p in entry.pieces if index.find(p) is None]
     for start, end in _coalesce(missing):
@@ -149,6 +150,43 @@ def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: Piec
     return digest.hexdigest(), fh.tell()
 
 
+def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
+    """Check a downloaded file piece by piece against the manifest, on several threads (hashlib releases the GIL).
+
+    The pieces tile the file end to end, so when every one matches, the file is the one the manifest's sha256
+    names: that digest is returned without a single-threaded second pass over the whole file. A file without
+    pieces returns None, and the caller hashes it whole."""
+    size = os.fstat(fh.fileno()).st_size
+    if not entry.pieces or size != entry.size:
+        return None
+    groups: list[list[Piece]] = [[]]
+    for piece in entry.pieces:  # a few MiB per task: tiny tensors are not worth a thread hop each
+        if sum(p.size for p in groups[-1]) >= VERIFY_GROUP:
+            groups.append([])
+        groups[-1].append(piece)
+
+    def check(group: list[Piece]) -> Piece | None:
+        for piece in group:
+            digest = hashlib.sha256()
+            position = piece.start
+            while position < piece.end:
+                data = os.pread(fh.fileno(), min(1 << 20, piece.end - position), position)
+                if not data:
+                    return piece
+                digest.update(data)
+                position += len(data)
+            if digest.hexdigest() != piece.sha256:
+                return piece
+        return None
+
+    with ThreadPoolExecutor(max_workers=VERIFY_WORKERS, thread_name_prefix="l2-verify") as pool:
+        bad = next((p for p in pool.map(check, groups) if p is not None), None)
+    if bad is not None:
+        raise ChecksumMismatch(f"bytes {bad.start}-{bad.end} of {entry.path} do not match the manifest; "
+                               "the bytes were discarded")
+    return entry.sha256, size
+
+
 def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
                 progress: Progress | None) -> _FileResult:
     result = _FileResult()
@@ -163,11 +201,13 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
             def fill(fh: BinaryIO) -> tuple[str, int]:
                 return _assemble(archive, ref, entry, index, fh, progress, result)
         else:
-            def fill(fh: BinaryIO) -> None:
+            def fill(fh: BinaryIO) -> tuple[str, int] | None:
                 fh.seek(0)
                 archive.download(ref, entry.path, fh, progress, size=entry.size)
                 fh.truncate()  # a longer stale partial must not leave its tail behind
                 result.fetched = entry.size
+                fh.flush()
+                return _verify_pieces(fh, entry)
         store.write_blob(entry.sha256, entry.size, fill, resumable=held)
     return result
 
@@ -191,12 +231,15 @@ def sync_ref(
         raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
     index = PieceIndex.for_component(store, ref.model, ref.component)
     fetched = reused = files = gets = 0
-    todo = []
+    todo: list[FileEntry] = []
+    twins: list[FileEntry] = []  # the same bytes under another name in this version: fetched once
     for entry in manifest.files:
         if store.has_blob(entry.sha256):
             reused += entry.size
             if progress:
                 progress(entry.size)
+        elif any(e.sha256 == entry.sha256 for e in todo):
+            twins.append(entry)
         else:
             todo.append(entry)
 
@@ -219,6 +262,10 @@ def sync_ref(
             for f in futures:
                 f.cancel()
             raise
+    for twin in twins:
+        reused += twin.size
+        if progress:
+            progress(twin.size)
     for result in results:
         fetched += result.fetched
         reused += result.reused
