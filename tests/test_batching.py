@@ -102,6 +102,18 @@ def test_jobs_queued_together_share_one_pipeline_call_yet_each_has_its_own_image
         assert max_diff(png, twin) <= PIXEL_TOLERANCE, (prompt, seed)
 
 
+def test_seedless_jobs_in_a_batch_take_the_seed_their_task_id_gives_them(producer, batching_worker):
+    """As unbatched jobs do: a batched job, and any redelivery of it, makes the same image."""
+    from tasks.generate import stable_seed
+
+    with held(producer, batching_worker):
+        pending = [producer.generate.delay(f"seedless {i}", release=NEW, **SMALL) for i in range(3)]
+    results = [r.get(timeout=180) for r in pending]
+    assert [r["batch_size"] for r in results] == [3, 3, 3]
+    for r, p in zip(results, pending, strict=True):
+        assert r["seed"] == stable_seed(GenerateRequest(prompt="x"), p.id).seed
+
+
 def test_jobs_of_another_size_are_never_in_the_same_batch(producer, batching_worker):
     sizes = [32, 48, 32, 48]
     with held(producer, batching_worker):

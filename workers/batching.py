@@ -34,6 +34,7 @@ from typing import Any
 
 from kombu.utils.uuid import uuid
 
+from tasks.generate import stable_seed
 from tasks.requests import GenerateRequest
 
 from .runtime import Prepared, WorkerRuntime
@@ -81,7 +82,9 @@ def parse_job(task: Any, request: Any) -> Job:
     queue = delivery.get("routing_key") or delivery.get("queue")
     try:
         arguments = inspect.signature(task.run).bind(*request.args, **request.kwargs).arguments
-        return Job(request, GenerateRequest.parse(**arguments), queue)
+        # the seed the task body would give a seedless job (from its task id): batched or not, a job — and any
+        # redelivery of it — makes the same image
+        return Job(request, stable_seed(GenerateRequest.parse(**arguments), request.id), queue)
     except Exception:  # the task itself will report why, on its own path
         return Job(request, None, queue)
 
