@@ -87,6 +87,12 @@ def test_up_with_an_oss_archive_serves_and_the_cli_finds_the_archive(tmp_path):
         assert "archive  oss://warmfleet/models at http://127.0.0.1:" in up.stdout
         state_file = home / "state" / "fleet.json"
         assert stat.S_IMODE(state_file.stat().st_mode) == 0o600  # it holds the local OSS keys
+        import json
+
+        state = json.loads(state_file.read_text())
+        secret = state["oss"]["access_key_secret"]
+        for proc in state["procs"]:  # no process of the fleet carries the secret in its argv
+            assert secret not in Path(f"/proc/{proc['pid']}/cmdline").read_bytes().decode(errors="replace")
         versions = run_cli(["versions", "nano-banana"], home)
         assert versions.returncode == 0, versions.stderr
         assert re.search(r"nano-banana/base/v1\.1\.0\s+L2", versions.stdout), versions.stdout

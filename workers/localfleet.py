@@ -204,11 +204,13 @@ class LocalFleet:
         port = free_port()
         oss = {"endpoint": f"http://127.0.0.1:{port}", "access_key_id": "LTAI" + secrets.token_hex(8),
                "access_key_secret": secrets.token_urlsafe(24)}
+        from cachemgr.ossserver.__main__ import SECRET_ENV
+
+        env = {**os.environ, SECRET_ENV: oss["access_key_secret"]}  # not argv: `ps` shows argv to every local user
         state.procs.append(self._spawn("oss", [
             sys.executable, "-m", "cachemgr.ossserver", "--root", str(self.settings.state_dir / "oss"),
             "--port", str(port), "--bucket", "warmfleet", "--access-key-id", oss["access_key_id"],
-            "--access-key-secret", oss["access_key_secret"],
-        ], os.environ.copy()))
+        ], env))
         wait_port(port)
         state.archive_url = "oss://warmfleet/models"
         state.oss = oss

@@ -6,11 +6,14 @@ The first line on stdout is the endpoint, printed once the socket listens, so a 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from .server import OssServer
+
+SECRET_ENV = "OSS_SERVER_ACCESS_KEY_SECRET"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--access-key-id")
-    parser.add_argument("--access-key-secret")
+    parser.add_argument("--access-key-secret", default=os.environ.get(SECRET_ENV),
+                        help=f"the key's secret (or set {SECRET_ENV}, which keeps it out of the process list)")
     parser.add_argument("--security-token", help="require this STS token with the key")
     parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     args = parser.parse_args(argv)
