@@ -130,3 +130,13 @@ def wait_warm(settings: FleetSettings, worker: WorkerProc, timeout: float = 120)
 
 def no_process_left(pids: list[int]) -> list[int]:
     return [p for p in pids if alive(p)]
+
+
+def run_cli(settings: FleetSettings, *args: str):  # noqa: ANN201 - click's Result
+    """The CLI in this process (click's runner), pointed at a test fleet's broker and home."""
+    from click.testing import CliRunner
+
+    from workers.cli import main as cli
+
+    return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
+                                                    "FLEET_HOME": str(settings.home)})

@@ -3,25 +3,21 @@ the warm registry within its TTL. Each test starts the worker processes it stops
 
 from __future__ import annotations
 
-import gc
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from cachemgr.names import queue_for
 from tasks.keys import WARM_KEY, WORKER_KEY
 from tasks.queues import queue_depth
 from tasks.registry import WarmRegistry
 from tasks.routing import RouteTable
-from tasks.settings import FleetSettings
-from workers.cli import main as cli
 from workers.demo import DEMO_RELEASES
 
-from .support import start_worker
+from .support import run_cli, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +25,6 @@ OLD, NEW = DEMO_RELEASES
 KOMBU_UNACKED = "unacked"  # kombu's Redis transport: jobs delivered to a worker and not yet acknowledged
 
 
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    """AsyncResult.__del__ talks to the result backend: collect this test's results while its redis-server is up,
-    not at interpreter exit (where it also trips a CPython 3.11 AST bug inside pytest's import hook)."""
-    yield
-    gc.collect()
-
-
-def run_cli(settings: FleetSettings, *args: str):
-    return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
-                                                    "FLEET_HOME": str(settings.home)})
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ operator who promotes, canaries and rolls back. Real redis-server, real worker p
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
 
 from cachemgr.names import Release, queue_for
 from tasks import rollout
@@ -21,9 +19,8 @@ from tasks.keys import queue_lists
 from tasks.registry import WarmRegistry
 from tasks.routing import RouteTable
 from tasks.settings import FleetSettings
-from workers.cli import main as cli
 
-from .support import REPO, child_env
+from .support import REPO, child_env, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -50,17 +47,6 @@ def client(redis_server) -> redis.Redis:
     return redis_server.client()
 
 
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    """AsyncResult.__del__ talks to the result backend: collect this test's results while its redis-server is up,
-    not at interpreter exit (where it also trips a CPython 3.11 AST bug inside pytest's import hook)."""
-    yield
-    gc.collect()
-
-
-def run_cli(settings: FleetSettings, *args: str):
-    return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
-                                                    "FLEET_HOME": str(settings.home)})
 
 
 class Flip:
