@@ -107,3 +107,15 @@ def _collect_results_while_redis_is_up(request: pytest.FixtureRequest):
         import gc
 
         gc.collect()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch pinned to one thread for a module, as workers run: the same seed gives the same bytes only at the
+    same thread count, so in-process twins of a worker's images need it too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

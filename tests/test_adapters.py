@@ -40,12 +40,8 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The workers run one torch thread; the same count here is what makes bytes comparable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Workers run one torch thread; the same count here is what makes bytes comparable."""
 
 
 @pytest.fixture(scope="module")

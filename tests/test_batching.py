@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cachemgr import Cache, LocalArchive, LocalOutputStore
@@ -41,12 +40,8 @@ def max_diff(a: bytes, b: bytes) -> int:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The worker runs one torch thread; the same count here is what makes images comparable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Workers run one torch thread; the same count here is what makes bytes comparable."""
 
 
 @pytest.fixture(scope="module")
