@@ -23,7 +23,7 @@ from tasks.settings import FleetSettings, offline_environment  # noqa: E402
 
 offline_environment()
 
-from workers.demo import (  # noqa: E402
+from fleetctl.demo.builders import (  # noqa: E402
     DEMO_MODEL,
     DEMO_RELEASES,
     DEMO_VERSIONS,
@@ -54,7 +54,7 @@ SIZES = {
 
 def publish_release(archive: Any, workdir: Path, size: str = "tiny") -> None:
     """Build the benchmark release's models offline (seeded) and publish them into `archive`."""
-    from workers.demo import publish_demo
+    from fleetctl.demo.builders import publish_demo
 
     publish_demo(archive, workdir, versions=SIZES[size].versions, log=lambda *_: None)
 

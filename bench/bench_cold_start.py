@@ -10,7 +10,7 @@ own process, signed requests, as OSS is remote):
   folder, `StableDiffusionXLPipeline.from_pretrained` + `load_lora_weights` on it, then the same first image.
 Runs alternate (raw first on even repeats), each into a fresh folder, removed after it (outside the timing); the
 ratio is taken per pair, then the median. Target: ours ≤ 1.2× raw. `--size large` measures a ~0.6 GB SDXL-shaped
-release (workers/demo.py), where transfer rather than fixed costs could dominate; its results are named
+release (fleetctl/demo/builders.py), where transfer rather than fixed costs could dominate; its results are named
 `*_large` and written to their own section.
 """
 

@@ -38,12 +38,13 @@ def main() -> None:
 
     import torch
 
-    from cachemgr import Cache, LocalArchive, LocalOutputStore, Release
+    from cachemgr import Cache, LocalArchive, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release
+    from fleetctl.demo.builders import DEMO_MODEL
     from tasks.requests import GenerateRequest
-    from workers.demo import DEMO_MODEL
     from workers.models import StableDiffusionXL
+    from workers.outputs import LocalOutputStore
 
     torch.set_num_threads(1)
     fleet_ms, direct_ms, overhead_ms, outside_ms, noop_ms = [], [], [], [], []

@@ -18,7 +18,7 @@ with the garbage of the previous step collected before each one starts:
   the file, reads the header);
 - tensors + resident: the same, then every page touched — the byte-moving floor of any load;
 - raw: the sequential read.
-Target: load ≤ 1.3× raw. `--size large` measures a ~0.6 GB SDXL-shaped release (workers/demo.py), where bytes
+Target: load ≤ 1.3× raw. `--size large` measures a ~0.6 GB SDXL-shaped release (fleetctl/demo/builders.py), where bytes
 rather than fixed costs could dominate; its results are named `*_large` and written to their own section.
 """
 

@@ -3,6 +3,6 @@
 from .app import app, configure
 from .generate import generate
 from .requests import BadRequest, GenerateRequest
-from .routing import FleetNotConfigured, NoRoute
+from .router import FleetNotConfigured, NoRoute
 
 __all__ = ["BadRequest", "FleetNotConfigured", "GenerateRequest", "NoRoute", "app", "configure", "generate"]

@@ -12,7 +12,7 @@ from kombu import Queue
 
 import beat_schedule
 
-from .routing import FleetRouter
+from .router import FleetRouter
 from .settings import FleetSettings, load_settings
 
 UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"

@@ -16,14 +16,15 @@ from cachemgr import Cache, EventLog, Release
 from cachemgr.audit import execute_audit, plan_audit
 from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
+from fleetstate.locks import run_lock
+from fleetstate.nodes import NodeRegistry
+from fleetstate.pins import protected_refs
+from fleetstate.registry import WarmRegistry
+from fleetstate.routes import RouteTable
+from fleetstate.stats import FleetStats, cache_status, render_cache_status
 
 from .app import app
-from .locks import run_lock
-from .nodes import NodeRegistry, protected_refs
-from .registry import WarmRegistry
-from .routing import RouteTable
 from .settings import FleetSettings
-from .stats import FleetStats, cache_status, render_cache_status
 
 
 def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[ComponentRef]:
@@ -36,7 +37,7 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
         for model in table.models():
             route = table.get(model)
             models.add(model)
-            releases.update(r for r in (route.active, route.previous, getattr(route, "canary", None)) if r)
+            releases.update(release for _, release in route.referenced())
         releases.update(WarmRegistry(client).warm_workers())
     refs = {ref for r in releases for ref in Release.parse(r).refs()}
     archive = settings.open_archive()

@@ -184,23 +184,6 @@ class FleetSettings(BaseSettings):
 
         return open_archive(self.resolved_archive_url, **self.archive_options())
 
-    def open_outputs(self):  # noqa: ANN201
-        from cachemgr import open_output_store
-
-        return open_output_store(self.resolved_output_url, **self.oss_options())
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def resolved_dtype(self, device: str) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if device.startswith("cuda") else "float32"
-
     def child_env(self) -> dict[str, str]:
         """These settings as FLEET_ variables, for processes the CLI starts."""
         env: dict[str, str] = {}
@@ -216,8 +199,13 @@ def load_settings(**overrides: object) -> FleetSettings:
     return FleetSettings(**overrides)  # type: ignore[arg-type]
 
 
-def offline_environment() -> None:
-    """No hub access, ever: set before diffusers/transformers are imported."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+"""No hub access, ever: what every process that may import diffusers/transformers runs with."""
+
+
+def offline_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set OFFLINE_ENVIRONMENT (where unset) in `env`, or in this process before diffusers is imported."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]

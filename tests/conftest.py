@@ -13,8 +13,8 @@ for _key in [k for k in os.environ if k.startswith("FLEET_")]:
     del os.environ[_key]  # tests never pick up an operator's configuration
 
 from cachemgr import LocalArchive  # noqa: E402
+from fleetctl.demo.builders import DEMO_RELEASES, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
-from workers.demo import DEMO_RELEASES, publish_demo  # noqa: E402
 
 from .support import RedisServer, start_worker  # noqa: E402
 
@@ -74,7 +74,7 @@ def two_workers(fleet_settings: FleetSettings, producer, tmp_path_factory: pytes
     """Two warm workers, one per demo release, and a route to the newer release."""
     import redis
 
-    from tasks.routing import RouteTable
+    from fleetstate.routes import RouteTable
 
     logs = tmp_path_factory.mktemp("logs")
     old, new = DEMO_RELEASES

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from tasks.settings import FleetSettings
-from workers.localfleet import alive, free_port, wait_port
+from fleetctl.localfleet import alive, free_port, wait_port
+from tasks.settings import FleetSettings, offline_environment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,8 @@ class WorkerProc:
 def child_env(settings: FleetSettings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(settings.child_env())
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    offline_environment(env)
+    env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
@@ -99,7 +100,10 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
                  timeout: float = 120, **env: str) -> WorkerProc:
     logdir.mkdir(parents=True, exist_ok=True)
     log = logdir / f"{name}.log"
-    argv = [sys.executable, "-m", "workers.cli", "worker", "--name", name]
+    from .fault_worker import POISON_ENV
+
+    entry = "tests.fault_worker" if POISON_ENV in env else "fleetctl.cli"  # a poisoned worker: the fault is wrapped in
+    argv = [sys.executable, "-m", entry, "worker", "--name", name]
     for r in releases:
         argv += ["--release", r]
     proc = subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -111,7 +115,7 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
 
 
 def wait_warm(settings: FleetSettings, worker: WorkerProc, timeout: float = 120) -> None:
-    from tasks.registry import WarmRegistry
+    from fleetstate.registry import WarmRegistry
 
     registry = WarmRegistry(redis.Redis.from_url(settings.resolved_broker_url))
     deadline = time.monotonic() + timeout
@@ -136,7 +140,7 @@ def run_cli(settings: FleetSettings, *args: str):  # noqa: ANN201 - click's Resu
     """The CLI in this process (click's runner), pointed at a test fleet's broker and home."""
     from click.testing import CliRunner
 
-    from workers.cli import main as cli
+    from fleetctl.cli import main as cli
 
     return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
                                                     "FLEET_HOME": str(settings.home)})

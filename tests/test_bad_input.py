@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from cachemgr import ChecksumMismatch, LocalArchive, ManifestError, Release, SnapshotStore
 from cachemgr.names import ComponentRef, InvalidName, queue_for, validate_component
 from cachemgr.sync import sync_ref, sync_release
-from tasks.registry import WarmRegistry
+from fleetctl.cli import main as cli
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.registry import WarmRegistry
 from tasks.requests import BadRequest, GenerateRequest
-from workers.cli import main as cli
-from workers.demo import DEMO_RELEASES
 from workers.models import LoadError, builder_for, family_of
 
 from .support import start_worker

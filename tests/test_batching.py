@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachemgr import Cache, LocalArchive, LocalOutputStore
+from cachemgr import Cache, LocalArchive
 from cachemgr.names import queue_for
-from cachemgr.outputs import read_uri
-from tasks.registry import WorkerState
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES
+from fleetstate.registry import WorkerState
 from tasks.requests import BadRequest, GenerateRequest
 from workers.batching import PIXEL_TOLERANCE, Job, enable_batching, plan_batches, prepare
-from workers.demo import DEMO_MODEL, DEMO_RELEASES
 from workers.models import StableDiffusionXL
+from workers.outputs import LocalOutputStore, read_uri
 from workers.runtime import WorkerRuntime
 
 from .support import start_worker

@@ -29,10 +29,10 @@ from click.testing import CliRunner
 from kombu.transport.redis import Channel
 
 from cachemgr.names import queue_for
-from tasks.registry import WarmRegistry, WorkerState
+from fleetctl.cli import main
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES
+from fleetstate.registry import WarmRegistry, WorkerState
 from tasks.settings import FleetSettings
-from workers.cli import main
-from workers.demo import DEMO_MODEL, DEMO_RELEASES
 
 from . import support
 from .support import REPO, RedisServer
@@ -228,7 +228,7 @@ def check_command(argv: list[str], seen: list[str]) -> list[str]:
                 module = tokens[i + 2]
                 if importlib.util.find_spec(module) is None:
                     problems.append(f"python -m {module}: no such module")
-                elif module == "workers.cli":
+                elif module == "fleetctl.cli":
                     problems += check_warmfleet(tokens[i + 3:], seen)
                 elif module == "celery":
                     problems += check_celery(tokens[i + 3:], seen)
@@ -325,14 +325,14 @@ def start_worker_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[s
     support.start_worker(FleetSettings(home=tmp_path), ["nano-banana@base-v1.0.0+lora-v2.3.0"], "w", tmp_path,
                          wait=False)
     [argv] = recorded
-    assert argv[:4] == [sys.executable, "-m", "workers.cli", "worker"]
+    assert argv[:4] == [sys.executable, "-m", "fleetctl.cli", "worker"]
     return ["warmfleet", *argv[3:]]
 
 
 def test_warmfleet_is_python_m_workers_cli():
-    """Images run `warmfleet`, tests and the local fleet `python -m workers.cli`: the same entry point."""
+    """Images run `warmfleet`, tests and the local fleet `python -m fleetctl.cli`: the same entry point."""
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["warmfleet"] == "workers.cli:main"
+    assert scripts["warmfleet"] == "fleetctl.cli:main"
 
 
 def test_worker_image_runs_warmfleet_worker_with_the_flags_the_tests_use(tmp_path, monkeypatch):
@@ -421,10 +421,10 @@ def test_image_build_context_installs_the_project(dockerfile_name, tmp_path):
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     [wheel] = (tmp_path / "dist").glob("warmfleet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("beat_schedule.py", "cachemgr/names.py", "tasks/app.py", "workers/cli.py", "workers/cli_health.py"):
+    for module in ("beat_schedule.py", "cachemgr/names.py", "tasks/app.py", "fleetctl/cli/main.py", "fleetctl/cli/health.py"):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "warmfleet = workers.cli:main" in entry_points
+    assert "warmfleet = fleetctl.cli:main" in entry_points
 
 
 # -- the compose fleet -------------------------------------------------------------------------------------
@@ -435,9 +435,9 @@ SPAWN_ENV: dict[str, dict[str, str]] = {}
 
 
 def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """The argv `warmfleet up` gives each process, read from workers/localfleet.py by recording its spawns."""
+    """The argv `warmfleet up` gives each process, read from fleetctl/localfleet.py by recording its spawns."""
+    from fleetctl.localfleet import LocalFleet, Proc
     from workers import localfleet
-    from workers.localfleet import LocalFleet, Proc
 
     spawned: dict[str, list[str]] = {}
 
@@ -473,7 +473,7 @@ def test_compose_and_k8s_run_beat_flower_and_maintenance_as_the_local_fleet_does
              ("maintenance", argv_of(svc["maintenance"]["command"])), ("maintenance", k8s["maintenance"])]
     for name, argv in pairs:
         ours = local[name]
-        if ours[0] == "workers.cli":
+        if ours[0] == "fleetctl.cli":
             ours = ["warmfleet", *ours[1:]]
         assert _program(argv) == _program(ours), (name, argv, ours)
         assert set(option_names(argv)) <= set(option_names(ours)), (name, argv, ours)
@@ -770,7 +770,7 @@ def test_health_reports_a_failed_load(health_redis):
 
 
 def test_health_with_the_broker_down(tmp_path):
-    from workers.localfleet import free_port
+    from fleetctl.localfleet import free_port
 
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     code, out = health(unreachable)
@@ -783,7 +783,7 @@ def test_health_with_the_broker_down(tmp_path):
 def test_health_of_a_real_worker_process(fleet_settings, tmp_path):
     """A real worker: unhealthy before it starts, healthy once warm, unhealthy again after it stops."""
     release = DEMO_RELEASES[0]
-    argv = [sys.executable, "-m", "workers.cli", "health", "--worker", "probe-me", "--release", release]
+    argv = [sys.executable, "-m", "fleetctl.cli", "health", "--worker", "probe-me", "--release", release]
     env = support.child_env(fleet_settings)
 
     def probe() -> int:

@@ -13,10 +13,10 @@ import pytest
 
 from cachemgr import LocalArchive, Release
 from cachemgr.archive.oss import OssArchive
-from cachemgr.ossserver import OssServer
-from cachemgr.outputs_oss import OssOutputStore
+from fleetctl.localfleet import alive, free_port
+from ossserver import OssServer
 from tasks.settings import FleetSettings
-from workers.localfleet import alive, free_port
+from workers.outputs.oss import OssOutputStore
 
 from .support import REPO
 
@@ -73,7 +73,7 @@ def run_cli(args: list[str], home: Path, timeout: float = 400) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_HOME=str(home), FLEET_FLOWER_PORT=str(free_port()), FLEET_METRICS_PORT=str(free_port()),
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=env,
                           cwd=home, timeout=timeout)
 
 
@@ -128,7 +128,7 @@ def test_oss_errors_are_one_line_naming_what_to_check(oss_server, tmp_path, case
         env["FLEET_OSS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     else:
         args = ["sync", "--release", "nano-banana@base-v7.7.7"]
-    done = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr

@@ -22,7 +22,7 @@ import pytest
 
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.sync import sync_release
-from workers.demo import (
+from fleetctl.demo.builders import (
     DEMO_RELEASES,
     SD_DEMO_RELEASE,
     SINGLE_FILE_DEMO_RELEASE,
@@ -258,7 +258,7 @@ def test_the_single_file_export_is_exact(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from workers.demo import build_sd, build_single_file
+    from fleetctl.demo.builders import build_sd, build_single_file
 
     build_sd(tmp_path / "folder", seed=77)
     build_single_file(tmp_path / "single", seed=77)

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from cachemgr.archive import ArchiveUnavailable, VersionNotFound, open_archive
 from cachemgr.archive.oss import OssArchive, crc64_file
 from cachemgr.names import ComponentRef
-from cachemgr.ossserver import OssServer
+from ossserver import OssServer
 
 AK, SK, TOKEN = "LTAI-test-key", "test-secret", "sts-token-123"
 REF = ComponentRef("nano-banana", "base", "v1.0.0")
@@ -70,7 +70,7 @@ def test_requests_signed_with_the_right_keys_are_accepted(bucket):
 
 
 def test_the_server_signs_the_subresources_oss2_signs():
-    from cachemgr.ossserver.signing import SUBRESOURCES
+    from ossserver.signing import SUBRESOURCES
 
     assert SUBRESOURCES == oss2.auth.ProviderAuth._subresource_key_set
 
@@ -429,7 +429,7 @@ def test_path_style_is_chosen_for_ip_endpoints():
 
 def test_the_server_runs_as_a_process_and_prints_its_endpoint(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "cachemgr.ossserver", "--root", str(tmp_path), "--bucket", "proc-bucket",
+        [sys.executable, "-m", "ossserver", "--root", str(tmp_path), "--bucket", "proc-bucket",
          "--access-key-id", AK, "--access-key-secret", SK],
         stdout=subprocess.PIPE,
         text=True,

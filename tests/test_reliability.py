@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from cachemgr.names import queue_for
-from tasks.dead import DeadLetters
-from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
-from tasks.leases import effective_lease_seconds, job_record
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.dead import DeadLetters
+from fleetstate.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
+from fleetstate.leases import effective_lease_seconds, job_record
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
 from .support import REPO, WorkerProc, child_env, start_worker, wait_warm
 from .test_reliability_results import record_result
@@ -319,7 +319,7 @@ def test_a_poison_job_is_retried_with_backoff_then_dead_and_the_workers_go_on(fl
     for d in dead.values():
         assert "InjectedFault" in d.reason and d.kwargs["prompt"] == POISON and d.retries == MAX_RETRIES
         assert d.queue == queue_for(NEW)
-    listing = subprocess.run([sys.executable, "-m", "workers.cli", "dead"], env=child_env(fleet_settings), cwd=REPO,
+    listing = subprocess.run([sys.executable, "-m", "fleetctl.cli", "dead"], env=child_env(fleet_settings), cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.startswith("3 dead job(s)")

@@ -16,9 +16,9 @@ import pytest
 from cachemgr import EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.names import queue_for
 from cachemgr.sync import sync_release
-from tasks.registry import WarmRegistry
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
 from .support import REPO, child_env, start_worker
 from .test_reliability import PNG_MAGIC
@@ -106,7 +106,7 @@ def test_a_worker_whose_files_are_bad_never_warms_never_consumes_and_status_says
     assert registry.warm_workers(NEW) == {}
     assert client.llen(queue_for(NEW)) == 1 and job.state == "PENDING"
     states = {w.worker: w for w in registry.workers()}
-    status = subprocess.run([sys.executable, "-m", "workers.cli", "status"], env=child_env(workers["l3-missing-file"][0]),
+    status = subprocess.run([sys.executable, "-m", "fleetctl.cli", "status"], env=child_env(workers["l3-missing-file"][0]),
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     for case, reason in FAILING.items():

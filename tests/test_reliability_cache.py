@@ -24,11 +24,11 @@ from safetensors.numpy import save_file
 from cachemgr import ArchiveError, Cache, EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.archive.oss import DEFAULT_PART_SIZE, OssArchive
 from cachemgr.names import ComponentRef
-from cachemgr.ossserver import OssServer
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.stats import FleetStats
+from ossserver import OssServer
 from tasks.maintenance import run_sync as run_sync_task
 from tasks.settings import FleetSettings
-from tasks.stats import FleetStats
-from workers.demo import DEMO_RELEASES
 
 from .support import REPO, child_env, start_worker
 from .test_reliability import PNG_MAGIC, wait_for
@@ -104,12 +104,12 @@ def sync_env(oss: Oss, home: Path, cache_root: Path, **extra: str) -> dict[str, 
 
 
 def start_sync(env: dict[str, str], release: str, log: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "sync", "--release", release], env=env, cwd=REPO,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 
 def run_sync(env: dict[str, str], release: str, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", "sync", "--release", release], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600, **popen)
 
 

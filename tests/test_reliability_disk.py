@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 
 from cachemgr import EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.sync import sync_release
+from fleetctl.demo.builders import DEMO_RELEASES
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
 from .support import child_env, start_worker
 from .test_reliability_cache import NEXT, run_sync, tree

@@ -1,4 +1,4 @@
-"""The execution lease and job record (tasks/leases.py) against a real redis-server, one rule per test: the fleet
+"""The execution lease and job record (fleetstate/leases.py) against a real redis-server, one rule per test: the fleet
 tests show them at work inside workers; these pin each rule down in milliseconds."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from tasks.keys import KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
-from tasks.leases import JobLease, effective_lease_seconds, job_record
+from fleetstate.keys import KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
+from fleetstate.leases import JobLease, effective_lease_seconds, job_record
 
 
 @pytest.fixture

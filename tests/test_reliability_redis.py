@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cachemgr.names import queue_for
-from tasks.leases import job_record
-from tasks.registry import WarmRegistry
+from fleetstate.leases import job_record
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
 
 from .support import REPO, child_env, wait_port

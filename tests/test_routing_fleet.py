@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from cachemgr.names import Release, queue_for
+from fleetstate.keys import queue_lists
+from fleetstate.registry import WarmRegistry
+from fleetstate.routes import RouteTable
 from tasks import rollout
-from tasks.keys import queue_lists
-from tasks.registry import WarmRegistry
-from tasks.routing import RouteTable
 from tasks.settings import FleetSettings
 
 from .support import REPO, child_env, run_cli
@@ -165,13 +165,13 @@ def test_promote_refuses_a_release_with_no_warm_worker_unless_forced(fleet_setti
 
 
 def test_the_commands_work_from_a_separate_process(fleet_settings, two_workers):
-    """`python -m workers.cli` runs cli.py as __main__; the routing commands must be registered there too."""
+    """`python -m fleetctl.cli` runs cli.py as __main__; the routing commands must be registered there too."""
     old, new = two_workers["releases"]
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "routes"], env=child_env(fleet_settings), cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "fleetctl.cli", "routes"], env=child_env(fleet_settings), cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"active {new}" in out.stdout
-    refused = subprocess.run([sys.executable, "-m", "workers.cli", "promote", "nano-banana", UNSERVED],
+    refused = subprocess.run([sys.executable, "-m", "fleetctl.cli", "promote", "nano-banana", UNSERVED],
                              env=child_env(fleet_settings), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "no warm worker" in refused.stderr
 

@@ -16,9 +16,11 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from cachemgr.names import queue_for
-from tasks.keys import PRIORITY_SEP, QUEUE_PRIORITY_STEPS, ROUTE_CHANNEL, queue_lists
-from tasks.queues import move_queued, queue_depth, queued_releases
-from tasks.routing import FleetRouter, Route, RouteError, RouteTable, canary_share
+from fleetstate.keys import PRIORITY_SEP, QUEUE_PRIORITY_STEPS, ROUTE_CHANNEL, queue_lists
+from fleetstate.queues import move_queued, queue_depth, queued_releases
+from fleetstate.routes import Route, RouteError, RouteTable, canary_share
+from tasks.requests import is_pinned
+from tasks.router import FleetRouter
 from tasks.settings import FleetSettings
 
 A = "nano-banana@base-v1.0.0+lora-v2.3.0"
@@ -312,7 +314,7 @@ def test_move_queued_keeps_ids_and_order_rewrites_the_queue_and_leaves_pinned_jo
         "release": A}).id]
     already_there = producer.generate.delay("for B", release=B).id
 
-    report = move_queued(client, A, B)
+    report = move_queued(client, A, B, is_pinned)
 
     assert sorted(report.moved) == sorted(sent + [urgent])
     assert sorted(report.pinned) == sorted(pinned)
@@ -328,7 +330,7 @@ def test_move_queued_keeps_ids_and_order_rewrites_the_queue_and_leaves_pinned_jo
 
 def test_move_queued_leaves_what_it_cannot_read(client):
     client.lpush(queue_for(A), b"not json at all")
-    report = move_queued(client, A, B)
+    report = move_queued(client, A, B, is_pinned)
     assert (report.moved, report.unreadable) == ([], 1)
     assert client.lrange(queue_for(A), 0, -1) == [b"not json at all"]
 
@@ -353,7 +355,7 @@ def test_move_queued_races_a_consumer_without_loss_or_duplicate(client, producer
     consumer = threading.Thread(target=consume)
     consumer.start()
     try:
-        report = move_queued(client, A, B)
+        report = move_queued(client, A, B, is_pinned)
     finally:
         stop.set()
         consumer.join()

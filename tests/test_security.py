@@ -23,9 +23,9 @@ import psutil
 import pytest
 import redis
 
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetctl.localfleet import FleetState, LocalFleet, alive, free_port, wait_port
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
-from workers.localfleet import FleetState, LocalFleet, alive, free_port, wait_port
 
 from .support import REPO, child_env, start_worker
 
@@ -44,7 +44,7 @@ def cli(args: list[str], home: Path, timeout: float = 600, **env: str) -> subpro
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     base.update(FLEET_HOME=str(home), FLEET_FLOWER_PORT=str(free_port()), FLEET_METRICS_PORT=str(free_port()),
                 PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **env)
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=base,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=base,
                           cwd=home, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.names import ComponentRef
-from tasks.registry import WarmRegistry
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
 
 from .support import REPO, child_env
@@ -69,7 +69,7 @@ def test_sync_lands_a_new_version_beside_the_old_while_workers_serve(fleet_setti
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        done = subprocess.run([sys.executable, "-m", "workers.cli", "sync", "--release",
+        done = subprocess.run([sys.executable, "-m", "fleetctl.cli", "sync", "--release",
                                f"{base.model}@base-v1.2.0+lora-v2.3.1"],
                               env=child_env(fleet_settings), cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:

@@ -26,12 +26,16 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release, verify_ref
-    from tasks import app, configure, serving
-    from tasks.registry import Heartbeat, WarmRegistry, WorkerState
-    from tasks.stats import FleetStats
+    from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
+    from fleetstate.stats import FleetStats
+    from tasks import app, configure
+    from tasks.generate import attach_runner
 
     from .batching import enable_batching
+    from .device import resolve_device, resolve_dtype
+    from .jobs import JobRunner
     from .models import builder_for, family_of, group_by_base
+    from .outputs import open_output_store
     from .runtime import WorkerRuntime
 
     if not releases:
@@ -41,7 +45,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     torch.set_num_interop_threads(1)
     configure(settings)
     hostname = worker_name(settings, releases, name)
-    device = settings.resolved_device()
+    device = resolve_device(settings.device)
     broker = settings.resolved_broker_url
     if not broker:
         print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
@@ -66,7 +70,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
             first = group[0]
             resident = (
                 builder_for(family_of(cache.store, first)).builder(first.model, first).also_serving(*group[1:])
-                .with_cache(cache).on(device, settings.resolved_dtype(device)).with_events(events).build()
+                .with_cache(cache).on(device, resolve_dtype(settings.dtype, device)).with_events(events).build()
             )
             pipelines.update(dict.fromkeys(resident.releases, resident))
             state.loads += 1  # releases that differ only in their LoRA share one pipeline: one load
@@ -79,14 +83,14 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         print(f"warmfleet worker {hostname}: failed to load: {state.error}", file=sys.stderr)
         return 3
 
-    outputs = settings.open_outputs()
+    outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
 
     def after_job(current: WorkerState) -> None:
         registry.publish(current)
         stats.incr(l1_hits=1)
 
     runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
-    serving.install(runtime)
+    attach_runner(app, JobRunner(runtime, registry.redis, settings))
     enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
     state.state = "warm"
     registry.publish(state)
@@ -125,8 +129,8 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
 
     from beat_schedule import MAINTENANCE_QUEUE
     from cachemgr.names import node_queue
+    from fleetstate.nodes import NodeRegistry
     from tasks import app, configure
-    from tasks.nodes import NodeRegistry
 
     configure(settings)
     hostname = name or f"maintenance@{settings.node_name}"

@@ -30,6 +30,7 @@ import urllib3
 
 from ..manifest import MANIFEST_NAME, Manifest, ManifestError
 from ..names import COMPONENT_PATTERN, NAME_PATTERN, ComponentRef, validate_relpath
+from ..ossclient import oss_bucket
 from .base import Archive, ArchiveError, ArchiveUnavailable, ObjectInfo, Progress, VersionNotFound, sort_versions
 
 T = TypeVar("T")
@@ -51,11 +52,6 @@ def crc64_file(path: Path | str) -> str:
         while chunk := fh.read(READ_BLOCK):
             crc.update(chunk)
     return str(crc.crcValue)
-
-
-def _is_ip_or_localhost(endpoint: str) -> bool:
-    netloc = urlparse(endpoint if "://" in endpoint else "http://" + endpoint).netloc
-    return bool(netloc) and oss2.utils.is_ip_or_localhost(netloc)
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -190,23 +186,9 @@ class OssArchive(Archive):
         self.multipart_threshold = multipart_threshold
         self._root = self.prefix + "/" if self.prefix else ""
         self._has_token = bool(security_token)
-        if access_key_id and security_token:
-            auth: Any = oss2.StsAuth(access_key_id, access_key_secret, security_token)
-        elif access_key_id:
-            auth = oss2.Auth(access_key_id, access_key_secret)
-        else:
-            auth = oss2.AnonymousAuth()
-        if is_path_style is None:
-            is_path_style = _is_ip_or_localhost(endpoint)
-        self._bucket = oss2.Bucket(
-            auth,
-            endpoint,
-            bucket,
-            session=oss2.Session(pool_size=max(10, 2 * self.threads)),
-            connect_timeout=connect_timeout,
-            app_name="warmfleet",
-            is_path_style=is_path_style,
-        )
+        self._bucket = oss_bucket(bucket, endpoint, access_key_id=access_key_id, access_key_secret=access_key_secret,
+                                  security_token=security_token, connect_timeout=connect_timeout,
+                                  pool_size=max(10, 2 * self.threads), is_path_style=is_path_style)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> OssArchive:

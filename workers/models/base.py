@@ -16,6 +16,7 @@ from cachemgr.names import ComponentRef
 from cachemgr.sync import sync_release
 from tasks.requests import GenerateRequest
 
+from ..device import resolve_device, resolve_dtype
 from ..resident import ResidentPipeline, standard_call_kwargs
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -115,14 +116,8 @@ class ModelBuilder:
         return Cache.at(load_settings().resolved_cache_root)
 
     def _resolved_device(self) -> tuple[str, str]:
-        if self.device:
-            device = self.device
-        else:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.dtype or ("float16" if device.startswith("cuda") else "float32")
-        return device, dtype
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)
 
     def ensure_local(self) -> SnapshotStore:
         """L2 first: sync from the archive if given, else insist every component is already on disk."""

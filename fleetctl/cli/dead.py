@@ -1,6 +1,6 @@
 """`warmfleet dead`: the jobs that failed after every retry, newest first, with their reason and arguments.
 
-Registered on the main group by `workers/cli.py`; like `cli_health`, it does not import `workers.cli`.
+Registered on the main group by `fleetctl/cli/main.py`; like `cli_health`, it does not import `fleetctl.cli`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import click
 
-from .cli_common import _redis, _settings, friendly
+from .common import _redis, _settings, friendly
 
 PROMPT_CHARS = 40
 
@@ -23,7 +23,7 @@ PROMPT_CHARS = 40
 @friendly
 def dead(ctx: click.Context, last: int, as_json: bool) -> None:
     """Jobs recorded as dead (their pipeline call kept failing after FLEET_JOB_MAX_RETRIES retries)."""
-    from tasks.dead import DeadLetters
+    from fleetstate.dead import DeadLetters
 
     letters = DeadLetters(_redis(_settings(ctx)))
     jobs = letters.list(last)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.settings import FleetSettings
+from tasks.settings import FleetSettings, offline_environment
 
 
 class FleetError(RuntimeError):
@@ -118,8 +118,7 @@ class LocalFleet:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env.update(self.settings.child_env())
         env["FLEET_BROKER_URL"] = broker_url
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline_environment(env)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -152,10 +151,10 @@ class LocalFleet:
             self._route(state.broker_url, releases, active)
             for i, release in enumerate(releases):
                 state.procs.append(self._spawn(f"worker-{i}", [
-                    sys.executable, "-m", "workers.cli", "worker", "--release", release,
+                    sys.executable, "-m", "fleetctl.cli", "worker", "--release", release,
                     "--name", f"gpu{i}", "--loglevel", "INFO",
                 ], env))
-            state.procs.append(self._spawn("maintenance", [sys.executable, "-m", "workers.cli", "maintenance-worker"], env))
+            state.procs.append(self._spawn("maintenance", [sys.executable, "-m", "fleetctl.cli", "maintenance-worker"], env))
             if beat:
                 schedule = self.settings.state_dir / "beat-schedule"
                 state.procs.append(self._spawn("beat", [
@@ -163,7 +162,7 @@ class LocalFleet:
                     "--loglevel", "INFO",
                 ], env))
             mport = self.settings.metrics_port if self._port_free(self.settings.metrics_port) else free_port()
-            state.procs.append(self._spawn("metrics", [sys.executable, "-m", "workers.cli", "metrics",
+            state.procs.append(self._spawn("metrics", [sys.executable, "-m", "fleetctl.cli", "metrics",
                                                        "--port", str(mport)], env))
             state.metrics_url = f"http://127.0.0.1:{mport}/metrics"
             if flower:
@@ -204,11 +203,19 @@ class LocalFleet:
         port = free_port()
         oss = {"endpoint": f"http://127.0.0.1:{port}", "access_key_id": "LTAI" + secrets.token_hex(8),
                "access_key_secret": secrets.token_urlsafe(24)}
-        from cachemgr.ossserver.__main__ import SECRET_ENV
+        checkout = Path(__file__).resolve().parents[1]
+        if not (checkout / "ossserver" / "__main__.py").is_file():
+            raise FleetError("--archive oss runs the project's OSS development server, which ships with a checkout of "
+                             "the project, not with the installed package; run it from a checkout or set "
+                             "FLEET_ARCHIVE_URL to a real bucket")
+        if str(checkout) not in sys.path:
+            sys.path.append(str(checkout))
+        from ossserver.__main__ import SECRET_ENV
 
-        env = {**os.environ, SECRET_ENV: oss["access_key_secret"]}  # not argv: `ps` shows argv to every local user
+        env = {**os.environ, SECRET_ENV: oss["access_key_secret"],  # not argv: `ps` shows argv to every local user
+               "PYTHONPATH": os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p)}
         state.procs.append(self._spawn("oss", [
-            sys.executable, "-m", "cachemgr.ossserver", "--root", str(self.settings.state_dir / "oss"),
+            sys.executable, "-m", "ossserver", "--root", str(self.settings.state_dir / "oss"),
             "--port", str(port), "--bucket", "warmfleet", "--access-key-id", oss["access_key_id"],
         ], env))
         wait_port(port)
@@ -232,7 +239,7 @@ class LocalFleet:
         """Embedded defaults: publish the demo models into the archive if they are not there yet."""
         from cachemgr import Release
 
-        from .demo import publish_demo
+        from .demo.builders import publish_demo
 
         archive = self.settings.open_archive()
         missing = [ref for r in releases for ref in Release.parse(r).refs() if not archive.has_version(ref)]
@@ -250,7 +257,7 @@ class LocalFleet:
         import redis
 
         from cachemgr import Release
-        from tasks.routing import RouteTable
+        from fleetstate.routes import RouteTable
 
         table = RouteTable(redis.Redis.from_url(broker_url))
         by_model: dict[str, list[str]] = {}
@@ -268,7 +275,7 @@ class LocalFleet:
     def _wait_warm(self, state: FleetState, releases: list[str], timeout: float) -> None:
         import redis
 
-        from tasks.registry import WarmRegistry
+        from fleetstate.registry import WarmRegistry
 
         registry = WarmRegistry(redis.Redis.from_url(state.broker_url))
         since = time.time() - 1

@@ -1,7 +1,7 @@
 """`warmfleet promote | rollback | routes | status`: version switching by queue routing, from the operator's seat.
 
-Registered on the main group by `workers/cli.py`. It imports `cli_common`, never `workers.cli`: under
-`python -m workers.cli` that module runs as `__main__`, and importing it by name would build a second CLI.
+Registered on the main group by `fleetctl/cli/main.py`. It imports `cli_common`, never `fleetctl.cli`: under
+`python -m fleetctl.cli` that module runs as `__main__`, and importing it by name would build a second CLI.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from .cli_common import _redis as _broker
-from .cli_common import _settings
-from .cli_common import friendly as _common_friendly
+from .common import _redis as _broker
+from .common import _settings
+from .common import friendly as _common_friendly
 
 
 def _redis(ctx: click.Context) -> Any:
@@ -39,8 +39,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from tasks.rollout import RouteRefused
-        from tasks.routing import RouteError
+        from fleetstate.rollout import RouteRefused
+        from fleetstate.routes import RouteError
 
         try:
             return fn(*args, **kwargs)
@@ -60,7 +60,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly
 def promote(ctx: click.Context, model: str, release: str, canary: float | None, force: bool) -> None:
     """Send new jobs for MODEL to RELEASE (all of them, or a --canary share)."""
-    from tasks.rollout import promote as promote_route
+    from fleetstate.rollout import promote as promote_route
 
     change = promote_route(_redis(ctx), model, release, canary=canary, force=force, actor=_actor())
     route = change.after
@@ -82,9 +82,10 @@ def promote(ctx: click.Context, model: str, release: str, canary: float | None, 
 @friendly
 def rollback(ctx: click.Context, model: str, to: str | None, move_queued: bool, force: bool) -> None:
     """Undo the last route change of MODEL: end a canary, else return to the previous release."""
-    from tasks.rollout import rollback as rollback_route
+    from fleetstate.rollout import rollback as rollback_route
+    from tasks.requests import is_pinned
 
-    change = rollback_route(_redis(ctx), model, to=to, force=force, move=move_queued, actor=_actor())
+    change = rollback_route(_redis(ctx), model, to=to, force=force, move=is_pinned if move_queued else None, actor=_actor())
     after = change.after
     click.echo(f"{model}: active {after.active}; no longer routed: {change.abandoned or '-'}")
     if change.moved is not None:
@@ -106,7 +107,7 @@ def routes(ctx: click.Context) -> None:
 @friendly
 def routes_show(ctx: click.Context) -> None:
     """Each model's active release, previous release and canary."""
-    from tasks.routing import RouteTable
+    from fleetstate.routes import RouteTable
 
     table = RouteTable(_redis(ctx))
     models = table.models()
@@ -125,7 +126,7 @@ def routes_show(ctx: click.Context) -> None:
 @friendly
 def routes_history(ctx: click.Context, model: str | None, last: int) -> None:
     """Who changed which route, when, from what to what (newest first)."""
-    from tasks.routing import RouteTable
+    from fleetstate.routes import RouteTable
 
     entries = RouteTable(_redis(ctx)).history(model, count=last)
     if not entries:
@@ -152,7 +153,7 @@ def _history_change(e: dict[str, Any]) -> str:
 @friendly
 def status(ctx: click.Context, as_json: bool) -> None:
     """Per model: routes, and per release its queue depth, warm workers and the L2 state of its components."""
-    from tasks.rollout import fleet_status
+    from fleetstate.rollout import fleet_status
 
     report = fleet_status(_redis(ctx))
     if as_json:

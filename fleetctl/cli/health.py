@@ -2,7 +2,7 @@
 
 The container HEALTHCHECK and the Kubernetes probes run it, so "healthy" means what the fleet means by
 ready: the pipeline is loaded and the worker announces itself warm with a live heartbeat.
-Registered on the main group by `workers/cli.py`; like `cli_routing`, it does not import `workers.cli`.
+Registered on the main group by `fleetctl/cli/main.py`; like `cli_routing`, it does not import `fleetctl.cli`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import click
 
-from tasks.registry import WarmRegistry, WorkerState
+from fleetstate.registry import WarmRegistry, WorkerState
 from tasks.settings import FleetSettings, load_settings
 
 PROBE_TIMEOUT_SECONDS = 5.0
@@ -59,7 +59,7 @@ def health(ctx: click.Context, name: str | None, releases: tuple[str, ...], brok
     """Exit 0 only when this host's worker is warm in the registry (for HEALTHCHECK and probes)."""
     import redis
 
-    from .boot import worker_name
+    from workers.boot import worker_name
 
     settings: FleetSettings = ctx.ensure_object(dict).get("settings") or load_settings()
     url = settings.resolved_broker_url

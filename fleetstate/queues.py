@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,13 +95,9 @@ def _job_kwargs(message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]] | N
         return None
 
 
-PINNED_ARG_INDEX = 7
-"""`release` in generate's positional signature (prompt, negative_prompt, steps, guidance, width, height, seed, release)."""
-
-
-def is_pinned(args: list[Any], kwargs: dict[str, Any]) -> bool:
-    """A job that named its release must be served by that release and nothing else: never moved."""
-    return bool(kwargs.get("release")) or (len(args) > PINNED_ARG_INDEX and bool(args[PINNED_ARG_INDEX]))
+PinnedTest = Callable[[list[Any], dict[str, Any]], bool]
+"""Whether a job's (args, kwargs) name its release: such a job is served by that release only and never moved.
+The request model owns the parameter order, so callers pass `tasks.requests.is_pinned`."""
 
 
 def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> dict[str, Any]:
@@ -112,7 +109,8 @@ def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> 
     return {**message, "properties": {**message["properties"], "delivery_info": delivery}}
 
 
-def move_queued(client: redis.Redis, source_release: str, target_release: str, max_passes: int = 5) -> MoveReport:
+def move_queued(client: redis.Redis, source_release: str, target_release: str, is_pinned: PinnedTest,
+                max_passes: int = 5) -> MoveReport:
     """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first.
 
     Each message moves alone and atomically (see `_MOVE_ONE`), so consumers may keep running. Passes repeat while
@@ -132,14 +130,14 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, m
             for raw in client.lrange(src_list, 0, -1):
                 if raw in left_alone:
                     continue
-                _move_message(move_one, report, left_alone, raw, src_list, dst_list, source, target)
+                _move_message(move_one, report, left_alone, raw, src_list, dst_list, source, target, is_pinned)
         if len(report.moved) == moved_before:
             break
     return report
 
 
 def _move_message(move_one: Any, report: MoveReport, left_alone: set[bytes], raw: bytes, src_list: str,
-                  dst_list: str, source: str, target: str) -> None:
+                  dst_list: str, source: str, target: str, is_pinned: PinnedTest) -> None:
     message = _decode(raw)
     job = _job_kwargs(message) if message else None
     if message is None or job is None:

@@ -1,4 +1,4 @@
-"""`OssServer`: the OSS-protocol test server as an object a test (or `python -m cachemgr.ossserver`) can run."""
+"""`OssServer`: the OSS-protocol test server as an object a test (or `python -m ossserver`) can run."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli_common import _archive, _redis, _settings, friendly
+from .common import _archive, _redis, _settings, friendly
 
 
 @click.command()
@@ -15,7 +15,7 @@ from .cli_common import _archive, _redis, _settings, friendly
 def prune(ctx: click.Context, dry_run: bool, keep: int | None) -> None:
     """Retention in L3: keep the newest N versions of each component and every routed, warm or pinned one."""
     from cachemgr.retention import execute, plan_retention
-    from tasks.nodes import protected_refs
+    from fleetstate.pins import protected_refs
 
     settings = _settings(ctx)
     try:
@@ -44,7 +44,7 @@ def prune(ctx: click.Context, dry_run: bool, keep: int | None) -> None:
 def pin(ctx: click.Context, refs: tuple[str, ...], remove: bool) -> None:
     """Pin component versions (model/component/version) so no tier's retention removes them."""
     from cachemgr.names import ComponentRef, InvalidName
-    from tasks.nodes import Pins
+    from fleetstate.pins import Pins
 
     pins = Pins(_redis(_settings(ctx)))
     for text in refs:
@@ -62,7 +62,7 @@ def pin(ctx: click.Context, refs: tuple[str, ...], remove: bool) -> None:
 @friendly
 def metrics(ctx: click.Context, port: int | None) -> None:
     """Serve Prometheus metrics for the whole fleet and evaluate the L3 miss-rate alert."""
-    from .metrics import serve_metrics
+    from fleetctl.metrics import serve_metrics
 
     settings = _settings(ctx)
     _redis(settings)
@@ -78,7 +78,7 @@ def metrics(ctx: click.Context, port: int | None) -> None:
 @friendly
 def cache_status_cmd(ctx: click.Context) -> None:
     """Fleet-wide hit ratios per tier, as in the CACHE_STATUS event."""
-    from tasks.stats import FleetStats, cache_status, render_cache_status
+    from fleetstate.stats import FleetStats, cache_status, render_cache_status
 
     status = cache_status(FleetStats(_redis(_settings(ctx))).snapshot())
     click.echo(f"CACHE_STATUS {render_cache_status(status)}  jobs={status['jobs_served']} "

@@ -24,11 +24,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         from cachemgr import ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing
         from cachemgr.store import DiskFull
+        from fleetctl.localfleet import FleetError
         from tasks.requests import BadRequest
-        from tasks.routing import FleetNotConfigured, NoRoute
-
-        from .localfleet import FleetError
-        from .models import LoadError
+        from tasks.router import FleetNotConfigured, NoRoute
+        from workers.models import LoadError
 
         try:
             return fn(*args, **kwargs)
@@ -44,7 +43,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _redis(settings: FleetSettings):
     import redis
 
-    from tasks.routing import FleetNotConfigured
+    from tasks.router import FleetNotConfigured
 
     url = settings.resolved_broker_url
     if not url:

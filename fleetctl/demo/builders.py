@@ -7,12 +7,12 @@ files on disk (safetensors + JSON), the same loading code, only small.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from tasks.settings import offline_environment
+
+offline_environment()
 
 import torch  # noqa: E402
 
@@ -272,8 +272,8 @@ def build_single_file(path: Path, seed: int) -> Path:
 
     from diffusers import StableDiffusionPipeline
 
-    from .models.original_layout import save_original_checkpoint
-    from .models.single_file import CONFIG_FOLDER
+    from workers.models.original_layout import save_original_checkpoint
+    from workers.models.single_file import CONFIG_FOLDER
 
     path.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + "-diffusers")

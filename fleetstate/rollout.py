@@ -14,9 +14,9 @@ import redis
 
 from cachemgr.names import Release, queue_for
 
-from .queues import MoveReport, move_queued, queue_depths, queued_releases
+from .queues import MoveReport, PinnedTest, move_queued, queue_depths, queued_releases
 from .registry import WarmRegistry
-from .routing import Route, RouteError, RouteTable
+from .routes import Route, RouteError, RouteTable
 
 
 class RouteRefused(RuntimeError):
@@ -59,11 +59,11 @@ def promote(client: redis.Redis, model: str, release: str, canary: float | None 
     return RouteChange(before, after, forced=force)
 
 
-def rollback(client: redis.Redis, model: str, to: str | None = None, force: bool = False, move: bool = False,
-             actor: str = "cli") -> RouteChange:
+def rollback(client: redis.Redis, model: str, to: str | None = None, force: bool = False,
+             move: PinnedTest | None = None, actor: str = "cli") -> RouteChange:
     """Undo the last change: drop a running canary, else make the previous (or `to`) release active again.
 
-    With `move`, unpinned jobs already queued for the abandoned release are moved to the target's queue, keeping
+    With `move` (the test that tells a pinned job, `tasks.requests.is_pinned`), unpinned jobs already queued for the abandoned release are moved to the target's queue, keeping
     their task ids; pinned jobs stay where they are.
     """
     table = RouteTable(client)
@@ -81,7 +81,7 @@ def rollback(client: redis.Redis, model: str, to: str | None = None, force: bool
         abandoned = before.active
         _require_warm(client, target, force, "roll back to")
         after = table.set_active(target, actor=actor, reason="rollback", forced=force)
-    moved = move_queued(client, abandoned, str(target)) if move and abandoned and abandoned != target else None
+    moved = move_queued(client, abandoned, str(target), move) if move and abandoned and abandoned != target else None
     return RouteChange(before, after, forced=force, abandoned=abandoned, moved=moved)
 
 
@@ -132,9 +132,8 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
 
 def _roles(route: Route) -> dict[str, list[str]]:
     roles: dict[str, list[str]] = {}
-    for role, release in (("active", route.active), ("canary", route.canary), ("previous", route.previous)):
-        if release:
-            roles.setdefault(release, []).append(role)
+    for role, release in route.referenced():
+        roles.setdefault(release, []).append(role)
     return roles
 
 

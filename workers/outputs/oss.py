@@ -7,7 +7,9 @@ from urllib.parse import urlparse
 
 import oss2
 
-from .outputs import OutputStore, validate_key
+from cachemgr.ossclient import oss_bucket
+
+from . import OutputStore, validate_key
 
 
 class OssOutputStore(OutputStore):
@@ -16,15 +18,8 @@ class OssOutputStore(OutputStore):
                  connect_timeout: float = 10.0, **_: Any) -> None:
         if not endpoint:
             raise ValueError("an oss:// output store needs FLEET_OSS_ENDPOINT")
-        if security_token:
-            auth: Any = oss2.StsAuth(access_key_id or "", access_key_secret or "", security_token)
-        elif access_key_id:
-            auth = oss2.Auth(access_key_id, access_key_secret or "")
-        else:
-            auth = oss2.AnonymousAuth()
-        host = urlparse(endpoint if "://" in endpoint else "http://" + endpoint).netloc
-        self.bucket = oss2.Bucket(auth, endpoint, bucket, connect_timeout=connect_timeout,
-                                  is_path_style=oss2.utils.is_ip_or_localhost(host) or None)
+        self.bucket = oss_bucket(bucket, endpoint, access_key_id=access_key_id, access_key_secret=access_key_secret,
+                                 security_token=security_token, connect_timeout=connect_timeout)
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.url = f"oss://{bucket}/{self.prefix}" if self.prefix else f"oss://{bucket}"

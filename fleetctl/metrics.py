@@ -18,12 +18,12 @@ from prometheus_client.registry import Collector
 
 from cachemgr import EventLog
 from cachemgr.names import Release, queue_for
-from tasks.keys import ALERTS_KEY
-from tasks.queues import queue_depths, queued_releases
-from tasks.registry import WarmRegistry
-from tasks.routing import RouteTable
+from fleetstate.keys import ALERTS_KEY
+from fleetstate.queues import queue_depths, queued_releases
+from fleetstate.registry import WarmRegistry
+from fleetstate.routes import RouteTable
+from fleetstate.stats import FleetStats, cache_status
 from tasks.settings import FleetSettings
-from tasks.stats import FleetStats, cache_status
 
 log = logging.getLogger("warmfleet.metrics")
 
@@ -34,7 +34,7 @@ def known_releases(client: redis.Redis) -> set[str]:
     releases: set[str] = set(WarmRegistry(client).warm_workers())
     for model in table.models():
         route = table.get(model)
-        releases.update(r for r in (route.active, route.previous, route.canary) if r)
+        releases.update(release for _, release in route.referenced())
         releases.update(queued_releases(client, model))
     return releases
 

@@ -12,7 +12,7 @@ import click
 
 from tasks.settings import FleetSettings, offline_environment
 
-from .cli_common import _archive, _settings, friendly  # noqa: E402
+from .common import _archive, _settings, friendly  # noqa: E402
 
 
 @click.group()
@@ -27,7 +27,7 @@ def main(ctx: click.Context) -> None:
 
 
 def _default_releases(settings: FleetSettings) -> list[str]:
-    from .demo import DEMO_RELEASES
+    from fleetctl.demo.builders import DEMO_RELEASES
 
     return settings.worker_releases or list(DEMO_RELEASES)
 
@@ -45,7 +45,7 @@ def _default_releases(settings: FleetSettings) -> list[str]:
 def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foreground: bool, no_flower: bool,
        no_beat: bool, archive: str) -> None:
     """Start a local fleet on embedded defaults (private redis, workers, beat, Flower)."""
-    from .localfleet import LocalFleet
+    from fleetctl.localfleet import LocalFleet
 
     settings = _settings(ctx)
     fleet = LocalFleet(settings, log=click.echo)
@@ -85,7 +85,7 @@ def _wait_for_interrupt(fleet: Any, state: Any) -> None:
 @friendly
 def down(ctx: click.Context) -> None:
     """Stop a background local fleet started by `warmfleet up`."""
-    from .localfleet import LocalFleet
+    from fleetctl.localfleet import LocalFleet
 
     stopped = LocalFleet(_settings(ctx)).down()
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "no local fleet is running")
@@ -102,9 +102,8 @@ DEMO_PROMPTS = ("Leather Jacket", "a banana in a spacesuit", "neon city at dusk"
 @friendly
 def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool, archive: str) -> None:
     """The main job: start a local fleet, send prompts through generate.delay, print what happened, stop."""
+    from fleetctl.localfleet import LocalFleet
     from tasks import configure, generate
-
-    from .localfleet import LocalFleet
 
     settings = _settings(ctx)
     releases = _default_releases(settings)
@@ -153,7 +152,7 @@ def _print_results(rows: list[tuple[str, dict[str, Any]]]) -> None:
 @click.pass_context
 def worker(ctx: click.Context, releases: tuple[str, ...], name: str | None, loglevel: str) -> None:
     """Run one GPU worker: ensure L2, load the pipeline once, announce warm, then consume."""
-    from .boot import run_worker
+    from workers.boot import run_worker
 
     settings = _settings(ctx)
     sys.exit(run_worker(settings, list(releases) or settings.worker_releases, name, loglevel))
@@ -165,7 +164,7 @@ def worker(ctx: click.Context, releases: tuple[str, ...], name: str | None, logl
 @click.pass_context
 def maintenance_worker(ctx: click.Context, name: str | None, loglevel: str) -> None:
     """Run the node's maintenance worker (sync, audit)."""
-    from .boot import run_maintenance_worker
+    from workers.boot import run_maintenance_worker
 
     sys.exit(run_maintenance_worker(_settings(ctx), name, loglevel))
 
@@ -213,7 +212,7 @@ def publish_demo_cmd(ctx: click.Context) -> None:
     import shutil
     import tempfile
 
-    from .demo import publish_demo
+    from fleetctl.demo.builders import publish_demo
 
     archive = _archive(_settings(ctx))
     work = Path(tempfile.mkdtemp(prefix="warmfleet-demo-"))
@@ -332,22 +331,8 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
     click.echo(json.dumps(result, indent=1))
 
 
-from . import cli_routing  # noqa: E402  promote, rollback, routes, status
+from . import dead, health, ops, routing  # noqa: E402  their commands register on the main group
 
-cli_routing.register(main)
+for _module in (routing, health, ops, dead):
+    _module.register(main)
 
-from . import cli_health  # noqa: E402  health (container probes)
-
-cli_health.register(main)
-
-from . import cli_ops  # noqa: E402  prune, pin, metrics, cache status
-
-cli_ops.register(main)
-
-from . import cli_dead  # noqa: E402  dead (jobs that failed after every retry)
-
-cli_dead.register(main)
-
-
-if __name__ == "__main__":
-    main()

@@ -75,7 +75,7 @@ def open_output_store(url: str, **options: object) -> OutputStore:
     if parsed.scheme == "" and url:
         return LocalOutputStore(Path(url))
     if parsed.scheme == "oss":
-        from .outputs_oss import OssOutputStore
+        from .oss import OssOutputStore
 
         return OssOutputStore.from_url(url, **options)
     raise ValueError(f"unsupported output URL {url!r}: use file:///path or oss://bucket/prefix")

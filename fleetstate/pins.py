@@ -1,39 +1,14 @@
-"""Nodes with an L2: each node's maintenance worker registers here, so fleet-wide maintenance reaches
-every node's own disk through its own queue (a message waits there while a node is down)."""
+"""Pins, and everything retention must keep in every tier: routed, warm and pinned versions."""
 
 from __future__ import annotations
-
-import time
 
 import redis
 
 from cachemgr.names import ComponentRef, Release
 
-from .keys import NODES_KEY, PIN_KEY
+from .keys import PIN_KEY
 from .registry import WarmRegistry
-from .routing import RouteTable
-
-FORGET_AFTER = 7 * 24 * 3600
-"""A node unseen for a week is assumed gone and gets no more maintenance messages."""
-
-
-class NodeRegistry:
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def seen(self, node: str) -> None:
-        self.redis.hset(NODES_KEY, node, str(time.time()))
-
-    def nodes(self, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        out = []
-        for node, ts in self.redis.hgetall(NODES_KEY).items():
-            if now - float(ts) < FORGET_AFTER:
-                out.append(node.decode())
-        return sorted(out)
-
-    def forget(self, node: str) -> None:
-        self.redis.hdel(NODES_KEY, node)
+from .routes import RouteTable
 
 
 class Pins:
@@ -71,10 +46,8 @@ def protected_refs(client: redis.Redis | None, extra_releases: list[str] = ()) -
     table = RouteTable(client)
     for model in table.models():
         route = table.get(model)
-        for name in ("active", "previous", "canary"):
-            release = getattr(route, name, None)
-            if release:
-                protect(release, f"routed ({name})")
+        for role, release in route.referenced():
+            protect(release, f"routed ({role})")
     for release in WarmRegistry(client).warm_workers():
         protect(release, "warm on a worker")
     for ref in Pins(client).all():

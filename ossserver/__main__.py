@@ -1,4 +1,4 @@
-"""`python -m cachemgr.ossserver --root DIR --port N`: run the OSS test server as a process.
+"""`python -m ossserver --root DIR --port N`: run the OSS test server as a process.
 
 The first line on stdout is the endpoint, printed once the socket listens, so a parent can wait for it.
 """
@@ -17,7 +17,7 @@ SECRET_ENV = "OSS_SERVER_ACCESS_KEY_SECRET"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cachemgr.ossserver", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ossserver", description=__doc__)
     parser.add_argument("--root", required=True, help="directory holding the buckets")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

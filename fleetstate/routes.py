@@ -1,32 +1,17 @@
-"""The route table (model → active release, canary, history) in Redis, and the producer-side router that reads it."""
+"""The route table in Redis: model → active release, previous release, canary, and the history of every change."""
 
 from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from cachemgr.names import InvalidName, Release, queue_for, validate_name
+from cachemgr.names import Release, validate_name
 
 from .keys import ROUTE_CHANNEL, ROUTE_HISTORY, ROUTE_KEY, ROUTE_MODELS
-from .requests import BadRequest
-from .routecache import RouteCache
-
-GENERATE_TASK = "warmfleet.generate"
-ROUTE_KEY_HEADER = "fleet_route_key"
-"""Message header carrying the task id to the router: Celery passes the router its options, never the task id."""
-
-
-class NoRoute(LookupError):
-    """No active release for a model: nothing would serve the job, so it is not sent."""
-
-
-class FleetNotConfigured(RuntimeError):
-    pass
 
 
 class RouteError(ValueError):
@@ -47,6 +32,13 @@ class Route:
     canary: str | None = None
     canary_weight: float = 0.0
     updated_at: float = 0.0
+
+    def referenced(self) -> list[tuple[str, str]]:
+        """The releases this route refers to, as (role, release): active, canary, previous, each when set.
+
+        Routed releases are what rollback must find warm and what retention must keep: this is the one reading."""
+        return [(role, release) for role, release in
+                (("active", self.active), ("canary", self.canary), ("previous", self.previous)) if release]
 
     def release_for(self, key: str) -> str | None:
         """The release a job with this routing key goes to: the canary for `canary_weight` % of keys."""
@@ -174,59 +166,3 @@ def _history_entry(before: Route, after: Route, actor: str, reason: str, forced:
 
 def _canary_text(route: Route) -> str:
     return f"{route.canary} {_fmt_weight(route.canary_weight)}%" if route.canary else ""
-
-
-class FleetRouter:
-    """Celery `task_routes` entry: sends `generate` to the queue of the release that should serve it.
-
-    An explicit `release=` on the job wins; otherwise the route of the job's model, read through a cache that
-    pub/sub invalidates, so a send costs no Redis round trip in the common case. Canary jobs are picked by a hash
-    of the task id (`GenerateTask.apply_async` passes it in a header: Celery never shows the router the id).
-    """
-
-    def __init__(self, redis_url: str | None, default_model: str, ttl: float = 2.0) -> None:
-        self.redis_url = redis_url
-        self.default_model = default_model
-        self.ttl = ttl
-        self.cache = RouteCache(redis_url, lambda client, model: RouteTable(client).get(model), ttl, ROUTE_CHANNEL)
-
-    def invalidate(self, model: str | None = None) -> None:
-        self.cache.invalidate(model)
-
-    def route(self, model: str) -> Route:
-        if self.redis_url is None:
-            raise FleetNotConfigured(
-                "no broker configured: set FLEET_BROKER_URL (e.g. redis://host:6379/0) or start a local fleet "
-                "with `warmfleet up`"
-            )
-        return self.cache.get(model)
-
-    def active(self, model: str) -> str | None:
-        return self.route(model).active
-
-    def release_for_job(self, kwargs: dict[str, Any], key: str | None = None) -> str:
-        """The release a job goes to; `key` (the task id) picks canary jobs, a random one is used without it."""
-        release = kwargs.get("release")
-        if release:
-            try:
-                return str(Release.parse(release))
-            except InvalidName as exc:
-                raise BadRequest(f"bad generate request: release: {exc}") from None
-        model = kwargs.get("model") or self.default_model
-        chosen = self.route(model).release_for(key or uuid.uuid4().hex)
-        if not chosen:
-            raise NoRoute(
-                f"no active release for model {model!r}: promote one with `warmfleet promote {model} <release>`"
-            )
-        return chosen
-
-    def queue_for_job(self, kwargs: dict[str, Any], key: str | None = None) -> str:
-        return queue_for(self.release_for_job(kwargs, key))
-
-    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> Any:
-        if name != GENERATE_TASK:
-            return None
-        if options.get("queue"):
-            return None  # an explicit queue wins, as in Celery
-        key = (options.get("headers") or {}).get(ROUTE_KEY_HEADER)
-        return {"queue": self.queue_for_job(kwargs or {}, key)}

@@ -1,0 +1,34 @@
+"""A real `warmfleet worker` process with one fault injected by wrapping its runtime, never by a hook in production
+code: every job whose prompt equals $WARMFLEET_TEST_POISON_PROMPT fails as a pipeline call that always raises would.
+
+Run as `python -m tests.fault_worker worker --release R …` (the same arguments as `warmfleet worker`)."""
+
+from __future__ import annotations
+
+import os
+
+POISON_ENV = "WARMFLEET_TEST_POISON_PROMPT"
+
+
+class InjectedFault(RuntimeError):
+    """What the poisoned jobs fail with (retries and dead letters then take over, as for any failing job)."""
+
+
+def poison_runtime(prompt: str) -> None:
+    from workers.runtime import WorkerRuntime
+
+    serve = WorkerRuntime.serve
+
+    def serve_or_fail(self, request, **kwargs):  # noqa: ANN001, ANN202 - WorkerRuntime.serve's signature
+        if request.prompt == prompt:
+            raise InjectedFault("injected by the test worker: this job's pipeline call always fails")
+        return serve(self, request, **kwargs)
+
+    WorkerRuntime.serve = serve_or_fail
+
+
+if __name__ == "__main__":
+    poison_runtime(os.environ[POISON_ENV])
+    from fleetctl.cli import main
+
+    main()

@@ -1,0 +1,74 @@
+"""One received `generate` job on the worker side: its execution lease, the serve call, retries and dead letters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, TaskPredicate
+
+from fleetstate.dead import DeadJob, DeadLetters
+from fleetstate.leases import JobDead, JobLease, effective_lease_seconds
+from tasks.requests import BadRequest, GenerateRequest
+
+from .runtime import WorkerRuntime
+
+
+class JobRunner:
+    """What `tasks.generate` calls in a worker process (attached with `tasks.generate.attach_runner`).
+
+    A duplicate delivery of a finished job returns the stored result (nothing recomputed); a job whose
+    serve call fails is retried with backoff while retries are left, then recorded as dead and failed."""
+
+    def __init__(self, runtime: WorkerRuntime, redis_client: Any, settings: Any) -> None:
+        self.runtime = runtime
+        self.redis = redis_client
+        self.settings = settings
+
+    def run(self, task: Task, request: GenerateRequest) -> dict[str, Any]:
+        delivery = task.request.delivery_info or {}
+        queue = delivery.get("routing_key") or delivery.get("queue")
+        sent_at = getattr(task.request, "fleet_sent_at", None)
+        with self._lease(task) as lease:
+            claim = lease.claim()
+            if claim.result is not None:
+                return claim.result  # a duplicate delivery of a finished job: its stored result, nothing recomputed
+            if claim.dead is not None:
+                raise JobDead(claim.dead)
+            try:
+                result = self.runtime.serve(request, task_id=task.request.id, queue=queue, sent_at=sent_at)
+            except (BadRequest, TaskPredicate):
+                raise
+            except Exception as exc:
+                lease.release()  # the retry's delivery takes the lease afresh
+                raise self._retry_or_bury(task, exc, lease, queue) from None
+            lease.complete(result)
+            return result
+
+    def _lease(self, task: Task) -> JobLease:
+        settings = self.settings
+        properties = getattr(task.request, "properties", None) or {}
+        return JobLease(
+            self.redis, task.request.id, task.request.hostname or "?",
+            effective_lease_seconds(settings.job_lease_seconds, settings.visibility_timeout),
+            delivery_tag=properties.get("delivery_tag"), extend_visibility=settings.job_extend_visibility,
+        )
+
+    def _retry_or_bury(self, task: Task, exc: Exception, lease: JobLease, queue: str | None) -> BaseException:
+        """Retry with exponential backoff while retries are left; then record the job as dead and fail it."""
+        settings = self.settings
+        retries = task.request.retries or 0
+        if retries < settings.job_max_retries:
+            countdown = min(60.0, settings.job_retry_backoff * 2**retries)
+            try:
+                return task.retry(exc=exc, countdown=countdown, max_retries=settings.job_max_retries, throw=False)
+            except Reject:  # the retry could not be published (broker down): keep the message, never drop the job
+                return Reject(exc, requeue=True)
+        reason = f"{type(exc).__name__}: {exc}"
+        lease.bury(reason)
+        try:
+            DeadLetters(lease.redis).record(DeadJob(task.request.id, reason, dict(task.request.kwargs or {}), retries,
+                                                    task.request.hostname or "?", queue))
+        except Exception:  # the failure itself still reaches the result backend and the producer
+            pass
+        return exc
