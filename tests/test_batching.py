@@ -99,7 +99,7 @@ def test_jobs_queued_together_share_one_pipeline_call_yet_each_has_its_own_image
 
 def test_seedless_jobs_in_a_batch_take_the_seed_their_task_id_gives_them(producer, batching_worker):
     """As unbatched jobs do: a batched job, and any redelivery of it, makes the same image."""
-    from tasks.generate import stable_seed
+    from tasks.requests import stable_seed
 
     with held(producer, batching_worker):
         pending = [producer.generate.delay(f"seedless {i}", release=NEW, **SMALL) for i in range(3)]
@@ -170,7 +170,7 @@ def test_a_batch_whose_pipeline_call_fails_runs_its_jobs_one_at_a_time(direct, t
         batches = plan_batches(runtime, jobs, batch_max=4)
         assert [[j.task_id for j in b] for b in batches] == [["job-0", "job-1", "job-2"]]
         assert prepare(runtime, batches[0]) == 0
-        assert runtime.prepared == {}
+        assert len(runtime.prepared) == 0
         outcomes = {}
         for job in jobs:
             try:

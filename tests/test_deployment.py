@@ -436,8 +436,8 @@ SPAWN_ENV: dict[str, dict[str, str]] = {}
 
 def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """The argv `warmfleet up` gives each process, read from fleetctl/localfleet.py by recording its spawns."""
+    from fleetctl import localfleet
     from fleetctl.localfleet import LocalFleet, Proc
-    from workers import localfleet
 
     spawned: dict[str, list[str]] = {}
 
