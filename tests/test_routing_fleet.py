@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from cachemgr.names import Release, queue_for
+from fleetstate import rollout
 from fleetstate.keys import queue_lists
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
-from tasks import rollout
 from tasks.settings import FleetSettings
 
 from .support import REPO, child_env, run_cli
