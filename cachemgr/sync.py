@@ -2,8 +2,9 @@
 
 A version's manifest cuts each file into pieces with their own hashes (each safetensors tensor is a piece).
 Syncing a new version reuses every piece already present in any local blob of the same component and
-fetches only the missing byte ranges with ranged GETs; the whole file is then hashed against the manifest
-before it is renamed into the store.
+fetches only the missing byte ranges with ranged GETs, streaming them to the temp file as they arrive (memory
+stays within `buffer_bytes` whatever the model size); the bytes are hashed as they are written and checked against
+the manifest before the file is renamed into the store.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .archive import Archive, ArchiveError
+from .assemble import DEFAULT_BUFFER, assemble
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
@@ -28,8 +30,6 @@ FILE_WORKERS = 4
 """Files of one version fetched at once (each large one is itself split into parallel ranged GETs by OSS)."""
 VERIFY_WORKERS = max(2, min(8, os.cpu_count() or 2))
 VERIFY_GROUP = 8 << 20
-MAX_RANGE = 16 << 20
-"""Largest single ranged GET when fetching changed pieces (adjacent pieces are merged up to this)."""
 
 
 @dataclass(frozen=True)
@@ -92,64 +92,6 @@ class _FileResult:
     ranged_gets: int = 0
 
 
-def _coalesce(pieces: list[Piece]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for p in pieces:
-        if ranges and ranges[-1][1] == p.start and p.end - ranges[-1][0] <= MAX_RANGE:
-            ranges[-1] = (ranges[-1][0], p.end)
-        else:
-            ranges.append((p.start, p.end))
-    out = []
-    for start, end in ranges:  # split oversized single pieces too
-        for s in range(start, end, MAX_RANGE):
-            out.append((s, min(end, s + MAX_RANGE)))
-    return out
-
-
-def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: PieceIndex, fh: BinaryIO,
-              progress: Progress | None, result: _FileResult) -> tuple[str, int]:
-    """Write `entry` into `fh` in one sequential pass — local pieces copied, missing ones fetched by ranged
-    GETs — hashing the bytes as they are written, so the file needs no second read to be verified."""
-    fetched: dict[int, bytes] = {}
-    missing = [p for p in entry.pieces if index.find(p) is None]
-    for start, end in _coalesce(missing):
-        data = archive.read_range(ref, entry.path, start, end)
-        if len(data) != end - start:
-            raise ChecksumMismatch(f"{ref}/{entry.path}: range {start}-{end} returned {len(data)} bytes")
-        fetched[start] = data
-        result.fetched += len(data)
-        result.ranged_gets += 1
-        if progress:
-            progress(len(data))
-    digest = hashlib.sha256()
-    fh.seek(0)
-    fh.truncate(0)
-    sources: dict[Path, BinaryIO] = {}
-    try:
-        pending = b""
-        pending_at = -1
-        for piece in entry.pieces:
-            hit = index.find(piece)
-            if hit is None:
-                if pending_at < 0 or pending_at + len(pending) <= piece.start:
-                    pending_at, pending = next((s, d) for s, d in fetched.items()
-                                               if s <= piece.start < s + len(d))
-                data = pending[piece.start - pending_at:piece.end - pending_at]
-            else:
-                blob, start, end = hit
-                src = sources.get(blob) or sources.setdefault(blob, open(blob, "rb"))
-                data = os.pread(src.fileno(), end - start, start)
-                result.reused += piece.size
-                if progress:
-                    progress(piece.size)
-            digest.update(data)
-            fh.write(data)
-    finally:
-        for src in sources.values():
-            src.close()
-    return digest.hexdigest(), fh.tell()
-
-
 def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
     """Check a downloaded file piece by piece against the manifest, on several threads (hashlib releases the GIL).
 
@@ -188,7 +130,7 @@ def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
 
 
 def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
-                progress: Progress | None) -> _FileResult:
+                progress: Progress | None, buffer_bytes: int = DEFAULT_BUFFER) -> _FileResult:
     result = _FileResult()
     reusable = sum(p.size for p in entry.pieces if index.find(p))
     with store.lock(entry.sha256) as held:
@@ -199,7 +141,10 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
             return result
         if reusable:
             def fill(fh: BinaryIO) -> tuple[str, int]:
-                return _assemble(archive, ref, entry, index, fh, progress, result)
+                digest, size, done = assemble(archive, ref, entry, index, fh, progress, buffer_bytes)
+                result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
+                result.reused += done.resumed
+                return digest, size
         else:
             def fill(fh: BinaryIO) -> tuple[str, int] | None:
                 fh.seek(0)
@@ -219,8 +164,12 @@ def sync_ref(
     progress: Progress | None = None,
     events: EventLog | None = None,
     manifest: Manifest | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER,
 ) -> SyncReport:
-    """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds."""
+    """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds.
+
+    `buffer_bytes` bounds the fetched bytes the whole sync holds in memory at once (shared by the files fetched
+    together), so a sync's memory does not grow with the model's size."""
     started = time.monotonic()
     if store.has(ref):
         report = SyncReport(ref, "UNCHANGED", 0, store.manifest(ref).total_size, 0, time.monotonic() - started)
@@ -243,9 +192,11 @@ def sync_ref(
         else:
             todo.append(entry)
 
+    per_file = max(1 << 20, buffer_bytes // max(1, min(FILE_WORKERS, len(todo))))
+
     def fetch(entry: FileEntry) -> _FileResult:
         try:
-            return _fetch_file(archive, store, ref, entry, index, progress)
+            return _fetch_file(archive, store, ref, entry, index, progress, per_file)
         except ChecksumMismatch as exc:
             if events:
                 events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,

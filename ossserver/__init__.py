@@ -5,6 +5,7 @@ differ from S3 in ways oss2 notices), hence this one. Storage is a plain directo
 """
 
 from .errors import OssError
+from .link import Link
 from .server import OssServer, RequestRecord
 
-__all__ = ["OssError", "OssServer", "RequestRecord"]
+__all__ = ["Link", "OssError", "OssServer", "RequestRecord"]

@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import xmlbody
 from .errors import OssError
+from .link import CHUNK as LINK_CHUNK
 from .signing import check_request
 from .storage import BucketStore, Digest, ObjectMeta
 
@@ -135,6 +136,7 @@ class OssHandler(BaseHTTPRequestHandler):
         req = None
         try:
             req = self._parse(method)
+            self.oss.link.request()
             self.oss._before(req, self.headers.get("Range"))
             if self.oss.credentials:
                 check_request(self.oss.credentials, method, self.headers, req.params, req.bucket, req.key)
@@ -179,9 +181,11 @@ class OssHandler(BaseHTTPRequestHandler):
 
     def _read_exactly(self, remaining: int) -> Iterator[bytes]:
         while remaining > 0:
-            chunk = self.rfile.read(min(remaining, CHUNK))
+            chunk = self.rfile.read(min(remaining, LINK_CHUNK if self.oss.link.up.rate else CHUNK))
             if not chunk:
                 raise ConnectionResetError("client closed the connection mid-body")
+            if self.oss.link.up.rate:
+                self.oss.link.up.take(len(chunk))
             remaining -= len(chunk)
             yield chunk
 
@@ -448,8 +452,13 @@ class OssHandler(BaseHTTPRequestHandler):
         cut = self.oss._cut_at(req.bucket or "", req.key, start, length)
         count = length if cut is None else max(0, cut - start)
         sent = 0
+        link = self.oss.link.down
         while sent < count:
-            n = self.connection.sendfile(fh, start + sent, count - sent)
+            if link.rate:
+                link.take(min(LINK_CHUNK, count - sent))
+                n = self.connection.sendfile(fh, start + sent, min(LINK_CHUNK, count - sent))
+            else:
+                n = self.connection.sendfile(fh, start + sent, count - sent)
             if not n:
                 break
             sent += n

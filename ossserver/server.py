@@ -12,6 +12,7 @@ from types import TracebackType
 
 from .errors import OssError
 from .handler import OssHandler, Request
+from .link import Link
 from .signing import Credential
 from .storage import Storage
 
@@ -53,7 +54,8 @@ class OssServer:
 
     Without keys every request is accepted; with keys, requests must carry a valid V1 signature (or a presigned
     URL) and, when `security_token` is set, the matching `x-oss-security-token`. `requests` records every
-    request for tests to assert on (turn it off with `log_requests=False` for a long-running process).
+    request for tests to assert on (turn it off with `log_requests=False` for a long-running process). `link`
+    emulates a slow line (see `ossserver.link`), so a benchmark can run "100 Mbps, 45 ms" on loopback.
     """
 
     def __init__(
@@ -65,8 +67,11 @@ class OssServer:
         access_key_secret: str | None = None,
         security_token: str | None = None,
         log_requests: bool = True,
+        link: Link | None = None,
     ) -> None:
         self.storage = Storage(root_dir)
+        self.link = link or Link()
+        """The emulated line to every client (a shared bandwidth cap, a delay per request); unlimited by default."""
         self.log_requests = log_requests
         self.host = host
         self.port = port
