@@ -96,7 +96,7 @@ class LiveAdapters:
         try:
             sync_release(self.archive, self.store, rel, events=self.events)
         except Exception as exc:
-            error = f"cannot sync {rel} into L2: {type(exc).__name__}: {exc}"
+            error = f"cannot sync {rel} into L2: {_one_line(exc)}"
             self.steps.put(lambda: self._finish(ticket, error, str(rel)))
             return
         self.steps.put(lambda: self._load_step(rel, ticket))
@@ -129,7 +129,7 @@ class LiveAdapters:
                                  lambda pipe: load_adapter(pipe, self.store, lora[0]))
             seconds = time.perf_counter() - started
         except Exception as exc:
-            self._finish(ticket, f"cannot load {text}: {type(exc).__name__}: {exc}", text)
+            self._finish(ticket, f"cannot load {text}: {_one_line(exc)}", text)
             return
         self.runtime.pipelines = {**self.runtime.pipelines, text: resident}
         self._consume(queue_for(rel), True)
@@ -248,6 +248,13 @@ class LiveAdapters:
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.events:
             self.events.emit(kind, worker=self.state.worker, **fields)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: diffusers' load errors list every mismatched tensor on a line of its own."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return f"{type(exc).__name__}: {text}"
 
 
 def _base_text(rel: Release) -> str:
