@@ -31,6 +31,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("dispatch", []),
     ("cold_start", []),
     ("adapter_switch", []),
+    ("live_lora", []),
     ("throughput", []),
     ("batching", []),
     ("concurrency", []),

@@ -26,6 +26,10 @@ class WorkerState:
     loads: int = 0  # pipelines loaded by this process since it started
     jobs: int = 0
     error: str = ""
+    warm_ticket: str = ""  # the last live warm or retire request this worker finished (warmfleet warm/retire)
+    warm_error: str = ""  # why that request failed, one line; empty when it succeeded
+    lora_params: int = 0  # parameters of the LoRA layers resident in its pipelines (what adapters cost)
+    lora_bytes: int = 0
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
 
@@ -47,6 +51,10 @@ class WorkerState:
             loads=int(d.get("loads", 0)),
             jobs=int(d.get("jobs", 0)),
             error=d.get("error", ""),
+            warm_ticket=d.get("warm_ticket", ""),
+            warm_error=d.get("warm_error", ""),
+            lora_params=int(d.get("lora_params", 0)),
+            lora_bytes=int(d.get("lora_bytes", 0)),
             started_at=float(d.get("started_at", 0)),
             heartbeat_at=float(d.get("heartbeat_at", 0)),
         )
@@ -93,6 +101,15 @@ class WarmRegistry:
             pipe.delete(WARM_KEY.format(release=release, worker=state.worker))
         pipe.delete(WORKER_KEY.format(worker=state.worker))
         pipe.execute()
+
+    def withdraw_release(self, state: WorkerState, release: str) -> None:
+        """The worker no longer serves `release` (retired live): drop its warm key now, not when the TTL runs out."""
+        self.redis.delete(WARM_KEY.format(release=release, worker=state.worker))
+        self.publish(state)
+
+    def worker(self, name: str) -> WorkerState | None:
+        raw = self.redis.hgetall(WORKER_KEY.format(worker=name))
+        return WorkerState.from_redis(raw) if raw else None
 
     def warm_workers(self, release: str | None = None) -> dict[str, list[str]]:
         """release → workers currently warm on it (heartbeat within the TTL)."""

@@ -123,7 +123,9 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
                 for r in releases
             ],
         }
-    out["workers"] = [_worker_row(w, w.worker, now) | {"state": w.state, "releases": w.releases, "error": w.error}
+    out["workers"] = [_worker_row(w, w.worker, now) | {"state": w.state, "releases": w.releases, "error": w.error,
+                                                       "warm_error": w.warm_error, "lora_params": w.lora_params,
+                                                       "lora_bytes": w.lora_bytes}
                       for w in workers.values()]
     out["nodes"] = {node: {"reported_by": info.reported_by, "age_s": round(now - info.at, 1), "root": info.root,
                            "refs": sorted(info.refs)} for node, info in nodes.items()}

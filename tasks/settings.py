@@ -75,6 +75,11 @@ class FleetSettings(BaseSettings):
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
     )
+    max_resident_adapters: int = Field(
+        8, ge=0, le=256, description="LoRA adapters one worker holds at most (0: no bound); `warmfleet warm` past it "
+        "retires the least recently used release nothing routes or pins"
+    )
+    max_adapter_bytes: int = Field(0, ge=0, description="bytes of LoRA files one worker holds at most (0: no bound)")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     flower_port: int = 5555

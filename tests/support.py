@@ -136,11 +136,11 @@ def no_process_left(pids: list[int]) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def run_cli(settings: FleetSettings, *args: str):  # noqa: ANN201 - click's Result
-    """The CLI in this process (click's runner), pointed at a test fleet's broker and home."""
+def run_cli(settings: FleetSettings, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201 - click's Result
+    """The CLI in this process (click's runner), pointed at a test fleet's broker and home (and `env`'s settings)."""
     from click.testing import CliRunner
 
     from fleetctl.cli import main as cli
 
     return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
-                                                    "FLEET_HOME": str(settings.home)})
+                                                    "FLEET_HOME": str(settings.home), **(env or {})})

@@ -34,6 +34,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from .batching import enable_batching
     from .device import resolve_device, resolve_dtype
     from .jobs import JobRunner
+    from .live import LiveAdapters, attach_live
     from .models import builder_for, family_of, group_by_base
     from .outputs import open_output_store
     from .runtime import WorkerRuntime
@@ -92,6 +93,10 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
     attach_runner(app, JobRunner(runtime, registry.redis, settings))
     enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
+    live = LiveAdapters(runtime, registry, archive, cache.store, events, settings.max_resident_adapters,
+                        settings.max_adapter_bytes)
+    attach_live(app, live)  # `warmfleet warm` / `retire`: adapters loaded and deleted between two jobs
+    state.lora_params, state.lora_bytes = live.footprint()
     state.state = "warm"
     registry.publish(state)
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)

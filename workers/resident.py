@@ -53,6 +53,7 @@ class ResidentPipeline:
     active: str | None = None
     switches: int = 0
     lora_disabled: bool = False
+    last_used: dict[str, float] = field(default_factory=dict)  # release → time.monotonic() of its last job
 
     @property
     def releases(self) -> list[str]:
@@ -65,6 +66,7 @@ class ResidentPipeline:
 
     def activate(self, release: str) -> float:
         """Make `release`'s adapters the active ones; returns the seconds it took (0 when already active)."""
+        self.last_used[release] = time.monotonic()
         if release == self.active:
             return 0.0
         if release not in self.releases:
@@ -82,6 +84,46 @@ class ResidentPipeline:
         self.active = release
         self.switches += 1
         return time.perf_counter() - started
+
+    def add_adapter(self, release: str, name: str, load: Callable[[Any], None]) -> None:
+        """Serve one more release on this pipeline: `load(pipeline)` loads its LoRA as adapter `name`.
+
+        Loading makes the new adapter peft's active one, so the next job re-activates its own release. A load that
+        fails leaves nothing behind: the partial adapter is deleted and the releases served before are unchanged."""
+        held = name in self.adapter_names
+        try:
+            if not held:
+                load(self.pipeline)
+        except BaseException:
+            if name in _peft_adapters(self.pipeline):
+                self.pipeline.delete_adapters([name])
+            raise
+        finally:
+            self.active = None
+        self.adapters[release] = (name,)
+        self.last_used[release] = time.monotonic()
+
+    def remove_release(self, release: str) -> list[str]:
+        """Stop serving `release`: its adapters no other release uses are deleted (their memory freed)."""
+        names = self.adapters.pop(release, ())
+        self.last_used.pop(release, None)
+        still_used = set(self.adapter_names)
+        gone = [name for name in names if name not in still_used]
+        if gone:
+            self.pipeline.delete_adapters(gone)
+        if self.active == release or gone:
+            self.active = None
+        return gone
+
+    def lora_footprint(self) -> tuple[int, int]:
+        """(parameters, bytes) of every LoRA layer resident in the pipeline's modules: what adapters cost."""
+        params = nbytes = 0
+        for module in _modules(self.pipeline):
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    params += p.numel()
+                    nbytes += p.numel() * p.element_size()
+        return params, nbytes
 
     def resolve(self, request: GenerateRequest) -> dict[str, Any]:
         return {
@@ -135,3 +177,17 @@ class ResidentPipeline:
             image.save(buf, format="PNG")
             encoded.append((buf.getvalue(), p))
         return encoded, inference
+
+
+def _modules(pipeline: Any) -> list[Any]:
+    """The pipeline's torch modules (UNet or transformer, text encoders, VAE…)."""
+    import torch
+
+    return [m for m in getattr(pipeline, "components", {}).values() if isinstance(m, torch.nn.Module)]
+
+
+def _peft_adapters(pipeline: Any) -> set[str]:
+    try:
+        return {name for names in pipeline.get_list_adapters().values() for name in names}
+    except Exception:  # a pipeline without LoRA support holds none
+        return set()

@@ -331,8 +331,8 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
     click.echo(json.dumps(result, indent=1))
 
 
-from . import dead, health, ops, routing  # noqa: E402  their commands register on the main group
+from . import dead, health, live, ops, routing  # noqa: E402  their commands register on the main group
 
-for _module in (routing, health, ops, dead):
+for _module in (routing, health, ops, dead, live):
     _module.register(main)
 

@@ -183,6 +183,8 @@ def _print_workers(rows: list[dict[str, Any]]) -> None:
         age = f"{w['heartbeat_age_s']:.1f}s" if w["heartbeat_age_s"] is not None else "?"
         click.echo(f"{w['worker']:<28} {w['state']:<8} {w['loads']:>5} {w['jobs']:>6} {age:>6}  "
                    f"{', '.join(w['releases'])}{'  error: ' + w['error'] if w['error'] else ''}")
+        if w.get("warm_error"):
+            click.echo(f"{'':<28} last warm failed: {w['warm_error']}")
 
 
 def register(group: click.Group) -> None:

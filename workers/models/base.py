@@ -42,6 +42,17 @@ def group_by_base(releases: list[Release]) -> list[list[Release]]:
     return list(groups.values())
 
 
+def load_adapter(pipe: Any, store: SnapshotStore, ref: ComponentRef) -> str:
+    """One LoRA version from L2 as a named adapter of a loaded pipeline (at boot, or live between two jobs)."""
+    name = adapter_name(ref.version)
+    with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        pipe.load_lora_weights(
+            str(store.path(ref)), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
+        )
+    return name
+
+
 class LoadError(RuntimeError):
     """A release that cannot be loaded (missing or corrupt files, wrong family); the worker stays cold."""
 
@@ -203,12 +214,7 @@ class ModelBuilder:
             for _, version in release.components[1:]:  # all LoRA: check_releases refused anything else
                 name = adapter_name(version)
                 if name not in loaded:
-                    path = store.path(ComponentRef(release.model, "lora", version))
-                    with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
-                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                        pipe.load_lora_weights(
-                            str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
-                        )
+                    load_adapter(pipe, store, ComponentRef(release.model, "lora", version))
                     loaded.add(name)
                 names.append(name)
             adapters[str(release)] = tuple(names)
