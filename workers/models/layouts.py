@@ -163,12 +163,10 @@ def plan_single_file(path: Path, given: str | None, config: Path | None) -> Vers
     plan.files[path.name] = path
     plan.precision[path.name] = precision(tensors)
     plan.meta.update(checkpoint=path.name)
-    if config is not None:
-        plan.files.update(_config_files(config))
-    else:
-        from .configs import standard_config  # the standard pipeline configs of the family, shipped with the project
-
-        plan.generated.update(standard_config(family, tensors))
+    if config is None:
+        raise LayoutError(f"{path.name}: pass --config DIR, a diffusers folder of this {FAMILY_NAMES[family]} "
+                          "model's configs and tokenizers (weights not needed), so workers load it offline")
+    plan.files.update(_config_files(config))
     return plan
 
 
