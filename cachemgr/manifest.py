@@ -80,6 +80,13 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    def subset(self, keep: set[str]) -> Manifest:
+        """The same version with only the files a node needs (e.g. one precision of a model published in two)."""
+        from dataclasses import replace
+
+        return replace(self, files=tuple(f for f in self.files if f.path in keep),
+                       meta={**self.meta, "subset_of": len(self.files)})
+
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:

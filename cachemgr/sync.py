@@ -26,6 +26,8 @@ from .names import ComponentRef, Release
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
+Select = Callable[[Manifest], "set[str] | None"]
+"""Which files of a version a node needs (None: all); the rest is never fetched."""
 FILE_WORKERS = 4
 """Files of one version fetched at once (each large one is itself split into parallel ranged GETs by OSS)."""
 VERIFY_WORKERS = max(2, min(8, os.cpu_count() or 2))
@@ -165,6 +167,7 @@ def sync_ref(
     events: EventLog | None = None,
     manifest: Manifest | None = None,
     buffer_bytes: int = DEFAULT_BUFFER,
+    select: Select | None = None,
 ) -> SyncReport:
     """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds.
 
@@ -178,6 +181,9 @@ def sync_ref(
     manifest = manifest or archive.read_manifest(ref)
     if manifest.ref != ref:
         raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
+    keep = select(manifest) if select else None
+    if keep is not None:
+        manifest = manifest.subset(keep)
     index = PieceIndex.for_component(store, ref.model, ref.component)
     fetched = reused = files = gets = 0
     todo: list[FileEntry] = []
@@ -269,8 +275,9 @@ def sync_release(
     release: Release,
     progress: Progress | None = None,
     events: EventLog | None = None,
+    select: Select | None = None,
 ) -> SyncSummary:
-    return sync_refs(archive, store, release.refs(), progress, events)
+    return sync_refs(archive, store, release.refs(), progress, events, select)
 
 
 def sync_refs(
@@ -279,10 +286,11 @@ def sync_refs(
     refs: Iterable[ComponentRef],
     progress: Progress | None = None,
     events: EventLog | None = None,
+    select: Select | None = None,
 ) -> SyncSummary:
     summary = SyncSummary()
     for ref in refs:
-        summary.reports.append(sync_ref(archive, store, ref, progress, events))
+        summary.reports.append(sync_ref(archive, store, ref, progress, events, select=select))
     return summary
 
 

@@ -201,7 +201,7 @@ def test_publish_refuses_a_folder_holding_a_pickle_and_uploads_nothing(sandbox, 
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Marker(tmp_path / "MARKER")))
     before = snapshot_tree(root)
     done = CliRunner().invoke(cli, ["publish", "m", "base", "v1", str(folder)], env=env)
-    assert done.exit_code == 1 and "no pickled weights" in done.output
+    assert done.exit_code == 1 and "pickled checkpoint" in done.output and "convert it to safetensors" in done.output
     assert snapshot_tree(root) == before and not (tmp_path / "MARKER").exists()
 
 

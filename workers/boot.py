@@ -36,6 +36,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from .jobs import JobRunner
     from .live import LiveAdapters, attach_live
     from .models import builder_for, family_of, group_by_base
+    from .models.layouts import files_for
     from .outputs import open_output_store
     from .runtime import WorkerRuntime
 
@@ -62,8 +63,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     try:
         archive = settings.open_archive()
         for group in group_by_base([Release.parse(text) for text in releases]):
-            for release in group:
-                sync_release(archive, cache.store, release, events=events)
+            dtype = resolve_dtype(settings.dtype, device)
+            for release in group:  # a node fetches only the precision it computes in
+                sync_release(archive, cache.store, release, events=events, select=files_for(dtype))
                 if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
                     for ref in release.refs():
                         verify_ref(archive, cache.store, ref, events=events)

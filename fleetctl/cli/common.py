@@ -28,11 +28,12 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         from tasks.requests import BadRequest
         from tasks.router import FleetNotConfigured, NoRoute
         from workers.models import LoadError
+        from workers.models.detect import LayoutError
 
         try:
             return fn(*args, **kwargs)
         except (ArchiveError, ChecksumMismatch, InvalidName, ManifestError, SnapshotMissing, BadRequest,
-                FleetNotConfigured, NoRoute, FleetError, LoadError, DiskFull) as exc:
+                FleetNotConfigured, NoRoute, FleetError, LoadError, LayoutError, DiskFull) as exc:
             raise click.ClickException(str(exc)) from None
         except redis.ConnectionError as exc:
             raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None

@@ -176,17 +176,26 @@ def maintenance_worker(ctx: click.Context, name: str | None, loglevel: str) -> N
 @click.argument("model")
 @click.argument("component")
 @click.argument("version")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--family", help="model family of a base (sd, sdxl, …)")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--family", help="expected family (sd, sd2, sdxl, wuerstchen); detected from the files, refused if different")
+@click.option("--config", "config", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a diffusers folder with the configs of a single-file checkpoint (default: the family's standard)")
 @click.option("--meta", multiple=True, help="key=value stored in the manifest (repeatable)")
+@click.option("--dry-run", is_flag=True, help="print what would be uploaded, the family and precision; upload nothing")
 @click.pass_context
 @friendly
 def publish(ctx: click.Context, model: str, component: str, version: str, path: Path, family: str | None,
-            meta: tuple[str, ...]) -> None:
-    """Push a model version (a folder of safetensors and configs) into the archive."""
+            config: Path | None, meta: tuple[str, ...], dry_run: bool) -> None:
+    """Push a model version into the archive: a diffusers folder, a single-file checkpoint, or a LoRA file/PEFT folder.
+
+    The family and layout are read from the files; what would not boot is refused before anything is uploaded."""
+    import tempfile
+
     from tqdm import tqdm
 
     from cachemgr.names import ComponentRef
+    from workers.models.layouts import plan_version
+    from workers.models.skeleton import check_boots
 
     ref = ComponentRef(model, component, version)
     extra: dict[str, Any] = dict(m.split("=", 1) for m in meta)
@@ -195,13 +204,50 @@ def publish(ctx: click.Context, model: str, component: str, version: str, path: 
             extra[k] = json.loads(v)
         except ValueError:
             pass
-    if family:
-        extra["family"] = family
     archive = _archive(_settings(ctx))
-    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {ref}", disable=total < (8 << 20)) as bar:
-        manifest = archive.publish(ref, path, meta=extra, progress=bar.update)
+    if component not in ("base", "lora"):  # other components (vae, …) are folders uploaded as they are
+        if not path.is_dir():
+            raise click.ClickException(f"{path} is a file; a {component} version is published from a folder")
+        plan = None
+    else:
+        plan = plan_version(path, component, family, config, _published_base(archive, model) if component == "lora" else None)
+        check_boots(plan)
+    if plan is not None:
+        for line in plan.describe():
+            click.echo(line)
+    if dry_run:
+        click.echo(f"dry run: nothing uploaded to {archive.url}")
+        return
+    if archive.has_version(ref):
+        raise click.ClickException(f"{ref} is already published in {archive.url}; publish a new version instead")
+    with tempfile.TemporaryDirectory(prefix="warmfleet-publish-") as tmp:
+        if plan is not None:
+            source = plan.stage(Path(tmp))
+            extra = {**plan.meta, **extra}
+        else:
+            source = path
+            if family:
+                extra["family"] = family
+        total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {ref}", disable=total < (8 << 20)) as bar:
+            manifest = archive.publish(ref, source, meta=extra, progress=bar.update)
     click.echo(f"published {ref}: {len(manifest.files)} files, {manifest.total_size} bytes → {archive.url}")
+
+
+def _published_base(archive: Any, model: str) -> tuple[str, dict] | None:
+    """(family, tensor shapes) of the model's newest base in the archive, which a new LoRA must fit."""
+    from cachemgr.names import ComponentRef
+    from workers.models.detect import single_file_family
+
+    version = archive.latest_version(model, "base") if "base" in archive.list_components(model) else None
+    if version is None:
+        return None
+    manifest = archive.read_manifest(ComponentRef(model, "base", version))
+    shapes = {t.name: t.shape for f in manifest.files for t in f.tensors}
+    family = str(manifest.meta.get("family") or "")
+    if family == "single-file":  # published by hand before families were detected: read it from the keys
+        family = single_file_family(shapes) or family
+    return family, shapes
 
 
 @main.command("publish-demo")

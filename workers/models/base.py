@@ -18,8 +18,11 @@ from tasks.requests import GenerateRequest
 
 from ..device import resolve_device, resolve_dtype
 from ..resident import ResidentPipeline, standard_call_kwargs
+from .layouts import PEFT_CONFIG, files_for, variant_for
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_SIZES = {"sd": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024, "wuerstchen": 1024}
+"""Image side a family was trained at, whatever the layout it is published in; a version's meta may override it."""
 
 
 def adapter_name(version: str) -> str:
@@ -47,14 +50,28 @@ def load_adapter(pipe: Any, store: SnapshotStore, ref: ComponentRef) -> str:
     name = adapter_name(ref.version)
     with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        pipe.load_lora_weights(
-            str(store.path(ref)), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
-        )
+        load_lora(pipe, store.path(ref), store.manifest(ref).meta, name)
     return name
 
 
 class LoadError(RuntimeError):
     """A release that cannot be loaded (missing or corrupt files, wrong family); the worker stays cold."""
+
+
+def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
+    """One LoRA version as a named adapter, whatever its file is called and whichever format it is in (kohya/A1111
+    and diffusers files load as they are; a PEFT folder's keys are the UNet's own module names)."""
+    weight_name = str(meta.get("weight_name") or LORA_WEIGHT_NAME)
+    if meta.get("lora_format") != "peft":
+        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True)
+        return
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((path / PEFT_CONFIG).read_text())
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path / weight_name)).items()}
+    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
 
 
 class ModelBuilder:
@@ -71,6 +88,7 @@ class ModelBuilder:
         self.device: str | None = None
         self.dtype: str | None = None
         self.events: EventLog | None = None
+        self.variant: str | None = None
         if self.release:
             self._check_model(self.release)
 
@@ -137,7 +155,7 @@ class ModelBuilder:
         for release in releases:
             missing = [ref for ref in release.refs() if not store.has(ref)]
             if missing and self.archive is not None:
-                sync_release(self.archive, store, release, events=self.events)
+                sync_release(self.archive, store, release, events=self.events, select=files_for(self._resolved_device()[1]))
             elif missing:
                 raise LoadError(
                     f"{', '.join(map(str, missing))} not in L2 at {store.root}; run `warmfleet sync` or give an archive"
@@ -170,9 +188,10 @@ class ModelBuilder:
         primary = releases[0]
         base = store.manifest(primary.base)
         family = base.meta.get("family")
-        if family and family != self.family:
+        if family and not self.accepts(base.meta):
             raise LoadError(f"{primary.base} is a {family!r} model, not {self.family!r}")
         device, dtype = self._resolved_device()
+        self.variant = variant_for(base.meta, dtype)
         started = time.perf_counter()
         try:
             pipe = self.load_pipeline(store, primary.base, getattr(torch, dtype))
@@ -221,21 +240,26 @@ class ModelBuilder:
         return adapters
 
     # -- per family
+    @classmethod
+    def accepts(cls, meta: dict[str, Any]) -> bool:
+        """Whether a base version with this manifest meta is one this builder loads."""
+        return meta.get("family") == cls.family and meta.get("layout", "diffusers") in ("diffusers", cls.family)
+
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
         """The base version, a diffusers folder in L2, loaded offline from safetensors only."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class_name)
         return cls.from_pretrained(
-            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype
+            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype, variant=self.variant
         )
 
     def defaults(self, meta: dict[str, Any]) -> dict[str, Any]:
         return {
             "steps": int(meta.get("default_steps", 30)),
             "guidance": float(meta.get("default_guidance", 7.5)),
-            "width": int(meta.get("default_width", 512)),
-            "height": int(meta.get("default_height", 512)),
+            "width": int(meta.get("default_width", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
+            "height": int(meta.get("default_height", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
         }
 
     @staticmethod
