@@ -57,7 +57,9 @@ def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foregr
 
 
 def _print_fleet(state: Any) -> None:
-    click.echo(f"fleet up: broker {state.broker_url}")
+    from fleetctl.localfleet import redacted
+
+    click.echo(f"fleet up: broker {redacted(state.broker_url)} (password in the state file, mode 0600)")
     if state.flower_url:
         click.echo(f"  flower   {state.flower_url}")
     if state.metrics_url:
