@@ -140,11 +140,10 @@ class LocalFleet:
             port = free_port()
             redis_dir = self.settings.state_dir / "redis"
             redis_dir.mkdir(parents=True, exist_ok=True)
-            state.broker_url = f"redis://127.0.0.1:{port}/0"
-            state.procs.append(self._spawn("redis", [
-                redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-                "--save", "", "--appendonly", "yes", "--protected-mode", "yes",
-            ], os.environ.copy()))
+            password = secrets.token_urlsafe(24)
+            state.broker_url = f"redis://:{password}@127.0.0.1:{port}/0"  # kept in the 0600 state file only
+            state.procs.append(self._spawn("redis", [redis_server, str(_redis_config(redis_dir, port, password))],
+                                           os.environ.copy()))
             state.save(self.state_file)
             wait_port(port)
             env = self.child_env(state.broker_url)
@@ -326,6 +325,31 @@ class LocalFleet:
             if current is None or current.broker_url == state.broker_url:
                 self.state_file.unlink(missing_ok=True)
         return stopped
+
+
+def _redis_config(folder: Path, port: int, password: str) -> Path:
+    """The local redis-server's configuration, password included, in a file only this user can read: never argv,
+    which every local user sees in `ps`."""
+    path = folder / "redis.conf"
+    lines = [f"port {port}", "bind 127.0.0.1", f'dir "{folder}"', 'save ""', "appendonly yes", "protected-mode yes",
+             f"requirepass {password}"]
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit to print: the password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 def _reap(pid: int) -> None:

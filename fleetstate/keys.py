@@ -27,9 +27,11 @@ def queue_lists(queue: str) -> list[str]:
 STATS_KEY = "fleet:stats"  # hash of counters: per-tier hits and bytes, syncs, audits, loads
 NODES_KEY = "fleet:nodes"  # hash: node → last time its maintenance worker was seen (nodes with an L2)
 ALERTS_KEY = "fleet:alerts"  # hash: alert name → JSON of its state (firing since, value)
+FANOUT_KEY = "fleet:fanout:{name}"  # hash: the current fleet-wide run (run, started_at) and node:<node> → JSON outcome
 RUN_LOCK_KEY = "fleet:lock:{name}"  # SET NX PX: one run of a maintenance job at a time, expiring if its holder dies
 JOB_KEY = "fleet:job:{task_id}"  # hash with TTL: one job's executions (runs, completed, duplicates, result, dead)
 LEASE_KEY = "fleet:lease:{task_id}"  # SET NX PX: the worker executing a job now, renewed while it runs
+DELIVERIES_KEY = "fleet:deliveries"  # hash: delivery tag → JSON {worker, task_id} of messages in a worker's hands
 
 # kombu's Redis transport keeps every unacknowledged message in a hash and a sorted set scored by delivery time;
 # a message whose score is older than visibility_timeout is put back in its queue (kombu.transport.redis.QoS).

@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from .keys import JOB_KEY, KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
+from .orphans import index_delivery, unindex_delivery
 
 log = logging.getLogger("warmfleet.lease")
 
@@ -84,6 +85,8 @@ class JobLease:
 
     # -- the life of one delivery
     def __enter__(self) -> JobLease:
+        if self.delivery_tag:  # in this worker's hands: the orphan sweep puts it back if this worker dies
+            self._redis_call(lambda: index_delivery(self.redis, self.delivery_tag, self.worker, self.task_id), None)
         self._thread = threading.Thread(target=self._keepalive, name=f"lease-{self.task_id[:8]}", daemon=True)
         self._thread.start()
         return self
@@ -93,6 +96,8 @@ class JobLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.release()
+        if self.delivery_tag:
+            self._redis_call(lambda: unindex_delivery(self.redis, self.delivery_tag), None)
 
     def claim(self) -> Claim:
         """Decide this delivery's fate; waits while another live worker holds the job's lease (it renews it only

@@ -19,15 +19,31 @@ from cachemgr.names import QUEUE_PREFIX, InvalidName, queue_for, release_of_queu
 
 from .keys import PRIORITY_SEP, queue_lists
 
-# Atomic per message: remove this exact payload from the source list and, only if it was still there, push the
-# rewritten payload at the consuming end of the destination. A worker that took the message first makes LREM
-# return 0 and nothing is pushed: no loss, no duplicate, whatever the consumers do meanwhile.
-_MOVE_ONE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  return 1
+# One walk of the source list, atomically: every element named in ARGV (payload, rewritten payload pairs) goes to the
+# consuming end of the destination in list order, the others stay in order. An element a worker took between the
+# caller's read and this script is simply not found: no loss, no duplicate. O(N) for N elements, however many move.
+_MOVE_LIST = """
+local wanted = {}
+for i = 1, #ARGV, 2 do
+  local entry = wanted[ARGV[i]]
+  if entry then entry.count = entry.count + 1 else wanted[ARGV[i]] = {to = ARGV[i + 1], count = 1} end
 end
-return 0
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local keep, move = {}, {}
+for _, item in ipairs(items) do
+  local entry = wanted[item]
+  if entry and entry.count > 0 then
+    entry.count = entry.count - 1
+    move[#move + 1] = entry.to
+  else
+    keep[#keep + 1] = item
+  end
+end
+if #move == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep))) end
+for i = 1, #move, 1000 do redis.call('RPUSH', KEYS[2], unpack(move, i, math.min(i + 999, #move))) end
+return #move
 """
 
 
@@ -70,6 +86,7 @@ class MoveReport:
     pinned: list[str] = field(default_factory=list)
     unreadable: int = 0
     taken_meanwhile: int = 0
+    moved_unacked: list[str] = field(default_factory=list)  # held unacked by dead workers, moved too
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
@@ -111,46 +128,78 @@ def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> 
 
 def move_queued(client: redis.Redis, source_release: str, target_release: str, is_pinned: PinnedTest,
                 max_passes: int = 5) -> MoveReport:
-    """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first.
+    """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first,
+    and the unpinned jobs of the source queue that dead workers hold unacknowledged (fleetstate/orphans.py).
 
-    Each message moves alone and atomically (see `_MOVE_ONE`), so consumers may keep running. Passes repeat while
-    they find something, to catch jobs sent by producers whose cached route had not flipped yet.
+    Each list moves in one atomic walk (see `_MOVE_LIST`), so consumers may keep running. Passes repeat while they
+    find something, to catch jobs sent by producers whose cached route had not flipped yet.
     """
     source, target = queue_for(source_release), queue_for(target_release)
     if source == target:
         raise ValueError(f"cannot move the jobs of {source_release} onto its own queue")
     report = MoveReport(source_release, target_release)
-    move_one = client.register_script(_MOVE_ONE)
+    move_list = client.register_script(_MOVE_LIST)
     left_alone: set[bytes] = set()
     for _ in range(max_passes):
         moved_before = len(report.moved)
         for src_list, dst_list in zip(queue_lists(source), queue_lists(target), strict=True):
-            # newest first (kombu pushes on the left, pops on the right): each RPUSH lands nearer the consuming end,
-            # so the oldest moved job ends up served first, in the original order.
+            # newest first (kombu pushes on the left, pops on the right): RPUSH in this order lands the oldest moved
+            # job nearest the consuming end, so moved jobs are served in their original order.
+            pairs, ids = [], []
             for raw in client.lrange(src_list, 0, -1):
                 if raw in left_alone:
                     continue
-                _move_message(move_one, report, left_alone, raw, src_list, dst_list, source, target, is_pinned)
+                task_id = _classify(report, left_alone, raw, is_pinned)
+                if task_id is not None:
+                    pairs += [raw, json.dumps(readdress(json.loads(raw), source, target))]
+                    ids.append(task_id)
+            if pairs:
+                moved = int(move_list(keys=[src_list, dst_list], args=pairs))
+                report.moved += ids[:moved] if moved == len(ids) else _moved_ids(client, dst_list, ids)
+                report.taken_meanwhile += len(ids) - moved
+        report.moved += _move_orphans(client, source, target, is_pinned, report)
         if len(report.moved) == moved_before:
             break
     return report
 
 
-def _move_message(move_one: Any, report: MoveReport, left_alone: set[bytes], raw: bytes, src_list: str,
-                  dst_list: str, source: str, target: str, is_pinned: PinnedTest) -> None:
+def _moved_ids(client: redis.Redis, dst_list: str, ids: list[str]) -> list[str]:
+    """Which of `ids` arrived on the destination (some were taken by a worker before the walk)."""
+    there = {str(json.loads(raw).get("headers", {}).get("id")) for raw in client.lrange(dst_list, 0, -1)}
+    return [i for i in ids if i in there]
+
+
+def _classify(report: MoveReport, left_alone: set[bytes], raw: bytes, is_pinned: PinnedTest) -> str | None:
+    """The task id of a message to move, or None (pinned or unreadable: counted and left alone)."""
     message = _decode(raw)
     job = _job_kwargs(message) if message else None
     if message is None or job is None:
         report.unreadable += 1
         left_alone.add(raw)
-        return
+        return None
     task_id = str(message.get("headers", {}).get("id", "?"))
     if is_pinned(*job):
         report.pinned.append(task_id)
         left_alone.add(raw)
-        return
-    rewritten = json.dumps(readdress(message, source, target))
-    if move_one(keys=[src_list, dst_list], args=[raw, rewritten]):
-        report.moved.append(task_id)
-    else:
-        report.taken_meanwhile += 1
+        return None
+    return task_id
+
+
+def _move_orphans(client: redis.Redis, source: str, target: str, is_pinned: PinnedTest, report: MoveReport) -> list[str]:
+    """Unacked jobs of the source queue whose holder's heartbeat is gone: onto the target queue, not back."""
+    from .keys import KOMBU_UNACKED, WORKER_KEY
+    from .orphans import deliveries, restore, routing_key_of
+
+    moved = []
+    for d in deliveries(client):
+        raw = client.hget(KOMBU_UNACKED, d.tag)
+        if raw is None or routing_key_of(raw) != source or client.exists(WORKER_KEY.format(worker=d.worker)):
+            continue
+        payload = json.loads(raw)[0]
+        job = _job_kwargs(payload) if isinstance(payload, dict) else None
+        if job is None or is_pinned(*job):
+            continue  # pinned or unreadable: the orphan sweep puts it back on its own queue
+        if restore(client, d.tag, raw, d.worker, queue=target) == 1:
+            moved.append(d.task_id)
+            report.moved_unacked.append(d.task_id)
+    return moved

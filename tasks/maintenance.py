@@ -16,6 +16,7 @@ from cachemgr import Cache, EventLog, Release
 from cachemgr.audit import execute_audit, plan_audit
 from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
+from fleetstate.fanout import FanOutRuns
 from fleetstate.locks import run_lock
 from fleetstate.nodes import NodeRegistry
 from fleetstate.pins import protected_refs
@@ -119,41 +120,69 @@ def _settings() -> FleetSettings:
 RUN_LOCK_SECONDS = 6 * 3600
 """A node's sync or audit holds its lock at most this long; a killed run's lock expires after it."""
 FAN_OUT_WINDOW = 30 * 60
-"""A fleet-wide run triggered again inside this window (a second beat, a retry) is not fanned out again."""
+"""A fleet-wide run triggered again while the last one is in progress, and younger than this, is not sent again;
+one whose nodes have all answered (ok or failed) never blocks the next trigger."""
 
 
 @app.task(name=SYNC_TASK)
-def sync_l2(refs: list[str] | None = None) -> dict[str, Any]:
+def sync_l2(refs: list[str] | None = None, fanout: str | None = None) -> dict[str, Any]:
     """Sync this node's L2 (the task runs on the node whose queue it was sent to); one run at a time."""
     settings = _settings()
     parsed = [ComponentRef(*r.split("/")) for r in refs] if refs else None
-    with run_lock(redis_client(settings), f"sync:{settings.node_name}", RUN_LOCK_SECONDS) as held:
-        if not held:
-            return {"node": settings.node_name, "skipped": "another sync of this node is running"}
-        return run_sync(settings, parsed)
+    return _node_run(settings, "sync", fanout, lambda: run_sync(settings, parsed))
 
 
 @app.task(name=AUDIT_TASK)
-def audit_l2(dry_run: bool = False) -> dict[str, Any]:
+def audit_l2(dry_run: bool = False, fanout: str | None = None) -> dict[str, Any]:
     settings = _settings()
-    with run_lock(redis_client(settings), f"audit:{settings.node_name}", RUN_LOCK_SECONDS) as held:
+    return _node_run(settings, "audit", fanout, lambda: run_audit(settings, dry_run))
+
+
+def _node_run(settings: FleetSettings, name: str, fanout: str | None, body: Any) -> dict[str, Any]:
+    """One node's sync or audit under its run lock, its outcome recorded in the fleet-wide run that sent it."""
+    client = redis_client(settings)
+    runs = FanOutRuns(client) if client is not None and fanout else None
+    node = settings.node_name
+    with run_lock(client, f"{name}:{node}", RUN_LOCK_SECONDS) as held:
         if not held:
-            return {"node": settings.node_name, "skipped": "another audit of this node is running"}
-        return run_audit(settings, dry_run)
+            if runs:
+                runs.mark(name, fanout, node, "skipped", detail=f"another {name} of this node is running")
+            return {"node": node, "skipped": f"another {name} of this node is running"}
+        if runs:
+            runs.mark(name, fanout, node, "running")
+        try:
+            result = body()
+        except Exception as exc:
+            if runs:
+                runs.mark(name, fanout, node, "failed", detail=f"{type(exc).__name__}: {exc}")
+            raise
+        if runs:
+            runs.mark(name, fanout, node, "ok", detail=_summary(name, result))
+        return result
+
+
+def _summary(name: str, result: dict[str, Any]) -> str:
+    if name == "sync":
+        return f"{len(result['versions'])} version(s), {result['bytes_fetched']} B fetched"
+    return f"{result['blobs_checked']} blob(s) checked, {len(result['corrupt'])} corrupt"
 
 
 def _fan_out(name: str, task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     settings = _settings()
     client = redis_client(settings)
-    with run_lock(client, f"fan-out:{name}", FAN_OUT_WINDOW, release=False) as held:
-        if not held:
-            return {"skipped": f"{name} was already sent to every node in the last {FAN_OUT_WINDOW // 60} minutes"}
-        nodes = NodeRegistry(client).nodes() if client is not None else []
-        sent = {}
-        for node in nodes or [settings.node_name]:
-            result = app.send_task(task, kwargs=kwargs, queue=node_queue(node))
-            sent[node] = result.id
-        return sent
+    nodes = (NodeRegistry(client).nodes() if client is not None else []) or [settings.node_name]
+    if client is None:
+        return {node: app.send_task(task, kwargs=kwargs, queue=node_queue(node)).id for node in nodes}
+    runs = FanOutRuns(client)
+    run = runs.begin(name, nodes, FAN_OUT_WINDOW)
+    if isinstance(run, str):
+        return {"skipped": run}
+    sent = {}
+    for node in nodes:
+        result = app.send_task(task, kwargs={**kwargs, "fanout": run.run}, queue=node_queue(node))
+        runs.sent(name, run.run, node, result.id)
+        sent[node] = result.id
+    return sent
 
 
 @app.task(name=SYNC_FLEET_TASK)

@@ -70,7 +70,8 @@ class FleetSettings(BaseSettings):
         1.0, ge=0, le=600, description="seconds before the first retry, doubled for each next one (capped at 60)"
     )
     job_lease_seconds: float = Field(
-        30.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2"
+        15.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2;"
+        " keep it <= warm_ttl_seconds: a killed holder's job then restarts on a peer within the heartbeat TTL"
     )
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"

@@ -26,6 +26,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release, verify_ref
+    from fleetstate.orphans import Sweeper
     from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
     from fleetstate.stats import FleetStats
     from tasks import app, configure
@@ -103,6 +104,8 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     registry.publish(state)
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
     heartbeat.start()
+    sweeper = Sweeper(registry.redis)  # jobs of dead peers back in their queue within the heartbeat TTL
+    sweeper.start()
     queues = ",".join(queue_for(r) for r in releases)
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
     try:
@@ -116,6 +119,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         )
     finally:
         heartbeat.stop()
+        sweeper.stop()
         state.state = "stopping"
         try:
             registry.withdraw(state)
@@ -137,6 +141,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     from beat_schedule import MAINTENANCE_QUEUE
     from cachemgr.names import node_queue
     from fleetstate.nodes import NodeRegistry
+    from fleetstate.orphans import Sweeper
     from tasks import app, configure
 
     configure(settings)
@@ -158,6 +163,8 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
                 return
 
     threading.Thread(target=beat, name="warmfleet-node", daemon=True).start()
+    sweeper = Sweeper(nodes.redis)  # jobs of dead GPU workers back in their queue, even with no GPU worker idle
+    sweeper.start()
     try:
         app.worker_main(
             argv=["worker", "--pool=solo", f"--queues={MAINTENANCE_QUEUE},{node_queue(settings.node_name)}",
@@ -166,4 +173,5 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
         )
     finally:
         stop.set()
+        sweeper.stop()
     return 0

@@ -57,7 +57,9 @@ def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foregr
 
 
 def _print_fleet(state: Any) -> None:
-    click.echo(f"fleet up: broker {state.broker_url}")
+    from fleetctl.localfleet import redacted
+
+    click.echo(f"fleet up: broker {redacted(state.broker_url)} (password in the state file, mode 0600)")
     if state.flower_url:
         click.echo(f"  flower   {state.flower_url}")
     if state.metrics_url:
@@ -290,11 +292,18 @@ def versions(ctx: click.Context, model: str | None) -> None:
 
 @main.command()
 @click.option("--release", "releases", multiple=True, help="sync these releases (default: what the fleet needs)")
+@click.option("--fleet", is_flag=True, help="every node: send beat's fan-out and wait for each node's outcome")
+@click.option("--timeout", default=3600.0, help="with --fleet: how long to wait for the nodes")
 @click.pass_context
 @friendly
-def sync(ctx: click.Context, releases: tuple[str, ...]) -> None:
+def sync(ctx: click.Context, releases: tuple[str, ...], fleet: bool, timeout: float) -> None:
     """Bring versions from the archive (L3) into this node's L2: differential and verified (same code as beat's)."""
     from tqdm import tqdm
+
+    if fleet:
+        from .fleetwide import run_fleetwide
+
+        sys.exit(run_fleetwide(_settings(ctx), "sync", {}, timeout))
 
     from cachemgr import Cache, Release
     from tasks.maintenance import redis_client, run_sync, wanted_refs
@@ -322,11 +331,18 @@ def sync(ctx: click.Context, releases: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="print the plan, change nothing")
+@click.option("--fleet", is_flag=True, help="every node: send beat's fan-out and wait for each node's outcome")
+@click.option("--timeout", default=3600.0, help="with --fleet: how long to wait for the nodes")
 @click.pass_context
 @friendly
-def audit(ctx: click.Context, dry_run: bool) -> None:
+def audit(ctx: click.Context, dry_run: bool, fleet: bool, timeout: float) -> None:
     """Re-hash L2, quarantine and re-fetch corrupt files, clear stale temp files, apply retention (same as beat's)."""
     from tasks.maintenance import run_audit
+
+    if fleet:
+        from .fleetwide import run_fleetwide
+
+        sys.exit(run_fleetwide(_settings(ctx), "audit", {"dry_run": dry_run}, timeout))
 
     result = run_audit(_settings(ctx), dry_run=dry_run)
     click.echo(result["plan"])
