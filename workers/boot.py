@@ -138,13 +138,23 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     if not broker:
         print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
+    from tasks.peering import advertised_address, start_peer_server
+
     nodes = NodeRegistry(redis.Redis.from_url(broker))
     stop = threading.Event()
+    try:
+        peer_server = start_peer_server(settings)  # serves this node's verified L2 blobs to the site's other nodes
+    except OSError as exc:
+        print(f"warmfleet maintenance-worker: cannot listen for peers on {settings.peer_address}:"
+              f"{settings.peer_port} ({exc}); set FLEET_PEER_ADDRESS / FLEET_PEER_PORT", file=sys.stderr)
+        return 1
 
     def beat() -> None:
         while True:
             try:
                 nodes.seen(settings.node_name)
+                if peer_server is not None:
+                    nodes.announce_peer(settings.node_name, advertised_address(settings, peer_server))
             except redis.RedisError:
                 pass
             if stop.wait(60):
@@ -159,4 +169,10 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
         )
     finally:
         stop.set()
+        if peer_server is not None:
+            peer_server.stop()
+            try:
+                nodes.withdraw_peer(settings.node_name)
+            except redis.RedisError:
+                pass
     return 0
