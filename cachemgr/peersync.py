@@ -28,7 +28,7 @@ from .manifest import FileEntry, Piece
 from .names import ComponentRef
 from .peers import PeerClient, PeerError
 
-ORIGIN_KEY = "origin:{sha256}"
+ORIGIN_KEY = "blob:{sha256}"
 
 
 class BadPiece(ValueError):

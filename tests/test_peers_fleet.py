@@ -282,6 +282,11 @@ def test_the_stats_count_bytes_from_peers_and_from_l3_per_node_and_the_alert_onl
                for s in m.samples}
     assert samples[("warmfleet_node_sync_bytes_total", (("node", "node-a"), ("source", "l3")))] == \
         per_node["node-a"]["l3"]
+    from fleetstate.rollout import fleet_status
+
+    status_rows = fleet_status(client)["sync_bytes"]  # what `warmfleet status` prints per node
+    assert status_rows["node-b"]["peers"] == per_node["node-b"]["peers"]
+    assert status_rows["node-b"]["peer_server"] == nodes[1].server.address
     clock = iter([0.0, 10.0])
     alert = MissRateAlert(client, nodes[0].events, threshold=0.01, window=60, clock=lambda: next(clock))
     alert.evaluate()

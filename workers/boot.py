@@ -30,6 +30,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from fleetstate.stats import FleetStats
     from tasks import app, configure
     from tasks.generate import attach_runner
+    from tasks.peering import peer_source
 
     from .batching import enable_batching
     from .device import resolve_device, resolve_dtype
@@ -62,7 +63,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         archive = settings.open_archive()
         for group in group_by_base([Release.parse(text) for text in releases]):
             for release in group:
-                sync_release(archive, cache.store, release, events=events)
+                sync_release(archive, cache.store, release, events=events, peers=peer_source(settings, registry.redis))
                 if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
                     for ref in release.refs():
                         verify_ref(archive, cache.store, ref, events=events)
