@@ -38,6 +38,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("memory", []),
     ("diff_sync", []),
     ("oss_download", []),
+    ("peers", []),
 ]
 LARGE_SCRIPTS = [("l2_load", ["--size", "large", "--profile"]), ("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800

@@ -23,6 +23,7 @@ from .assemble import DEFAULT_BUFFER, assemble
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
+from .peersync import PeerRanges, PeerSource
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
@@ -43,6 +44,12 @@ class SyncReport:
     files_fetched: int = 0
     seconds: float = 0.0
     ranged_gets: int = 0
+    bytes_from_peers: int = 0
+    """Of bytes_fetched, those the node's peers sent (verified like the rest); the others came from L3."""
+
+    @property
+    def bytes_from_l3(self) -> int:
+        return self.bytes_fetched - self.bytes_from_peers
 
 
 @dataclass
@@ -56,6 +63,14 @@ class SyncSummary:
     @property
     def bytes_reused(self) -> int:
         return sum(r.bytes_reused for r in self.reports)
+
+    @property
+    def bytes_from_peers(self) -> int:
+        return sum(r.bytes_from_peers for r in self.reports)
+
+    @property
+    def bytes_from_l3(self) -> int:
+        return sum(r.bytes_from_l3 for r in self.reports)
 
     @property
     def updated(self) -> list[ComponentRef]:
@@ -92,6 +107,7 @@ class _FileResult:
     fetched: int = 0
     reused: int = 0
     ranged_gets: int = 0
+    from_peers: int = 0
 
 
 def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
@@ -132,31 +148,55 @@ def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
 
 
 def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
-                progress: Progress | None, buffer_bytes: int = DEFAULT_BUFFER) -> _FileResult:
+                progress: Progress | None, buffer_bytes: int = DEFAULT_BUFFER,
+                peers: PeerSource | None = None) -> _FileResult:
     result = _FileResult()
-    reusable = sum(p.size for p in entry.pieces if index.find(p))
     with store.lock(entry.sha256) as held:
         if store.has_blob(entry.sha256):  # another process fetched it while we waited
             result.reused = entry.size
             if progress:
                 progress(entry.size)
             return result
-        if reusable:
-            def fill(fh: BinaryIO) -> tuple[str, int]:
-                digest, size, done = assemble(archive, ref, entry, index, fh, progress, buffer_bytes)
+        if peers is None or not entry.pieces:
+            _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
+            return result
+        with peers.turn(entry.sha256) as holders:
+            if not holders:  # this node is the site's one origin pull of the blob (or there are no peers)
+                _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
+                return result
+            reader = PeerRanges(peers, archive, entry, holders)
+
+            def from_peers(fh: BinaryIO) -> tuple[str, int]:
+                digest, size, done = assemble(reader, ref, entry, index, fh, progress, buffer_bytes)
                 result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
                 result.reused += done.resumed
                 return digest, size
-        else:
-            def fill(fh: BinaryIO) -> tuple[str, int] | None:
-                fh.seek(0)
-                archive.download(ref, entry.path, fh, progress, size=entry.size)
-                fh.truncate()  # a longer stale partial must not leave its tail behind
-                result.fetched = entry.size
-                fh.flush()
-                return _verify_pieces(fh, entry)
-        store.write_blob(entry.sha256, entry.size, fill, resumable=held)
+
+            try:
+                store.write_blob(entry.sha256, entry.size, from_peers, resumable=held)
+            finally:
+                result.from_peers = reader.from_peers
     return result
+
+
+def _fill_from_l3(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
+                  progress: Progress | None, buffer_bytes: int, held: bool, result: _FileResult) -> None:
+    reusable = sum(p.size for p in entry.pieces if index.find(p))
+    if reusable:
+        def fill(fh: BinaryIO) -> tuple[str, int]:
+            digest, size, done = assemble(archive, ref, entry, index, fh, progress, buffer_bytes)
+            result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
+            result.reused += done.resumed
+            return digest, size
+    else:
+        def fill(fh: BinaryIO) -> tuple[str, int] | None:
+            fh.seek(0)
+            archive.download(ref, entry.path, fh, progress, size=entry.size)
+            fh.truncate()  # a longer stale partial must not leave its tail behind
+            result.fetched = entry.size
+            fh.flush()
+            return _verify_pieces(fh, entry)
+    store.write_blob(entry.sha256, entry.size, fill, resumable=held)
 
 
 def sync_ref(
@@ -168,6 +208,7 @@ def sync_ref(
     manifest: Manifest | None = None,
     buffer_bytes: int = DEFAULT_BUFFER,
     select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncReport:
     """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds.
 
@@ -185,7 +226,7 @@ def sync_ref(
     if keep is not None:
         manifest = manifest.subset(keep)
     index = PieceIndex.for_component(store, ref.model, ref.component)
-    fetched = reused = files = gets = 0
+    fetched = reused = files = gets = from_peers = 0
     todo: list[FileEntry] = []
     twins: list[FileEntry] = []  # the same bytes under another name in this version: fetched once
     for entry in manifest.files:
@@ -202,7 +243,7 @@ def sync_ref(
 
     def fetch(entry: FileEntry) -> _FileResult:
         try:
-            return _fetch_file(archive, store, ref, entry, index, progress, per_file)
+            return _fetch_file(archive, store, ref, entry, index, progress, per_file, peers)
         except ChecksumMismatch as exc:
             if events:
                 events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,
@@ -227,9 +268,10 @@ def sync_ref(
         fetched += result.fetched
         reused += result.reused
         gets += result.ranged_gets
+        from_peers += result.from_peers
         files += 1 if result.fetched else 0
     store.commit_snapshot(manifest)
-    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets)
+    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets, from_peers)
     _log(events, report)
     return report
 
@@ -276,8 +318,9 @@ def sync_release(
     progress: Progress | None = None,
     events: EventLog | None = None,
     select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncSummary:
-    return sync_refs(archive, store, release.refs(), progress, events, select)
+    return sync_refs(archive, store, release.refs(), progress, events, select=select, peers=peers)
 
 
 def sync_refs(
@@ -287,10 +330,11 @@ def sync_refs(
     progress: Progress | None = None,
     events: EventLog | None = None,
     select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncSummary:
     summary = SyncSummary()
     for ref in refs:
-        summary.reports.append(sync_ref(archive, store, ref, progress, events, select=select))
+        summary.reports.append(sync_ref(archive, store, ref, progress, events, select=select, peers=peers))
     return summary
 
 
@@ -305,5 +349,7 @@ def _log(events: EventLog | None, report: SyncReport) -> None:
         version=report.ref.version,
         bytes_fetched=report.bytes_fetched,
         bytes_reused=report.bytes_reused,
+        from_peers=report.bytes_from_peers,
+        from_l3=report.bytes_from_l3,
         seconds=round(report.seconds, 3),
     )

@@ -22,7 +22,7 @@ from fleetstate.keys import ALERTS_KEY
 from fleetstate.queues import queue_depths, queued_releases
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
-from fleetstate.stats import FleetStats, cache_status
+from fleetstate.stats import FleetStats, cache_status, node_sync_bytes
 from tasks.settings import FleetSettings
 
 log = logging.getLogger("warmfleet.metrics")
@@ -62,7 +62,14 @@ class FleetCollector(Collector):
                                     labels=["source"])
         moved.add_metric(["l2_reused"], stats.get("l2_bytes_hit", 0))
         moved.add_metric(["l3_fetched"], stats.get("l3_bytes_fetched", 0))
+        moved.add_metric(["peers_fetched"], stats.get("peer_bytes_fetched", 0))
         yield moved
+        per_node = CounterMetricFamily("warmfleet_node_sync_bytes", "Bytes each node's syncs fetched, from its "
+                                       "peers or from L3", labels=["node", "source"])
+        for node, sources in node_sync_bytes(stats).items():
+            for source, value in sources.items():
+                per_node.add_metric([node, source], value)
+        yield per_node
         ratio = GaugeMetricFamily("warmfleet_cache_hit_ratio", "Share of bytes or jobs served by each tier",
                                   labels=["tier"])
         for tier, key in (("l1", "l1_hit_ratio"), ("l2", "l2_hit_ratio")):
@@ -148,7 +155,8 @@ class MissRateAlert:
         """Take a sample and update the state; returns "FIRING"/"RESOLVED" when the state changes."""
         now = self.clock()
         stats = FleetStats(self.redis).snapshot()
-        self.samples.append((now, stats.get("l3_bytes_fetched", 0.0), stats.get("l2_bytes_hit", 0.0)))
+        self.samples.append((now, stats.get("l3_bytes_fetched", 0.0),
+                             stats.get("l2_bytes_hit", 0.0) + stats.get("peer_bytes_fetched", 0.0)))
         while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
             self.samples.popleft()
         t0, fetched0, reused0 = self.samples[0]

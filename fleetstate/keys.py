@@ -26,6 +26,8 @@ def queue_lists(queue: str) -> list[str]:
 
 STATS_KEY = "fleet:stats"  # hash of counters: per-tier hits and bytes, syncs, audits, loads
 NODES_KEY = "fleet:nodes"  # hash: node → last time its maintenance worker was seen (nodes with an L2)
+PEERS_KEY = "fleet:peers"  # hash: node → JSON {address, ts} of its peer piece server (cachemgr.peers)
+ORIGIN_LEASE_KEY = "fleet:origin:{key}"  # SET NX PX: the node pulling a blob from L3 for the whole site now
 ALERTS_KEY = "fleet:alerts"  # hash: alert name → JSON of its state (firing since, value)
 FANOUT_KEY = "fleet:fanout:{name}"  # hash: the current fleet-wide run (run, started_at) and node:<node> → JSON outcome
 RUN_LOCK_KEY = "fleet:lock:{name}"  # SET NX PX: one run of a maintenance job at a time, expiring if its holder dies

@@ -129,6 +129,12 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
                       for w in workers.values()]
     out["nodes"] = {node: {"reported_by": info.reported_by, "age_s": round(now - info.at, 1), "root": info.root,
                            "refs": sorted(info.refs)} for node, info in nodes.items()}
+    from .nodes import NodeRegistry
+    from .stats import FleetStats, node_sync_bytes
+
+    peers = NodeRegistry(client).peers()
+    out["sync_bytes"] = {node: sources | {"peer_server": peers.get(node)}
+                         for node, sources in node_sync_bytes(FleetStats(client).snapshot()).items()}
     return out
 
 

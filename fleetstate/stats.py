@@ -12,6 +12,19 @@ import redis
 
 from .keys import STATS_KEY
 
+NODE_FIELD = "node:{node}:{source}_bytes"
+"""Per node, the bytes its syncs got from its peers and from L3 (source = peers | l3)."""
+
+
+def node_sync_bytes(stats: dict[str, float]) -> dict[str, dict[str, int]]:
+    """node → {"peers": bytes, "l3": bytes} from a snapshot."""
+    out: dict[str, dict[str, int]] = {}
+    for key, value in stats.items():
+        if key.startswith("node:") and key.endswith("_bytes"):
+            node, source = key[len("node:"):-len("_bytes")].rsplit(":", 1)
+            out.setdefault(node, {"peers": 0, "l3": 0})[source] = int(value)
+    return dict(sorted(out.items()))
+
 
 class FleetStats:
     def __init__(self, client: redis.Redis) -> None:
@@ -42,9 +55,15 @@ class FleetStats:
     def _count(self, r: dict[str, Any]) -> None:
         event, outcome = r.get("event"), r.get("outcome")
         if event == "L2_SYNC":
+            from_peers = int(r.get("from_peers", 0))
+            from_l3 = int(r.get("from_l3", int(r.get("bytes_fetched", 0)) - from_peers))
+            node = r.get("node") or "?"
             self.incr(
                 l2_bytes_hit=int(r.get("bytes_reused", 0)),
-                l3_bytes_fetched=int(r.get("bytes_fetched", 0)),
+                l3_bytes_fetched=from_l3,
+                peer_bytes_fetched=from_peers,
+                **{NODE_FIELD.format(node=node, source="peers"): from_peers,
+                   NODE_FIELD.format(node=node, source="l3"): from_l3},
                 l2_lookups_hit=1 if outcome == "UNCHANGED" else 0,
                 l2_lookups_miss=1 if outcome == "UPDATED" else 0,
             )
@@ -65,12 +84,13 @@ class FleetStats:
 def cache_status(stats: dict[str, float]) -> dict[str, Any]:
     """Per-tier hit ratios. L1: jobs served by a resident pipeline without loading anything (a job never
     triggers a load, so a miss would be a bug). L2/L3: bytes a node needed that were already on its disk,
-    versus bytes it had to fetch from the archive."""
+    versus bytes it had to fetch from the archive (bytes from peers were needed too, but cost the line nothing)."""
     served = stats.get("l1_hits", 0.0)
     l1_miss = stats.get("l1_misses", 0.0)
     hit_bytes = stats.get("l2_bytes_hit", 0.0)
     fetched = stats.get("l3_bytes_fetched", 0.0)
-    needed = hit_bytes + fetched
+    from_peers = stats.get("peer_bytes_fetched", 0.0)
+    needed = hit_bytes + fetched + from_peers
     return {
         "l1_hit_ratio": served / (served + l1_miss) if served + l1_miss else None,
         "l2_hit_ratio": hit_bytes / needed if needed else None,
@@ -78,6 +98,7 @@ def cache_status(stats: dict[str, float]) -> dict[str, Any]:
         "jobs_served": int(served),
         "bytes_reused": int(hit_bytes),
         "bytes_fetched": int(fetched),
+        "bytes_from_peers": int(from_peers),
     }
 
 

@@ -25,6 +25,7 @@ from fleetstate.routes import RouteTable
 from fleetstate.stats import FleetStats, cache_status, render_cache_status
 
 from .app import app
+from .peering import peer_source
 from .settings import FleetSettings
 
 
@@ -68,13 +69,15 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
     try:
         archive = settings.open_archive()
         refs = refs if refs is not None else wanted_refs(settings, client)
-        summary = sync_refs(archive, cache.store, refs, progress=progress, events=events)
+        summary = sync_refs(archive, cache.store, refs, progress=progress, events=events,
+                            peers=peer_source(settings, client))
     except Exception as exc:
         events.emit("SYNC_RUN", outcome="FAILED", reason=f"{type(exc).__name__}: {exc}",
                     seconds=round(time.monotonic() - started, 3))
         raise
     events.emit("SYNC_RUN", outcome="UPDATED" if summary.updated else "UNCHANGED", versions=len(summary.reports),
                 bytes_fetched=summary.bytes_fetched, bytes_reused=summary.bytes_reused,
+                from_peers=summary.bytes_from_peers, from_l3=summary.bytes_from_l3,
                 seconds=round(time.monotonic() - started, 3))
     if client is not None:
         WarmRegistry(client, ttl=max(settings.warm_ttl_seconds, 24 * 3600)).publish_l2(
@@ -84,6 +87,8 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
         "versions": [f"{r.ref} {r.outcome}" for r in summary.reports],
         "bytes_fetched": summary.bytes_fetched,
         "bytes_reused": summary.bytes_reused,
+        "from_peers": summary.bytes_from_peers,
+        "from_l3": summary.bytes_from_l3,
     }
 
 

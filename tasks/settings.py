@@ -83,6 +83,17 @@ class FleetSettings(BaseSettings):
     max_adapter_bytes: int = Field(0, ge=0, description="bytes of LoRA files one worker holds at most (0: no bound)")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
+    peer_enabled: bool = Field(True, description="fill L2 from the site's other nodes before L3 (needs peer_secret)")
+    peer_secret: str | None = Field(None, description="the fleet's shared secret that signs peer requests; unset = off")
+    peer_address: str = Field("127.0.0.1", description="the interface this node's peer server binds to (the LAN's)")
+    peer_port: int = Field(9810, ge=0, le=65535, description="its port; 0 = any free one (announced in Redis)")
+    peer_advertise: str | None = Field(None, description="host[:port] peers should dial; unset = the bound address")
+    peer_upload_mbps: float | None = Field(None, gt=0, description="cap on what this node uploads to all peers")
+    peer_timeout: float = Field(10.0, gt=0, description="seconds before a silent peer is dropped for the run")
+    peer_lease_seconds: float = Field(30.0, gt=0, description="the site's origin-pull lease on a blob, renewed "
+                                      "while its holder pulls; others take over this long after it dies")
+    peer_wait_seconds: float = Field(900.0, ge=0, description="longest a node waits for another's origin pull")
+
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str | None = None
@@ -139,6 +150,10 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_output_url(self) -> str:
         return self.output_url or (self.home / "outputs").absolute().as_uri()
+
+    @property
+    def peers_on(self) -> bool:
+        return self.peer_enabled and bool(self.peer_secret)
 
     @property
     def event_log_path(self) -> Path:

@@ -166,7 +166,7 @@ def test_the_cache_log_reads_at_a_glance(fleet_settings, two_workers):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert re.search(r"L2_SYNC model=nano-banana component=base version=v1\.1\.0 bytes_fetched=\S+ "
-                     r"bytes_reused=\S+ seconds=\S+ → (UPDATED|UNCHANGED)", out.stdout), out.stdout
+                     r"bytes_reused=\S+ from_peers=\S+ from_l3=\S+ seconds=\S+ → (UPDATED|UNCHANGED)", out.stdout), out.stdout
     assert re.search(r"L1_LOAD release=nano-banana@base-v1\.1\.0\+lora-v2\.3\.1 .*device=cpu .*bytes=\S+MB", out.stdout)
     assert "L2_WARMUP release=" in out.stdout
     raw = subprocess.run([sys.executable, "-m", "fleetctl.cli", "cache", "log", "--json"], env=env, cwd=REPO,

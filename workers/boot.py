@@ -31,6 +31,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from fleetstate.stats import FleetStats
     from tasks import app, configure
     from tasks.generate import attach_runner
+    from tasks.peering import peer_source
 
     from .batching import enable_batching
     from .device import resolve_device, resolve_dtype
@@ -65,8 +66,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         archive = settings.open_archive()
         for group in group_by_base([Release.parse(text) for text in releases]):
             dtype = resolve_dtype(settings.dtype, device)
-            for release in group:  # a node fetches only the precision it computes in
-                sync_release(archive, cache.store, release, events=events, select=files_for(dtype))
+            for release in group:  # a node fetches only the precision it computes in, from its peers first
+                sync_release(archive, cache.store, release, events=events, select=files_for(dtype),
+                             peers=peer_source(settings, registry.redis))
                 if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
                     for ref in release.refs():
                         verify_ref(archive, cache.store, ref, events=events)
@@ -150,13 +152,23 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     if not broker:
         print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
+    from tasks.peering import advertised_address, start_peer_server
+
     nodes = NodeRegistry(redis.Redis.from_url(broker))
     stop = threading.Event()
+    try:
+        peer_server = start_peer_server(settings)  # serves this node's verified L2 blobs to the site's other nodes
+    except OSError as exc:
+        print(f"warmfleet maintenance-worker: cannot listen for peers on {settings.peer_address}:"
+              f"{settings.peer_port} ({exc}); set FLEET_PEER_ADDRESS / FLEET_PEER_PORT", file=sys.stderr)
+        return 1
 
     def beat() -> None:
         while True:
             try:
                 nodes.seen(settings.node_name)
+                if peer_server is not None:
+                    nodes.announce_peer(settings.node_name, advertised_address(settings, peer_server))
             except redis.RedisError:
                 pass
             if stop.wait(60):
@@ -174,4 +186,10 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     finally:
         stop.set()
         sweeper.stop()
+        if peer_server is not None:
+            peer_server.stop()
+            try:
+                nodes.withdraw_peer(settings.node_name)
+            except redis.RedisError:
+                pass
     return 0

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from cachemgr.events import human_bytes
+
 from .common import _redis as _broker
 from .common import _settings
 from .common import friendly as _common_friendly
@@ -175,6 +177,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
             if not rel["l2"]:
                 click.echo("      L2 unknown: no live worker reports its node's L2")
     _print_workers(report["workers"])
+    for node, sync in report.get("sync_bytes", {}).items():
+        click.echo(f"sync {node}: from_peers={human_bytes(sync['peers'])} from_l3={human_bytes(sync['l3'])}"
+                   f"  peer server {sync['peer_server'] or '-'}")
 
 
 def _print_workers(rows: list[dict[str, Any]]) -> None:
