@@ -75,6 +75,9 @@ class FleetSettings(BaseSettings):
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
     )
+    failure_breaker: int = Field(
+        5, ge=0, le=1000, description="this many different jobs failing in a row (none succeeding between) make the "
+        "worker sick: it leaves the warm registry, stops consuming and fails `warmfleet health`; 0 = never")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     flower_port: int = 5555
