@@ -102,6 +102,11 @@ Redis redelivers it after the visibility timeout; a redelivered job writes the s
 def main() -> int:
     if sys.argv[1:2] == ["reference"]:  # the full-size scenario: its own options, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_reference.py"), *sys.argv[2:]]).returncode
+
+    if sys.argv[1:2] == ["gpu"]:  # the GPU run: its own script, never part of the CPU suite
+        import bench_gpu
+
+        return bench_gpu.main()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     names = [name for name, _ in SCRIPTS]
     parser.add_argument("--only", nargs="*", choices=names, default=None)

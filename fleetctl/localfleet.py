@@ -123,7 +123,11 @@ class LocalFleet:
         return env
 
     def up(self, releases: list[str], active: str | None, flower: bool = True, beat: bool = True,
-           timeout: float = 180.0, archive: str = "local") -> FleetState:
+           timeout: float = 180.0, archive: str = "local", gpus: list[int] | None = None) -> FleetState:
+        from .gpus import check_gpus, worker_plan
+
+        if gpus:
+            check_gpus(gpus)
         if self.running():
             raise FleetError(f"a local fleet is already running (state in {self.state_file}); run `warmfleet down`")
         redis_server = shutil.which("redis-server")
@@ -148,11 +152,11 @@ class LocalFleet:
             wait_port(port)
             env = self.child_env(state.broker_url)
             self._route(state.broker_url, releases, active)
-            for i, release in enumerate(releases):
+            for i, slot in enumerate(worker_plan(releases, gpus)):
                 state.procs.append(self._spawn(f"worker-{i}", [
-                    sys.executable, "-m", "fleetctl.cli", "worker", "--release", release,
-                    "--name", f"gpu{i}", "--loglevel", "INFO",
-                ], env))
+                    sys.executable, "-m", "fleetctl.cli", "worker", "--release", slot.release,
+                    "--name", slot.name, *slot.args(), "--loglevel", "INFO",
+                ], {**env, **slot.env()}))
             state.procs.append(self._spawn("maintenance", [sys.executable, "-m", "fleetctl.cli", "maintenance-worker"], env))
             if beat:
                 schedule = self.settings.state_dir / "beat-schedule"

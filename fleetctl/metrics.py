@@ -25,6 +25,8 @@ from fleetstate.routes import RouteTable
 from fleetstate.stats import FleetStats, cache_status, node_sync_bytes
 from tasks.settings import FleetSettings
 
+from .metrics_gpu import worker_families
+
 log = logging.getLogger("warmfleet.metrics")
 
 
@@ -112,6 +114,8 @@ class FleetCollector(Collector):
         for state in registry.workers():
             per_worker.add_metric([state.worker, state.state], state.loads)
         yield per_worker
+
+        yield from worker_families(registry, RouteTable(self.redis))
 
         queues = {queue_for(r): r for r in releases}
         depths = queue_depths(self.redis, sorted(queues))

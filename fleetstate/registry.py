@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,13 +15,15 @@ from cachemgr.store import SnapshotStore
 
 from .keys import NODE_L2_KEY, NODE_L2_PATTERN, WARM_KEY, WARM_PATTERN, WORKER_KEY, WORKER_PATTERN
 
+MEMORY_FIELDS = ("l1_bytes", "mem_allocated", "mem_reserved", "mem_total", "mem_peak")
+
 
 @dataclass
 class WorkerState:
     worker: str
     node: str
     pid: int
-    state: str  # loading | warm | failed | stopping
+    state: str  # loading | warm | sick | failed | stopping
     releases: list[str] = field(default_factory=list)
     device: str = "cpu"
     loads: int = 0  # pipelines loaded by this process since it started
@@ -30,6 +33,12 @@ class WorkerState:
     warm_error: str = ""  # why that request failed, one line; empty when it succeeded
     lora_params: int = 0  # parameters of the LoRA layers resident in its pipelines (what adapters cost)
     lora_bytes: int = 0
+
+    l1_bytes: int = 0  # bytes the loaded pipelines' modules hold (parameters and buffers)
+    mem_allocated: int = 0  # device memory, as the worker's allocator sees it (0 on the CPU)
+    mem_reserved: int = 0
+    mem_total: int = 0
+    mem_peak: int = 0
     started_at: float = field(default_factory=time.time)
     heartbeat_at: float = field(default_factory=time.time)
 
@@ -55,6 +64,7 @@ class WorkerState:
             warm_error=d.get("warm_error", ""),
             lora_params=int(d.get("lora_params", 0)),
             lora_bytes=int(d.get("lora_bytes", 0)),
+            **{k: int(d.get(k, 0) or 0) for k in MEMORY_FIELDS},
             started_at=float(d.get("started_at", 0)),
             heartbeat_at=float(d.get("heartbeat_at", 0)),
         )
@@ -176,17 +186,23 @@ class Heartbeat(threading.Thread):
     the store (so `warmfleet status` can say which releases a node could warm without a download)."""
 
     def __init__(self, registry: WarmRegistry, state: WorkerState, interval: float,
-                 l2: SnapshotStore | None = None) -> None:
+                 l2: SnapshotStore | None = None, refresh: Callable[[WorkerState], None] | None = None) -> None:
         super().__init__(name="warmfleet-heartbeat", daemon=True)
         self.registry = registry
         self.state = state
         self.interval = interval
         self.l2 = l2
+        self.refresh = refresh  # e.g. sample the device's memory into the state before each beat
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         self._publish_l2()
         while not self._stop_event.wait(self.interval):
+            try:
+                if self.refresh is not None:
+                    self.refresh(self.state)
+            except Exception:  # a figure we could not read must not stop the heartbeat
+                pass
             try:
                 self.registry.publish(self.state)
             except redis.RedisError:

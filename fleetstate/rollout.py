@@ -15,7 +15,7 @@ import redis
 from cachemgr.names import Release, queue_for
 
 from .queues import MoveReport, PinnedTest, move_queued, queue_depths, queued_releases
-from .registry import WarmRegistry
+from .registry import MEMORY_FIELDS, WarmRegistry
 from .routes import Route, RouteError, RouteTable
 
 
@@ -125,7 +125,9 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
         }
     out["workers"] = [_worker_row(w, w.worker, now) | {"state": w.state, "releases": w.releases, "error": w.error,
                                                        "warm_error": w.warm_error, "lora_params": w.lora_params,
-                                                       "lora_bytes": w.lora_bytes}
+                                                       "lora_bytes": w.lora_bytes,
+                                                       "device": w.device,
+                                                       "memory": {k: getattr(w, k) for k in MEMORY_FIELDS}}
                       for w in workers.values()]
     out["nodes"] = {node: {"reported_by": info.reported_by, "age_s": round(now - info.at, 1), "root": info.root,
                            "refs": sorted(info.refs)} for node, info in nodes.items()}

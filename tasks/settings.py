@@ -81,6 +81,10 @@ class FleetSettings(BaseSettings):
         "retires the least recently used release nothing routes or pins"
     )
     max_adapter_bytes: int = Field(0, ge=0, description="bytes of LoRA files one worker holds at most (0: no bound)")
+
+    failure_breaker: int = Field(
+        5, ge=0, le=1000, description="this many different jobs failing in a row (none succeeding between) make the "
+        "worker sick: it leaves the warm registry, stops consuming and fails `warmfleet health`; 0 = never")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     peer_enabled: bool = Field(True, description="fill L2 from the site's other nodes before L3 (needs peer_secret)")

@@ -97,12 +97,12 @@ def child_env(settings: FleetSettings, **extra: str) -> dict[str, str]:
 
 
 def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir: Path, wait: bool = True,
-                 timeout: float = 120, **env: str) -> WorkerProc:
+                 timeout: float = 120, entry: str | None = None, **env: str) -> WorkerProc:
     logdir.mkdir(parents=True, exist_ok=True)
     log = logdir / f"{name}.log"
     from .fault_worker import POISON_ENV
 
-    entry = "tests.fault_worker" if POISON_ENV in env else "fleetctl.cli"  # a poisoned worker: the fault is wrapped in
+    entry = entry or ("tests.fault_worker" if POISON_ENV in env else "fleetctl.cli")  # a poisoned worker: the fault is wrapped in
     argv = [sys.executable, "-m", entry, "worker", "--name", name]
     for r in releases:
         argv += ["--release", r]

@@ -33,9 +33,11 @@ from typing import Any
 
 from kombu.utils.uuid import uuid
 
+from tasks.errors import one_line
 from tasks.requests import GenerateRequest, request_of_job
 from tasks.router import GENERATE_TASK
 
+from .gpu import release_device_memory
 from .runtime import Prepared, WorkerRuntime
 
 log = logging.getLogger("warmfleet.batching")
@@ -90,20 +92,24 @@ def parse_job(task: Any, request: Any) -> Job:
 def plan_batches(runtime: WorkerRuntime, jobs: list[Job], batch_max: int) -> list[list[Job]]:
     """Groups of compatible jobs, each at most batch_max long, in arrival order; singletons are left out."""
     groups: dict[Hashable, list[Job]] = {}
+    sizes: dict[Hashable, int] = {}
     for job in jobs:
         if job.generate is None:
             continue
         try:
             key = call_shape(runtime, job.generate, job.queue)
-        except Exception:  # a job for a release this worker does not hold: it fails alone
+        except Exception:  # a job for a release this worker does not hold, or over its limits: it fails alone
             continue
         if key is not None:
             groups.setdefault(key, []).append(job)
+            limits = runtime.pick(job.generate, job.queue).resident.limits
+            sizes.setdefault(key, max(1, min(batch_max, limits.get("max_batch", batch_max))))
     batches = []
-    for group in groups.values():
-        for start in range(0, len(group), batch_max):
-            if len(group[start:start + batch_max]) > 1:
-                batches.append(group[start:start + batch_max])
+    for key, group in groups.items():
+        size = sizes[key]
+        for start in range(0, len(group), size):
+            if len(group[start:start + size]) > 1:
+                batches.append(group[start:start + size])
     return batches
 
 
@@ -116,7 +122,12 @@ def prepare(runtime: WorkerRuntime, batch: list[Job]) -> int:
     try:
         images, inference = resident.generate_batch([job.generate for job in batch], release)  # type: ignore[misc]
     except Exception as exc:
-        log.warning("batch of %d failed (%s: %s); its jobs run one at a time", len(batch), type(exc).__name__, exc)
+        log.warning("batch of %d failed (%s); its jobs run one at a time", len(batch), one_line(exc))
+        failed = True
+    else:
+        failed = False
+    if failed:  # outside the except block, so the tensors the failed call held can go
+        release_device_memory(resident.device)
         return 0
     batch_id = uuid()
     for job, (png, params) in zip(batch, images, strict=True):

@@ -34,7 +34,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from tasks.peering import peer_source
 
     from .batching import enable_batching
-    from .device import resolve_device, resolve_dtype
+    from .breaker import FailureBreaker, sick_handler
+    from .device import DeviceError, resolve_device, resolve_dtype
+    from .gpu import sample_into
     from .jobs import JobRunner
     from .live import LiveAdapters, attach_live
     from .models import builder_for, family_of, group_by_base
@@ -49,7 +51,12 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     torch.set_num_interop_threads(1)
     configure(settings)
     hostname = worker_name(settings, releases, name)
-    device = resolve_device(settings.device)
+    try:  # before any sync or load: a device this node lacks is one line now, not an error after minutes
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+    except DeviceError as exc:
+        print(f"warmfleet worker: {exc}", file=sys.stderr)
+        return 2
     broker = settings.resolved_broker_url
     if not broker:
         print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
@@ -76,9 +83,10 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
             first = group[0]
             resident = (
                 builder_for(family_of(cache.store, first)).builder(first.model, first).also_serving(*group[1:])
-                .with_cache(cache).on(device, resolve_dtype(settings.dtype, device)).with_events(events).build()
+                .with_cache(cache).on(device, dtype).with_events(events).build()
             )
             pipelines.update(dict.fromkeys(resident.releases, resident))
+            state.l1_bytes += resident.nbytes
             state.loads += 1  # releases that differ only in their LoRA share one pipeline: one load
     except Exception as exc:
         state.state = "failed"
@@ -92,23 +100,27 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
 
     def after_job(current: WorkerState) -> None:
+        sample_into(current, device)
         registry.publish(current)
         stats.incr(l1_hits=1)
 
     runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
-    attach_runner(app, JobRunner(runtime, registry.redis, settings))
+    queues = ",".join(queue_for(r) for r in releases)
+    breaker = FailureBreaker(settings.failure_breaker, sick_handler(app, registry, state, queues.split(","), events))
+    attach_runner(app, JobRunner(runtime, registry.redis, settings, breaker))
     enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
     live = LiveAdapters(runtime, registry, archive, cache.store, events, settings.max_resident_adapters,
                         settings.max_adapter_bytes)
     attach_live(app, live)  # `warmfleet warm` / `retire`: adapters loaded and deleted between two jobs
     state.lora_params, state.lora_bytes = live.footprint()
     state.state = "warm"
+    sample_into(state, device)
     registry.publish(state)
-    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
+    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store,
+                          refresh=lambda current: sample_into(current, device))
     heartbeat.start()
     sweeper = Sweeper(registry.redis)  # jobs of dead peers back in their queue within the heartbeat TTL
     sweeper.start()
-    queues = ",".join(queue_for(r) for r in releases)
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
     try:
         app.worker_main(

@@ -9,8 +9,13 @@ from celery.exceptions import Reject, TaskPredicate
 
 from fleetstate.dead import DeadJob, DeadLetters
 from fleetstate.leases import JobDead, JobLease, effective_lease_seconds
+from tasks.errors import JobFailed, JobRefused, one_line
+from tasks.generate import NotServing
 from tasks.requests import BadRequest, GenerateRequest
 
+from .breaker import FailureBreaker
+from .gpu import is_out_of_memory, release_device_memory
+from .limits import describe_limits
 from .runtime import WorkerRuntime
 
 
@@ -20,12 +25,16 @@ class JobRunner:
     A duplicate delivery of a finished job returns the stored result (nothing recomputed); a job whose
     serve call fails is retried with backoff while retries are left, then recorded as dead and failed."""
 
-    def __init__(self, runtime: WorkerRuntime, redis_client: Any, settings: Any) -> None:
+    def __init__(self, runtime: WorkerRuntime, redis_client: Any, settings: Any,
+                 breaker: FailureBreaker | None = None) -> None:
         self.runtime = runtime
         self.redis = redis_client
         self.settings = settings
+        self.breaker = breaker
 
     def run(self, task: Task, request: GenerateRequest) -> dict[str, Any]:
+        if self.breaker is not None and self.breaker.tripped:  # sick: run nothing, put the job back for a peer
+            raise Reject(f"worker is sick ({self.breaker.reason}); job put back on its queue", requeue=True)
         delivery = task.request.delivery_info or {}
         queue = delivery.get("routing_key") or delivery.get("queue")
         sent_at = getattr(task.request, "fleet_sent_at", None)
@@ -36,14 +45,48 @@ class JobRunner:
             if claim.dead is not None:
                 raise JobDead(claim.dead)
             try:
-                result = self.runtime.serve(request, task_id=task.request.id, queue=queue, sent_at=sent_at)
+                result = self._serve(request, task.request.id, queue, sent_at)
             except (BadRequest, TaskPredicate):
                 raise
             except Exception as exc:
                 lease.release()  # the retry's delivery takes the lease afresh
+                if (self.breaker is not None and not isinstance(exc, NotServing)
+                        and self.breaker.failure(task.request.id, one_line(exc))):
+                    # this worker is sick, not the job: it goes back whole to its queue, no retry spent
+                    raise Reject(f"worker is sick; job put back on its queue ({one_line(exc)})", requeue=True) from None
                 raise self._retry_or_bury(task, exc, lease, queue) from None
+            if self.breaker is not None:
+                self.breaker.success()
             lease.complete(result)
             return result
+
+    def _serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
+        """Serve the job; out of device memory, free what it held and try once more here, then refuse it."""
+        reason = ""
+        for _ in range(2):
+            try:
+                return self.runtime.serve(request, task_id=task_id, queue=queue, sent_at=sent_at)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                reason = one_line(exc, limit=160)
+            # outside the except block: the traceback, and the tensors its frames held, are gone
+            release_device_memory(self._device(request, queue))
+        raise self._out_of_memory(request, queue, reason)
+
+    def _device(self, request: GenerateRequest, queue: str | None) -> str:
+        try:
+            return self.runtime.pick(request, queue).resident.device
+        except Exception:
+            return "cpu"
+
+    def _out_of_memory(self, request: GenerateRequest, queue: str | None, reason: str) -> JobRefused:
+        release, resident = self.runtime.pick(request, queue)
+        params = resident.resolve(request)
+        return JobRefused(
+            f"out of device memory for {params['width']}x{params['height']}, {params['steps']} steps on {release} "
+            f"({resident.device}) even after freeing cached memory and trying again; this release allows "
+            f"{describe_limits(resident.limits)}: ask for a smaller image ({reason})")
 
     def _lease(self, task: Task) -> JobLease:
         settings = self.settings
@@ -64,11 +107,11 @@ class JobRunner:
                 return task.retry(exc=exc, countdown=countdown, max_retries=settings.job_max_retries, throw=False)
             except Reject:  # the retry could not be published (broker down): keep the message, never drop the job
                 return Reject(exc, requeue=True)
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = one_line(exc)
         lease.bury(reason)
         try:
             DeadLetters(lease.redis).record(DeadJob(task.request.id, reason, dict(task.request.kwargs or {}), retries,
                                                     task.request.hostname or "?", queue))
         except Exception:  # the failure itself still reaches the result backend and the producer
             pass
-        return exc
+        return JobFailed(f"{reason} (failed {retries + 1} times on {task.request.hostname or '?'}; in `warmfleet dead`)")

@@ -17,6 +17,8 @@ from typing import Any
 
 from tasks.requests import GenerateRequest
 
+from .limits import check_limits, tiling_wanted
+
 CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[str, Any]]
 """(request, resolved params, release defaults) → keyword arguments of the family's pipeline call."""
 
@@ -54,6 +56,10 @@ class ResidentPipeline:
     switches: int = 0
     lora_disabled: bool = False
     last_used: dict[str, float] = field(default_factory=dict)  # release → time.monotonic() of its last job
+
+    limits: dict[str, int] = field(default_factory=dict)  # max_width, max_height, max_steps, max_batch (workers/limits)
+    tuning: dict[str, Any] = field(default_factory=dict)  # the base's meta: vae_tiling_above, …
+    tiled: bool = False
 
     @property
     def releases(self) -> list[str]:
@@ -126,13 +132,24 @@ class ResidentPipeline:
         return params, nbytes
 
     def resolve(self, request: GenerateRequest) -> dict[str, Any]:
-        return {
+        """The job's parameters with the release's defaults; over the release's limits, JobRefused (one line)."""
+        params = {
             "steps": request.steps or self.defaults["steps"],
             "guidance": request.guidance if request.guidance is not None else self.defaults["guidance"],
             "width": request.width or self.defaults["width"],
             "height": request.height or self.defaults["height"],
             "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
         }
+        check_limits(params, self.limits, request.release or self.active or self.release)
+        return params
+
+    def tile_for(self, params: dict[str, Any]) -> None:
+        """Decode in tiles above the release's `vae_tiling_above` side, whole below it (switched only on change)."""
+        want = tiling_wanted(params, self.tuning)
+        vae = getattr(self.pipeline, "vae", None)
+        if want != self.tiled and hasattr(vae, "enable_tiling"):
+            (vae.enable_tiling if want else vae.disable_tiling)()
+            self.tiled = want
 
     def generate(self, request: GenerateRequest, release: str | None = None) -> tuple[bytes, dict[str, Any], float]:
         """PNG bytes, the parameters used, and inference seconds. Same release and seed → same bytes."""
@@ -140,6 +157,7 @@ class ResidentPipeline:
 
         self.activate(release or self.active or self.release)
         params = self.resolve(request)
+        self.tile_for(params)
         generator = torch.Generator("cpu").manual_seed(params["seed"])
         started = time.perf_counter()
         with torch.inference_mode():
@@ -158,6 +176,7 @@ class ResidentPipeline:
 
         self.activate(release)
         params = [self.resolve(request) for request in requests]
+        self.tile_for(params[0])  # one call shape: the same size for every job
         calls = [self.call_kwargs(request, p, self.defaults) for request, p in zip(requests, params, strict=True)]
         kwargs = dict(calls[0])
         kwargs["prompt"] = [call["prompt"] for call in calls]

@@ -40,17 +40,19 @@ def _default_releases(settings: FleetSettings) -> list[str]:
 @click.option("--no-beat", is_flag=True)
 @click.option("--archive", type=click.Choice(["local", "oss"]), default="local",
               help="L3: a local directory, or the project's OSS-protocol server on loopback (a real oss:// archive)")
+@click.option("--gpus", metavar="0,1,…", help="one worker per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)")
 @click.pass_context
 @friendly
 def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foreground: bool, no_flower: bool,
-       no_beat: bool, archive: str) -> None:
+       no_beat: bool, archive: str, gpus: str | None) -> None:
     """Start a local fleet on embedded defaults (private redis, workers, beat, Flower)."""
+    from fleetctl.gpus import parse_gpus
     from fleetctl.localfleet import LocalFleet
 
     settings = _settings(ctx)
     fleet = LocalFleet(settings, log=click.echo)
     state = fleet.up(list(releases) or _default_releases(settings), active, flower=not no_flower, beat=not no_beat,
-                     archive=archive)
+                     archive=archive, gpus=parse_gpus(gpus))
     _print_fleet(state)
     if foreground:
         _wait_for_interrupt(fleet, state)
@@ -150,13 +152,16 @@ def _print_results(rows: list[tuple[str, dict[str, Any]]]) -> None:
 @main.command()
 @click.option("--release", "releases", multiple=True, help="release to serve (repeatable; default FLEET_WORKER_RELEASES)")
 @click.option("--name", help="worker name (default gpu-<pid>@<node>)")
+@click.option("--device", help="cpu, cuda, cuda:N or auto (default FLEET_DEVICE); checked before any sync or load")
 @click.option("--loglevel", default="INFO")
 @click.pass_context
-def worker(ctx: click.Context, releases: tuple[str, ...], name: str | None, loglevel: str) -> None:
+def worker(ctx: click.Context, releases: tuple[str, ...], name: str | None, device: str | None, loglevel: str) -> None:
     """Run one GPU worker: ensure L2, load the pipeline once, announce warm, then consume."""
     from workers.boot import run_worker
 
     settings = _settings(ctx)
+    if device:
+        settings = settings.model_copy(update={"device": device})
     sys.exit(run_worker(settings, list(releases) or settings.worker_releases, name, loglevel))
 
 
@@ -387,9 +392,11 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
     """Send one prompt through the fleet and print the result."""
     from tasks import generate as generate_task
 
+    from .results import wait_one_line
+
     params = {k: v for k, v in dict(release=release, seed=seed, steps=steps, width=width, height=height).items()
               if v is not None}
-    result = generate_task.delay(prompt, **params).get(timeout=timeout)
+    result = wait_one_line(generate_task.delay(prompt, **params), timeout)
     click.echo(json.dumps(result, indent=1))
 
 

@@ -182,12 +182,21 @@ def status(ctx: click.Context, as_json: bool) -> None:
                    f"  peer server {sync['peer_server'] or '-'}")
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
 def _print_workers(rows: list[dict[str, Any]]) -> None:
-    click.echo(f"{'worker':<28} {'state':<8} {'loads':>5} {'jobs':>6} {'beat':>6}  releases")
+    click.echo(f"{'worker':<28} {'state':<8} {'loads':>5} {'jobs':>6} {'beat':>6}  {'device':<8} "
+               f"{'memory GiB (alloc/resv/peak/total, L1)':<40} releases")
     for w in rows:
         age = f"{w['heartbeat_age_s']:.1f}s" if w["heartbeat_age_s"] is not None else "?"
+        m = w.get("memory") or {}
+        memory = (f"{_gib(m.get('mem_allocated', 0))}/{_gib(m.get('mem_reserved', 0))}/{_gib(m.get('mem_peak', 0))}/"
+                  f"{_gib(m.get('mem_total', 0))}, L1 {_gib(m.get('l1_bytes', 0))}")
+        reason = f"  {'reason' if w['state'] == 'sick' else 'error'}: {w['error']}" if w["error"] else ""
         click.echo(f"{w['worker']:<28} {w['state']:<8} {w['loads']:>5} {w['jobs']:>6} {age:>6}  "
-                   f"{', '.join(w['releases'])}{'  error: ' + w['error'] if w['error'] else ''}")
+                   f"{w.get('device') or '?':<8} {memory:<40} {', '.join(w['releases'])}{reason}")
         if w.get("warm_error"):
             click.echo(f"{'':<28} last warm failed: {w['warm_error']}")
 

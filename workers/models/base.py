@@ -17,6 +17,8 @@ from cachemgr.sync import sync_release
 from tasks.requests import GenerateRequest
 
 from ..device import resolve_device, resolve_dtype
+from ..gpu import resident_bytes
+from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
 
@@ -202,9 +204,13 @@ class ModelBuilder:
         except Exception as exc:  # diffusers raises many kinds; the worker needs one clear reason
             raise LoadError(f"cannot load {primary}: {type(exc).__name__}: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
+        try:
+            limits = limits_of(base.meta)
+            tuned = apply_tuning(pipe, base.meta, device)
+        except Exception as exc:
+            raise LoadError(f"cannot tune {primary} as its meta asks: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
-        refs = list(dict.fromkeys(ref for r in releases for ref in r.refs()))
-        nbytes = sum(store.manifest(ref).total_size for ref in refs)
+        nbytes = resident_bytes(pipe)  # what the loaded modules hold, not the files' size
         resident = ResidentPipeline(
             release=str(primary),
             family=self.family,
@@ -216,12 +222,16 @@ class ModelBuilder:
             nbytes=nbytes,
             adapters=adapters,
             call_kwargs=self.call_kwargs,
+            limits=limits,
+            tuning=dict(base.meta),
         )
         resident.activate(str(primary))
+        if "compile_unet" in tuned:  # compile happens at the first call: do it now, before the worker says warm
+            resident.generate(GenerateRequest(prompt="warm-up", seed=0))
         if self.events:
             self.events.emit("L1_LOAD", release=str(primary), releases=",".join(map(str, releases)),
                              adapters=",".join(resident.adapter_names), device=device, bytes=nbytes,
-                             seconds=round(seconds, 3))
+                             seconds=round(seconds, 3), **({"tuning": ",".join(tuned)} if tuned else {}))
         return resident
 
     def load_adapters(self, pipe: Any, store: SnapshotStore, releases: list[Release]) -> dict[str, tuple[str, ...]]:
