@@ -57,6 +57,8 @@ class VersionPlan:
     skipped: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    workdir: Any = None  # a TemporaryDirectory holding generated files, removed with the plan
 
     @property
     def total_size(self) -> int:
@@ -81,6 +83,7 @@ class VersionPlan:
         for rel in sorted({**self.files, **self.generated}):
             tag = self.precision.get(rel, "generated" if rel in self.generated else "")
             lines.append(f"  {rel}" + (f"  [{tag}]" if tag else ""))
+        lines += self.notes
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: {', '.join(sorted(self.skipped))}")
         return lines
@@ -164,10 +167,31 @@ def plan_single_file(path: Path, given: str | None, config: Path | None) -> Vers
     plan.precision[path.name] = precision(tensors)
     plan.meta.update(checkpoint=path.name)
     if config is None:
-        raise LayoutError(f"{path.name}: pass --config DIR, a diffusers folder of this {FAMILY_NAMES[family]} "
-                          "model's configs and tokenizers (weights not needed), so workers load it offline")
+        _standard_config(plan, tensors)
+        return plan
     plan.files.update(_config_files(config))
     return plan
+
+
+def _standard_config(plan: VersionPlan, tensors: dict[str, Any]) -> None:
+    """The family's packaged config, when the checkpoint has the standard dimensions; else one line asking for one."""
+    import tempfile
+
+    from . import standard
+
+    name = FAMILY_NAMES[plan.family]
+    why = standard.mismatch(plan.family, tensors)
+    if why is not None:
+        raise LayoutError(f"{plan.meta['checkpoint']} is not a standard {name} model ({why}); pass --config DIR, "
+                          "a diffusers folder of its configs and tokenizers (weights not needed)")
+    plan.workdir = tempfile.TemporaryDirectory(prefix="warmfleet-config-")
+    folder = standard.write_config(plan.family, Path(plan.workdir.name) / CONFIG_FOLDER)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            plan.generated[f"{CONFIG_FOLDER}/{p.relative_to(folder).as_posix()}"] = p
+    plan.meta.update(config="standard")
+    plan.notes.append(f"config: the standard {name} config shipped with warmfleet"
+                      + (f" ({standard.NOTES[plan.family]})" if plan.family in standard.NOTES else ""))
 
 
 def _walk(root: Path) -> tuple[dict[str, Path], list[str]]:
