@@ -84,8 +84,15 @@ class Manifest:
         """The same version with only the files a node needs (e.g. one precision of a model published in two)."""
         from dataclasses import replace
 
+        omitted = sorted({f.path for f in self.files} - keep) + list(self.meta.get("omitted", ()))
         return replace(self, files=tuple(f for f in self.files if f.path in keep),
-                       meta={**self.meta, "subset_of": len(self.files)})
+                       meta={**self.meta, "subset_of": len(self.files) + len(self.meta.get("omitted", ())),
+                             "omitted": sorted(omitted)})
+
+    @property
+    def version_paths(self) -> list[str]:
+        """Every file of the published version, those a subset left out (meta "omitted") included."""
+        return [f.path for f in self.files] + list(self.meta.get("omitted", ()))
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

@@ -35,6 +35,14 @@ VERIFY_WORKERS = max(2, min(8, os.cpu_count() or 2))
 VERIFY_GROUP = 8 << 20
 
 
+def _all(manifest: Manifest) -> None:
+    return None
+
+
+_ALL: Select = _all
+"""No filter: every file of the version."""
+
+
 @dataclass(frozen=True)
 class SyncReport:
     ref: ComponentRef
@@ -215,7 +223,7 @@ def sync_ref(
     `buffer_bytes` bounds the fetched bytes the whole sync holds in memory at once (shared by the files fetched
     together), so a sync's memory does not grow with the model's size."""
     started = time.monotonic()
-    if store.has(ref):
+    if store.has(ref, select or _ALL):
         report = SyncReport(ref, "UNCHANGED", 0, store.manifest(ref).total_size, 0, time.monotonic() - started)
         _log(events, report)
         return report
@@ -223,7 +231,9 @@ def sync_ref(
     if manifest.ref != ref:
         raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
     keep = select(manifest) if select else None
-    if keep is not None:
+    if keep is not None and store.has(ref):  # a subset is here already (another precision): widen it
+        keep = keep | {f.path for f in store.manifest(ref).files}
+    if keep is not None and keep != {f.path for f in manifest.files}:
         manifest = manifest.subset(keep)
     index = PieceIndex.for_component(store, ref.model, ref.component)
     fetched = reused = files = gets = from_peers = 0
@@ -292,12 +302,14 @@ def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
         if events:
             events.emit("L2_VERIFY", outcome="QUARANTINED", model=ref.model, component=ref.component,
                         version=ref.version, file=check.path, reason=check.reason)
+    kept = store.manifest(ref)
     store.remove_snapshot(ref)
+    subset = {f.path for f in kept.files} if kept.meta.get("omitted") else None
     what = ", ".join(f"{c.path} ({c.reason})" for c in bad)
     if archive is None:
         raise ChecksumMismatch(f"{ref} in L2 at {store.root} is corrupt: {what}; no archive to fetch it again from")
     try:
-        sync_ref(archive, store, ref, events=events)
+        sync_ref(archive, store, ref, events=events, select=(lambda m: subset) if subset is not None else None)
     except (ChecksumMismatch, ArchiveError) as exc:
         raise ChecksumMismatch(f"{ref} in L2 at {store.root} was corrupt ({what}) and could not be fetched "
                                f"again: {exc}") from exc

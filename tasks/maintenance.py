@@ -16,6 +16,7 @@ from cachemgr import Cache, EventLog, Release
 from cachemgr.audit import execute_audit, plan_audit
 from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
+from cachemgr.variants import default_dtype, files_for
 from fleetstate.fanout import FanOutRuns
 from fleetstate.locks import run_lock
 from fleetstate.nodes import NodeRegistry
@@ -51,6 +52,19 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
     return sorted(refs)
 
 
+def node_dtype(settings: FleetSettings) -> str:
+    """The precision this node's workers compute in (as worker boot resolves it: cachemgr.variants.default_dtype
+    unless set), so the nightly sync fetches only that precision's files."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    device = settings.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return default_dtype(device)
+
+
 def redis_client(settings: FleetSettings) -> redis.Redis | None:
     url = settings.resolved_broker_url
     return redis.Redis.from_url(url) if url else None
@@ -70,7 +84,7 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
         archive = settings.open_archive()
         refs = refs if refs is not None else wanted_refs(settings, client)
         summary = sync_refs(archive, cache.store, refs, progress=progress, events=events,
-                            peers=peer_source(settings, client))
+                            peers=peer_source(settings, client), select=files_for(node_dtype(settings)))
     except Exception as exc:
         events.emit("SYNC_RUN", outcome="FAILED", reason=f"{type(exc).__name__}: {exc}",
                     seconds=round(time.monotonic() - started, 3))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from cachemgr.variants import default_dtype
+
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda|cuda:(\d{1,3})|mps)$")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -41,7 +43,7 @@ def resolve_device(requested: str | None) -> str:
 def resolve_dtype(requested: str | None, device: str) -> str:
     """The dtype to use on `device`; one that device cannot compute in raises DeviceError (one line)."""
     if not requested or requested == "auto":
-        return "float16" if device.startswith("cuda") else "float32"
+        return default_dtype(device)
     if requested not in DTYPES:
         raise DeviceError(f"dtype {requested!r} is not one of {', '.join(DTYPES)} or auto; set FLEET_DTYPE")
     if requested == "bfloat16" and device.startswith("cuda"):

@@ -97,7 +97,9 @@ def _open_clip_state(text_encoder: Any) -> dict[str, Any]:
            "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
            "ln_final.weight": state.pop("final_layer_norm.weight"),
            "ln_final.bias": state.pop("final_layer_norm.bias"),
-           "text_projection": state.pop("text_projection.weight").T.contiguous()}
+           }
+    if "text_projection.weight" in state:  # SDXL's second encoder; SD 2.x's CLIPTextModel has no projection
+        out["text_projection"] = state.pop("text_projection.weight").T.contiguous()
     layers: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         head, _, rest = key.removeprefix("encoder.layers.").partition(".")
@@ -155,3 +157,47 @@ def add_hub_clutter(folder: Path) -> Path:
 def copy_without_weights(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
     return dest
+
+
+def original_shapes(config: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of an original-layout checkpoint of the pipeline `config` describes, from its
+    modules built on the meta device (no memory, no weights)."""
+    from types import SimpleNamespace
+
+    from workers.models.skeleton import meta_module
+
+    index = json.loads((config / "model_index.json").read_text())
+    parts = {name: meta_module(config / name, spec[0], spec[1]) for name, spec in index.items()
+             if name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    pipe = SimpleNamespace(**parts)
+    names = original_state_dict(pipe)
+    if "text_encoder_2" in parts:  # SDXL: the first encoder sits under conditioner.embedders.0, the second is OpenCLIP
+        names = {k.replace("cond_stage_model.transformer.", SDXL_CLIP_PREFIX): v for k, v in names.items()}
+        names.update({SDXL_OPENCLIP_PREFIX + k: v for k, v in _open_clip_state(parts["text_encoder_2"]).items()})
+    elif parts["text_encoder"].config.hidden_size != 768:  # SD 2.x: OpenCLIP names under cond_stage_model.model
+        names = {k: v for k, v in names.items() if not k.startswith("cond_stage_model.transformer.")}
+        names.update({"cond_stage_model.model." + k: v for k, v in _open_clip_state(parts["text_encoder"]).items()})
+    return {k: tuple(v.shape) for k, v in names.items()}
+
+
+def save_sparse_checkpoint(shapes: dict[str, tuple[int, ...]], path: Path, dtype: str = "F16") -> Path:
+    """A safetensors file with these tensors, all zero, written as a header and a sparse hole: a real-size SDXL file
+    costs a few MB of disk and no time. Zeros are valid fp16/fp32 values, so the file loads."""
+    import struct
+
+    width = {"F16": 2, "BF16": 2, "F32": 4}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(shapes):
+        n = width
+        for d in shapes[name]:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return path

@@ -154,10 +154,11 @@ class ModelBuilder:
         """L2 first: sync from the archive if given, else insist every component is already on disk."""
         releases = self.releases
         store = self._resolved_cache().store
+        select = files_for(self._resolved_device()[1])
         for release in releases:
-            missing = [ref for ref in release.refs() if not store.has(ref)]
+            missing = [ref for ref in release.refs() if not store.has(ref, select)]
             if missing and self.archive is not None:
-                sync_release(self.archive, store, release, events=self.events, select=files_for(self._resolved_device()[1]))
+                sync_release(self.archive, store, release, events=self.events, select=select)
             elif missing:
                 raise LoadError(
                     f"{', '.join(map(str, missing))} not in L2 at {store.root}; run `warmfleet sync` or give an archive"

@@ -10,10 +10,11 @@ and what the manifest records (family, layout, checkpoint or LoRA file name, pre
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cachemgr.variants import files_for, is_weights, variant_for, variant_of, wanted_files
 
 from .detect import (
     CLUTTER_NAMES,
@@ -34,19 +35,7 @@ LAYOUT_VERSION = 2
 CONFIG_FOLDER = "config"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-_VARIANT = re.compile(r"\.(fp16|bf16|fp32)(?:-\d+-of-\d+)?\.safetensors$|\.safetensors\.index\.(fp16|bf16|fp32)\.json$")
-
-
-def variant_of(rel: str) -> str | None:
-    """diffusers' variant naming: `x.fp16.safetensors`, `x.fp16-00001-of-00002.safetensors`, `x.safetensors.index.fp16.json`."""
-    m = _VARIANT.search(rel)
-    return (m[1] or m[2]) if m else None
-
-
-def is_weights(rel: str) -> bool:
-    return rel.endswith(".safetensors") or (".safetensors.index" in rel and rel.endswith(".json"))
-
-
+__all__ = ["VersionPlan", "plan_version", "files_for", "is_weights", "variant_for", "variant_of", "wanted_files"]
 @dataclass
 class VersionPlan:
     component: str
@@ -57,6 +46,8 @@ class VersionPlan:
     skipped: list[str] = field(default_factory=list)
     precision: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    workdir: Any = None  # a TemporaryDirectory holding generated files, removed with the plan
 
     @property
     def total_size(self) -> int:
@@ -81,6 +72,7 @@ class VersionPlan:
         for rel in sorted({**self.files, **self.generated}):
             tag = self.precision.get(rel, "generated" if rel in self.generated else "")
             lines.append(f"  {rel}" + (f"  [{tag}]" if tag else ""))
+        lines += self.notes
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}: {', '.join(sorted(self.skipped))}")
         return lines
@@ -164,10 +156,31 @@ def plan_single_file(path: Path, given: str | None, config: Path | None) -> Vers
     plan.precision[path.name] = precision(tensors)
     plan.meta.update(checkpoint=path.name)
     if config is None:
-        raise LayoutError(f"{path.name}: pass --config DIR, a diffusers folder of this {FAMILY_NAMES[family]} "
-                          "model's configs and tokenizers (weights not needed), so workers load it offline")
+        _standard_config(plan, tensors)
+        return plan
     plan.files.update(_config_files(config))
     return plan
+
+
+def _standard_config(plan: VersionPlan, tensors: dict[str, Any]) -> None:
+    """The family's packaged config, when the checkpoint has the standard dimensions; else one line asking for one."""
+    import tempfile
+
+    from . import standard
+
+    name = FAMILY_NAMES[plan.family]
+    why = standard.mismatch(plan.family, tensors)
+    if why is not None:
+        raise LayoutError(f"{plan.meta['checkpoint']} is not a standard {name} model ({why}); pass --config DIR, "
+                          "a diffusers folder of its configs and tokenizers (weights not needed)")
+    plan.workdir = tempfile.TemporaryDirectory(prefix="warmfleet-config-")
+    folder = standard.write_config(plan.family, Path(plan.workdir.name) / CONFIG_FOLDER)
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            plan.generated[f"{CONFIG_FOLDER}/{p.relative_to(folder).as_posix()}"] = p
+    plan.meta.update(config="standard")
+    plan.notes.append(f"config: the standard {name} config shipped with warmfleet"
+                      + (f" ({standard.NOTES[plan.family]})" if plan.family in standard.NOTES else ""))
 
 
 def _walk(root: Path) -> tuple[dict[str, Path], list[str]]:
@@ -247,32 +260,3 @@ def plan_version(path: Path, component: str, family: str | None = None, config: 
         raise LayoutError(f"{path.name} is a {plan.component}, not a {component}")
     plan.meta.update(family=plan.family, layout=plan.layout, layout_version=LAYOUT_VERSION, precision=plan.precision)
     return plan
-
-
-def wanted_files(meta: dict[str, Any], paths: list[str], dtype: str) -> set[str] | None:
-    """The files a worker on `dtype` needs from a diffusers version with variants; None means all of them.
-    fp16 workers take the fp16 files, others the plain (fp32) ones when there are any."""
-    variant = variant_for(meta, dtype)
-    if not meta.get("variants"):
-        return None
-    return {p for p in paths if not is_weights(p) or variant_of(p) == variant}
-
-
-def variant_for(meta: dict[str, Any], dtype: str) -> str | None:
-    """The `variant=` a worker passes to from_pretrained: its dtype's when published, else the plain files, else
-    the only variant there is (fp16-only folders load on fp32 workers too, cast up)."""
-    variants = list(meta.get("variants") or ())
-    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
-    if short in variants:
-        return short
-    if meta.get("plain_weights", True) or not variants:
-        return None
-    return variants[0]
-
-
-def files_for(dtype: str):  # noqa: ANN201 - a cachemgr.sync.Select
-    """The sync filter of a worker computing in `dtype`."""
-    def select(manifest: Any) -> set[str] | None:
-        return wanted_files(manifest.meta, [f.path for f in manifest.files], dtype)
-
-    return select

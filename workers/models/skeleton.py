@@ -14,8 +14,8 @@ from .original_layout import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, UnsupportedLa
 WEIGHTED = {"unet", "vae", "text_encoder", "text_encoder_2", "prior", "decoder", "vqgan"}
 
 
-def expected_shapes(folder: Path, library: str, class_name: str) -> dict[str, tuple[int, ...]]:
-    """The weights one module built from its config.json expects, on the meta device."""
+def meta_module(folder: Path, library: str, class_name: str):  # noqa: ANN201 - a torch module on the meta device
+    """One module of a pipeline built from its config.json on the meta device."""
     import diffusers
     import transformers
     from accelerate import init_empty_weights
@@ -29,6 +29,12 @@ def expected_shapes(folder: Path, library: str, class_name: str) -> dict[str, tu
             model = cls.from_config(cls.load_config(folder))
         else:
             model = cls(cls.config_class.from_pretrained(folder))
+    return model
+
+
+def expected_shapes(folder: Path, library: str, class_name: str) -> dict[str, tuple[int, ...]]:
+    """The weights one module built from its config.json expects, on the meta device."""
+    model = meta_module(folder, library, class_name)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
