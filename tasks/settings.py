@@ -80,6 +80,11 @@ class FleetSettings(BaseSettings):
         "retires the least recently used release nothing routes or pins"
     )
     max_adapter_bytes: int = Field(0, ge=0, description="bytes of LoRA files one worker holds at most (0: no bound)")
+    auto_warm: bool = Field(
+        False, description="opt-in: releases declared with `warmfleet routes prewarm` are warmed on every running "
+        "worker of their base, after each node's sync and on a beat tick"
+    )
+    auto_warm_seconds: float = Field(60.0, ge=5, description="beat's auto-warm tick, when auto_warm is on")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     flower_port: int = 5555
