@@ -12,7 +12,8 @@ version for that base published into its archive. While a backlog of jobs keeps 
   while a warm was in flight, divided by the median gap outside them (one job's time). Target ≤ 2: the pause is at
   most one adapter load;
 - base reloads: the worker's `loads` counter after the warms minus before. Target 0;
-- cold: a new worker process started on the new release (spawn → warm), what a release cost before this.
+- cold: a new worker process started on the new release (spawn → warm), what a release cost before this;
+- images: one image (seed 7) from the live-warmed adapter, the same request from the new worker: equal bytes.
 Entries are named `live_lora.<metric>` for tiny and `live_lora.<metric>_large` for large (each size its own section).
 """
 
@@ -64,6 +65,7 @@ def measure(size: str, repeats: int, jobs: int) -> dict:
     from fleetctl.live import retire, warm
     from fleetstate.registry import WarmRegistry
     from tests.support import start_worker
+    from workers.outputs import read_uri
 
     release, new = SIZES[size].release, new_release(size)
     with tempfile.TemporaryDirectory(prefix=f"bench-live-lora-{size}-") as tmp:
@@ -98,6 +100,7 @@ def measure(size: str, repeats: int, jobs: int) -> dict:
                 if name not in outcome.done:
                     raise SystemExit(f"warm failed: {outcome.refused or outcome.failed}")
                 warm_s.append(outcome.done[name])
+                live_image = f.tasks.generate.delay("Leather Jacket", seed=7, release=new).get(timeout=600)
                 time.sleep(2.0)
                 retire(f.tasks.app, client, new, on=["w-live"], force=True)
                 time.sleep(2.0)
@@ -112,10 +115,17 @@ def measure(size: str, repeats: int, jobs: int) -> dict:
             started = time.perf_counter()
             cold = start_worker(f.settings, [new], "w-cold", work / "logs", wait=True, timeout=600)
             cold_s = time.perf_counter() - started
+            live_result = live_image  # made by the live-loaded adapter, before the retire
+            fresh_result = f.tasks.generate.delay("Leather Jacket", seed=7, release=new).get(timeout=600)
             cold.stop()
+            same = read_uri(live_result["image_uri"]) == read_uri(fresh_result["image_uri"])
+            if {live_result["worker"], fresh_result["worker"]} != {name, f.full_name("w-cold")}:
+                raise SystemExit(f"image check: expected one image from each worker, got {live_result['worker']}, "
+                                 f"{fresh_result['worker']}")
     job_s = statistics.median(outside)
     return {"release": release, "new": new, "adapter_bytes": adapter_bytes, "warm_s": warm_s, "cold_s": cold_s,
-            "reloads": reloads, "job_s": job_s, "max_gap_s": max(inside), "jobs": len(sent), "repeats": repeats}
+            "reloads": reloads, "job_s": job_s, "max_gap_s": max(inside), "jobs": len(sent), "repeats": repeats,
+            "images_equal": same}
 
 
 def report(size: str, m: dict) -> None:
@@ -128,6 +138,7 @@ def report(size: str, m: dict) -> None:
         entry(f"live_lora.cold_over_warm{suffix}", round(cold_ms / warm_ms, 2), "x"),
         entry(f"live_lora.base_reloads{suffix}", m["reloads"], "loads", target="0"),
         entry(f"live_lora.max_serving_gap_over_job{suffix}", round(gap_ratio, 2), "x", target=f"<= {GAP_TARGET:g}"),
+        entry(f"live_lora.images_equal_to_fresh_worker{suffix}", int(m["images_equal"]), "bool", target="1"),
     ])
     write_section(f"live_lora{suffix}", f"""
 ## Live LoRA ({size}): a new version warmed on a running worker vs a new worker (`bench_live_lora.py --size {size}`)
@@ -144,6 +155,7 @@ warms under a constant backlog ({m['jobs']} jobs served meanwhile, none lost).
 | base loads during the warms | {m['reloads']} ({verdict(m['reloads'] == 0)} target 0) |
 | one job (median gap between finishes outside the warms) | {m['job_s'] * 1000:.0f} ms |
 | longest gap between two jobs while a warm was in flight | {m['max_gap_s'] * 1000:.0f} ms = {gap_ratio:.2f}× one job ({verdict(gap_ratio <= GAP_TARGET)} target ≤ {GAP_TARGET:g}) |
+| same seed: the live-warmed worker's PNG vs the new worker's, byte for byte | {'equal' if m['images_equal'] else 'DIFFERENT'} ({verdict(m['images_equal'])}) |
 """)
     print(f"{size}: warm {warm_ms:.0f} ms, cold worker {cold_ms:.0f} ms, base reloads {m['reloads']}, "
           f"max gap {gap_ratio:.2f}x one job ({m['job_s'] * 1000:.0f} ms)")

@@ -19,6 +19,10 @@ from fleetstate.live import reasons_to_keep
 from fleetstate.registry import WarmRegistry, WorkerState
 from tasks.prewarm import RETIRE_COMMAND, WARM_COMMAND, send_command
 
+ANSWER_SECONDS = 60.0
+"""How long a worker may take to answer: a solo-pool worker reads control commands between two jobs, so at least
+one long job (a command sent meanwhile is still run when the job ends, answered or not)."""
+
 
 class LiveRefused(ValueError):
     """A warm or retire refused before or by the workers: the message is one line."""
@@ -109,7 +113,7 @@ def _run(app: Any, registry: WarmRegistry, command: str, release: str, workers: 
     ticket = uuid.uuid4().hex
     started = time.monotonic()
     outcome = LiveOutcome(release)
-    answers = send_command(app, command, release, ticket, workers, timeout=5.0)
+    answers = send_command(app, command, release, ticket, workers, timeout=min(timeout, ANSWER_SECONDS))
     accepted = []
     for name, answer in answers.items():
         if "refused" in answer or "ok" not in answer:

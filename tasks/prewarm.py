@@ -50,9 +50,10 @@ def missing_prewarms(client: redis.Redis, node: str | None = None) -> dict[str, 
     return missing
 
 
-def auto_warm(settings: FleetSettings, node: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+def auto_warm(settings: FleetSettings, node: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """Send the warm command for every declared prewarm a running worker of its base lacks; release → worker →
-    its answer. Nothing is sent while FLEET_AUTO_WARM is off."""
+    its answer. Nothing is sent while FLEET_AUTO_WARM is off. A worker answers between two jobs; one that does not
+    within `timeout` still runs the command when its job ends."""
     if not settings.auto_warm:
         return {"skipped": "FLEET_AUTO_WARM is off"}
     url = settings.resolved_broker_url
