@@ -156,6 +156,9 @@ warms under a constant backlog ({m['jobs']} jobs served meanwhile, none lost).
 | one job (median gap between finishes outside the warms) | {m['job_s'] * 1000:.0f} ms |
 | longest gap between two jobs while a warm was in flight | {m['max_gap_s'] * 1000:.0f} ms = {gap_ratio:.2f}× one job ({verdict(gap_ratio <= GAP_TARGET)} target ≤ {GAP_TARGET:g}) |
 | same seed: the live-warmed worker's PNG vs the new worker's, byte for byte | {'equal' if m['images_equal'] else 'DIFFERENT'} ({verdict(m['images_equal'])}) |
+
+A busy worker reads the warm command between two jobs and loads the adapter between the next two, so on a worker
+with a backlog the warm takes about two jobs plus the load; the pause in serving is one load.
 """)
     print(f"{size}: warm {warm_ms:.0f} ms, cold worker {cold_ms:.0f} ms, base reloads {m['reloads']}, "
           f"max gap {gap_ratio:.2f}x one job ({m['job_s'] * 1000:.0f} ms)")
