@@ -23,6 +23,7 @@ from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES, SHARED_BASE_RELEAS
 from fleetstate.pins import Pins, protected_refs
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
+from tasks.maintenance import sync_l2
 from tasks.prewarm import auto_warm, missing_prewarms
 from tasks.requests import GenerateRequest
 from tasks.settings import FleetSettings
@@ -219,7 +220,7 @@ def test_the_adapter_budget_evicts_the_least_recently_used_or_refuses(fleet, fle
 
 
 def test_a_declared_prewarm_goes_live_on_the_workers_of_its_base_by_itself(fleet, fleet_settings, producer):
-    """`routes prewarm` declares a release; with FLEET_AUTO_WARM on, beat's tick (or a node's sync) sends the warm
+    """`routes prewarm` declares a release; with FLEET_AUTO_WARM on, a node's sync (or beat's tick) sends the warm
     command to every running worker of its base that lacks it — nobody runs `warm`. Off, nothing is sent."""
     registry, client = fleet["registry"], fleet["client"]
     declared = run_cli(fleet_settings, "routes", "prewarm", DEMO_MODEL, PREWARM)
@@ -236,7 +237,12 @@ def test_a_declared_prewarm_goes_live_on_the_workers_of_its_base_by_itself(fleet
 
     on = fleet_settings.model_copy(update={"auto_warm": True})
     assert build_schedule(on)["auto-warm"]["task"] == AUTO_WARM_TASK
-    assert auto_warm(on) == {PREWARM: {OTHER: f"{OTHER} warming {PREWARM}"}}
+    producer.app.fleet_settings = on  # the node's maintenance worker, with the setting on, runs its sync
+    try:
+        synced = sync_l2.run(refs=[str(ref) for ref in Release.parse(PREWARM).refs()])
+    finally:
+        producer.app.fleet_settings = fleet_settings
+    assert synced["auto_warm"] == {PREWARM: {OTHER: f"{OTHER} warming {PREWARM}"}}
     deadline = time.monotonic() + 60
     while PREWARM not in registry.worker(OTHER).releases and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -245,7 +251,7 @@ def test_a_declared_prewarm_goes_live_on_the_workers_of_its_base_by_itself(fleet
     assert OTHER in registry.warm_workers(PREWARM).get(PREWARM, [])
     served = producer.generate.delay("Leather Jacket", seed=5, release=PREWARM).get(timeout=60)
     assert served["worker"] == OTHER and served["release"] == PREWARM
-    assert auto_warm(on) == {}  # warm everywhere it can be: nothing more to send
+    assert auto_warm(on) == {}  # beat's tick finds it warm everywhere it can be: nothing more to send
 
     assert "declared prewarm" in one_line(run_cli(fleet_settings, "retire", PREWARM, "--on", "w-other"))
     removed = run_cli(fleet_settings, "routes", "prewarm", DEMO_MODEL, PREWARM, "--remove")
