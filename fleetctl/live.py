@@ -1,7 +1,7 @@
 """`warmfleet warm` / `retire` from the operator's seat: pick the workers, send the control command, wait for them.
 
 The workers do the work between two jobs (workers/live.py); this side checks what it can before anything is sent
-(an unknown release, a release still routed, pinned or with jobs waiting) and reports each worker in one line.
+(an unknown release, a release still routed, declared prewarm, pinned or with jobs waiting) and reports each worker in one line.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from cachemgr import Archive, Release
 from cachemgr.names import InvalidName
 from fleetstate.live import reasons_to_keep
 from fleetstate.registry import WarmRegistry, WorkerState
+from tasks.prewarm import RETIRE_COMMAND, WARM_COMMAND, send_command
+
+ANSWER_SECONDS = 60.0
+"""How long a worker may take to answer: a solo-pool worker reads control commands between two jobs, so at least
+one long job (a command sent meanwhile is still run when the job ends, answered or not)."""
 
 
 class LiveRefused(ValueError):
@@ -58,13 +63,6 @@ def _targets(registry: WarmRegistry, on: list[str], everywhere: bool, serving: s
     return names
 
 
-def _send(app: Any, command: str, release: str, ticket: str, workers: list[str], timeout: float) -> dict[str, dict]:
-    replies = app.control.broadcast(command, arguments={"release": release, "ticket": ticket}, destination=workers,
-                                    reply=True, timeout=timeout, limit=len(workers))
-    answers = {name: answer for reply in replies or [] for name, answer in reply.items()}
-    return {name: answers.get(name, {"refused": f"{name} did not answer within {timeout:g}s"}) for name in workers}
-
-
 def _wait(registry: WarmRegistry, outcome: LiveOutcome, ticket: str, pending: list[str], started: float,
           timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -94,7 +92,7 @@ def warm(app: Any, client: redis.Redis, archive: Archive, release: str, on: list
         raise LiveRefused(f"unknown release {rel}: the archive has no {', '.join(missing)}; publish it first")
     registry = WarmRegistry(client)
     workers = _targets(registry, list(on), everywhere)
-    return _run(app, registry, "fleet_warm", str(rel), workers, timeout)
+    return _run(app, registry, WARM_COMMAND, str(rel), workers, timeout)
 
 
 def retire(app: Any, client: redis.Redis, release: str, on: list[str] = (), everywhere: bool = False,
@@ -108,14 +106,14 @@ def retire(app: Any, client: redis.Redis, release: str, on: list[str] = (), ever
     if not registry.is_warm(rel):
         raise LiveRefused(f"no worker serves {rel}; nothing to retire")
     workers = _targets(registry, list(on), everywhere, serving=rel if everywhere else None)
-    return _run(app, registry, "fleet_retire", rel, workers, timeout)
+    return _run(app, registry, RETIRE_COMMAND, rel, workers, timeout)
 
 
 def _run(app: Any, registry: WarmRegistry, command: str, release: str, workers: list[str], timeout: float) -> LiveOutcome:
     ticket = uuid.uuid4().hex
     started = time.monotonic()
     outcome = LiveOutcome(release)
-    answers = _send(app, command, release, ticket, workers, timeout=5.0)
+    answers = send_command(app, command, release, ticket, workers, timeout=min(timeout, ANSWER_SECONDS))
     accepted = []
     for name, answer in answers.items():
         if "refused" in answer or "ok" not in answer:

@@ -2,8 +2,9 @@
 
 ROUTE_KEY = "fleet:route:{model}"  # hash: active, previous, canary, canary_weight, updated_at
 ROUTE_MODELS = "fleet:routes"  # set of models with a route
-ROUTE_HISTORY = "fleet:routes:history"  # stream: model, from, to, from_canary, canary, actor, reason, forced
+ROUTE_HISTORY = "fleet:routes:history"  # stream: model, from, to, from_canary, canary, actor, reason, forced[, prewarm]
 ROUTE_CHANNEL = "fleet:routes:changed"  # pub/sub: a model name when its route changes
+PREWARM_KEY = "fleet:routes:prewarm"  # set of releases declared "warm on their base" before any promote
 WARM_KEY = "fleet:warm:{release}:{worker}"  # hash with TTL: a worker warm on a release
 WARM_PATTERN = "fleet:warm:*"
 WORKER_KEY = "fleet:worker:{worker}"  # hash with TTL: a worker's state, loads, last error

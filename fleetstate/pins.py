@@ -32,7 +32,8 @@ class Pins:
 
 
 def protected_refs(client: redis.Redis | None, extra_releases: list[str] = ()) -> dict[ComponentRef, str]:
-    """Everything retention must keep, with the reason: routed (active, previous, canary), warm, pinned."""
+    """Everything retention must keep, with the reason: routed (active, previous, canary), declared prewarm, warm,
+    pinned."""
     reasons: dict[ComponentRef, str] = {}
 
     def protect(release: str, why: str) -> None:
@@ -48,6 +49,8 @@ def protected_refs(client: redis.Redis | None, extra_releases: list[str] = ()) -
         route = table.get(model)
         for role, release in route.referenced():
             protect(release, f"routed ({role})")
+    for release in table.prewarms():
+        protect(release, "declared prewarm")
     for release in WarmRegistry(client).warm_workers():
         protect(release, "warm on a worker")
     for ref in Pins(client).all():

@@ -11,7 +11,7 @@ import redis
 
 from cachemgr.names import Release, validate_name
 
-from .keys import ROUTE_CHANNEL, ROUTE_HISTORY, ROUTE_KEY, ROUTE_MODELS
+from .keys import PREWARM_KEY, ROUTE_CHANNEL, ROUTE_HISTORY, ROUTE_KEY, ROUTE_MODELS
 
 
 class RouteError(ValueError):
@@ -115,6 +115,23 @@ class RouteTable:
                     return after
                 except redis.WatchError:
                     continue
+
+    def prewarms(self, model: str | None = None) -> list[str]:
+        """Releases declared "warm on their base": workers of that base load them before anyone promotes them."""
+        releases = sorted(raw.decode() for raw in self.redis.smembers(PREWARM_KEY))
+        return [r for r in releases if model is None or Release.parse(r).model == model]
+
+    def set_prewarm(self, release: str | Release, on: bool = True, actor: str = "cli") -> bool:
+        """Declare (or, with on=False, withdraw) a prewarm; recorded in the history. False if nothing changed."""
+        rel = Release.parse(str(release))
+        with self.redis.pipeline() as pipe:
+            (pipe.sadd if on else pipe.srem)(PREWARM_KEY, str(rel))
+            route = self.get(rel.model)
+            entry = {**_history_entry(route, route, actor, "prewarm" if on else "prewarm-off", False),
+                     "prewarm": str(rel)}
+            pipe.xadd(ROUTE_HISTORY, entry, maxlen=10000, approximate=True)
+            changed, _ = pipe.execute()
+        return bool(changed)
 
     def history(self, model: str | None = None, count: int = 100) -> list[dict[str, Any]]:
         """Newest first: who changed which route, when, from what to what."""

@@ -17,7 +17,7 @@ from .settings import FleetSettings, load_settings
 
 UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
 
-app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance"])
+app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
 
 
 def _drop_connections(target: Celery) -> None:

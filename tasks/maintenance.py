@@ -27,12 +27,13 @@ from fleetstate.stats import FleetStats, cache_status, render_cache_status
 
 from .app import app
 from .peering import peer_source
+from .prewarm import auto_warm
 from .settings import FleetSettings
 
 
 def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[ComponentRef]:
-    """What a node's L2 should hold: routed releases (active, previous, canary), releases warm anywhere,
-    this node's configured releases, and the newest version of each component of a routed model."""
+    """What a node's L2 should hold: routed releases (active, previous, canary), declared prewarms, releases warm
+    anywhere, this node's configured releases, and the newest version of each component of a routed model."""
     releases: set[str] = set(settings.worker_releases)
     models: set[str] = {Release.parse(r).model for r in releases}
     if client is not None:
@@ -41,6 +42,7 @@ def wanted_refs(settings: FleetSettings, client: redis.Redis | None) -> list[Com
             route = table.get(model)
             models.add(model)
             releases.update(release for _, release in route.referenced())
+        releases.update(table.prewarms())
         releases.update(WarmRegistry(client).warm_workers())
     refs = {ref for r in releases for ref in Release.parse(r).refs()}
     archive = settings.open_archive()
@@ -145,10 +147,14 @@ one whose nodes have all answered (ok or failed) never blocks the next trigger."
 
 @app.task(name=SYNC_TASK)
 def sync_l2(refs: list[str] | None = None, fanout: str | None = None) -> dict[str, Any]:
-    """Sync this node's L2 (the task runs on the node whose queue it was sent to); one run at a time."""
+    """Sync this node's L2 (the task runs on the node whose queue it was sent to); one run at a time. Then, with
+    FLEET_AUTO_WARM, the node's running workers load the declared prewarms now in its L2."""
     settings = _settings()
     parsed = [ComponentRef(*r.split("/")) for r in refs] if refs else None
-    return _node_run(settings, "sync", fanout, lambda: run_sync(settings, parsed))
+    result = _node_run(settings, "sync", fanout, lambda: run_sync(settings, parsed))
+    if "skipped" in result:
+        return result
+    return {**result, "auto_warm": auto_warm(settings, node=settings.node_name)}
 
 
 @app.task(name=AUDIT_TASK)

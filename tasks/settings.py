@@ -85,6 +85,12 @@ class FleetSettings(BaseSettings):
     failure_breaker: int = Field(
         5, ge=0, le=1000, description="this many different jobs failing in a row (none succeeding between) make the "
         "worker sick: it leaves the warm registry, stops consuming and fails `warmfleet health`; 0 = never")
+
+    auto_warm: bool = Field(
+        False, description="opt-in: releases declared with `warmfleet routes prewarm` are warmed on every running "
+        "worker of their base, after each node's sync and on a beat tick"
+    )
+    auto_warm_seconds: float = Field(60.0, ge=5, description="beat's auto-warm tick, when auto_warm is on")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
 
     peer_enabled: bool = Field(True, description="fill L2 from the site's other nodes before L3 (needs peer_secret)")

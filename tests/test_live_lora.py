@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 import redis
 
+from beat_schedule import AUTO_WARM_TASK, build_schedule
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.names import ComponentRef
 from cachemgr.sync import sync_release
 from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES, SHARED_BASE_RELEASES, build_lora, build_sd, build_sdxl
-from fleetstate.pins import Pins
+from fleetstate.pins import Pins, protected_refs
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
+from tasks.maintenance import sync_l2
+from tasks.prewarm import auto_warm, missing_prewarms
 from tasks.requests import GenerateRequest
 from tasks.settings import FleetSettings
 from workers.models import StableDiffusionXL
@@ -36,6 +39,7 @@ OTHER_BASE, OLD = DEMO_RELEASES  # base v1.0.0 + LoRA v2.3.0; base v1.1.0 + LoRA
 NEW = f"{DEMO_MODEL}@base-v1.1.0+lora-v2.4.0"
 BAD = f"{DEMO_MODEL}@base-v1.1.0+lora-v9.0.0"  # an SD LoRA published under the SDXL model: wrong shapes
 THIRD = SHARED_BASE_RELEASES[0]  # base v1.1.0 + LoRA v2.3.0
+PREWARM = f"{DEMO_MODEL}@base-v1.0.0+lora-v2.3.1"  # a LoRA for w-other's base that w-other does not serve
 LIVE, OTHER = "w-live@testnode", "w-other@testnode"
 
 
@@ -213,3 +217,51 @@ def test_the_adapter_budget_evicts_the_least_recently_used_or_refuses(fleet, fle
     assert THIRD not in registry.warm_workers()  # the release nothing routed or pinned went
     assert run_cli(fleet_settings, "rollback", DEMO_MODEL).exit_code == 0  # warm again: rollback is allowed
     assert producer.generate.delay("Leather Jacket", seed=3).get(timeout=60)["release"] == OLD
+
+
+def test_a_declared_prewarm_goes_live_on_the_workers_of_its_base_by_itself(fleet, fleet_settings, producer):
+    """`routes prewarm` declares a release; with FLEET_AUTO_WARM on, a node's sync (or beat's tick) sends the warm
+    command to every running worker of its base that lacks it — nobody runs `warm`. Off, nothing is sent."""
+    registry, client = fleet["registry"], fleet["client"]
+    declared = run_cli(fleet_settings, "routes", "prewarm", DEMO_MODEL, PREWARM)
+    assert declared.exit_code == 0, declared.output
+    assert f"prewarm + {PREWARM}" in run_cli(fleet_settings, "routes", "history", DEMO_MODEL, "-n", "1").output
+    assert protected_refs(client)[ComponentRef(DEMO_MODEL, "base", "v1.0.0")] == "declared prewarm"
+    assert missing_prewarms(client) == {PREWARM: [OTHER]}  # w-live serves another base
+    assert missing_prewarms(client, node="elsewhere") == {}  # a node's sync warms only its own workers
+
+    assert fleet_settings.auto_warm is False and "auto-warm" not in build_schedule(fleet_settings)
+    assert auto_warm(fleet_settings) == {"skipped": "FLEET_AUTO_WARM is off"}
+    time.sleep(1.5)
+    assert PREWARM not in registry.worker(OTHER).releases
+
+    on = fleet_settings.model_copy(update={"auto_warm": True})
+    assert build_schedule(on)["auto-warm"]["task"] == AUTO_WARM_TASK
+    producer.app.fleet_settings = on  # the node's maintenance worker, with the setting on, runs its sync
+    try:
+        synced = sync_l2.run(refs=[str(ref) for ref in Release.parse(PREWARM).refs()])
+    finally:
+        producer.app.fleet_settings = fleet_settings
+    assert synced["auto_warm"] == {PREWARM: {OTHER: f"{OTHER} warming {PREWARM}"}}
+    deadline = time.monotonic() + 60
+    while PREWARM not in registry.worker(OTHER).releases and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = registry.worker(OTHER)
+    assert PREWARM in state.releases and state.loads == 1 and not state.warm_error  # no base load
+    assert OTHER in registry.warm_workers(PREWARM).get(PREWARM, [])
+    served = producer.generate.delay("Leather Jacket", seed=5, release=PREWARM).get(timeout=60)
+    assert served["worker"] == OTHER and served["release"] == PREWARM
+    assert auto_warm(on) == {}  # beat's tick finds it warm everywhere it can be: nothing more to send
+
+    assert "declared prewarm" in one_line(run_cli(fleet_settings, "retire", PREWARM, "--on", "w-other"))
+    removed = run_cli(fleet_settings, "routes", "prewarm", DEMO_MODEL, PREWARM, "--remove")
+    assert removed.exit_code == 0 and "withdrawn" in removed.output
+    assert f"prewarm - {PREWARM}" in run_cli(fleet_settings, "routes", "history", DEMO_MODEL, "-n", "1").output
+    assert run_cli(fleet_settings, "retire", PREWARM, "--on", "w-other").exit_code == 0
+    assert "declared prewarm" not in protected_refs(client).values()
+
+
+def test_a_prewarm_of_an_unknown_or_foreign_release_is_refused_in_one_line(fleet, fleet_settings):
+    assert "publish it first" in one_line(run_cli(fleet_settings, "routes", "prewarm", DEMO_MODEL,
+                                                  f"{DEMO_MODEL}@base-v1.0.0+lora-v7.7.7"))
+    assert "not other-model" in one_line(run_cli(fleet_settings, "routes", "prewarm", "other-model", PREWARM))

@@ -25,6 +25,7 @@ from cachemgr.names import InvalidName, queue_for
 from cachemgr.sync import sync_release
 from fleetstate.live import reasons_to_keep
 from fleetstate.registry import WarmRegistry, WorkerState
+from tasks.prewarm import RETIRE_COMMAND, WARM_COMMAND
 
 from .models.base import adapter_name, load_adapter, shared_base_key
 from .resident import ResidentPipeline
@@ -293,14 +294,14 @@ def _live(state: Any) -> LiveAdapters | None:
     return getattr(state.consumer.app, "fleet_live", None)
 
 
-@control_command(args=[("release", str), ("ticket", str)], signature="<release> <ticket>")
+@control_command(name=WARM_COMMAND, args=[("release", str), ("ticket", str)], signature="<release> <ticket>")
 def fleet_warm(state: Any, release: str, ticket: str = "", **_: Any) -> dict[str, str]:
     """Load RELEASE's LoRA beside the resident adapters between two jobs, then consume its queue."""
     live = _live(state)
     return live.request_warm(release, ticket) if live else {"refused": "this worker holds no resident pipeline"}
 
 
-@control_command(args=[("release", str), ("ticket", str)], signature="<release> <ticket>")
+@control_command(name=RETIRE_COMMAND, args=[("release", str), ("ticket", str)], signature="<release> <ticket>")
 def fleet_retire(state: Any, release: str, ticket: str = "", **_: Any) -> dict[str, str]:
     """Stop consuming RELEASE's queue and delete its adapter between two jobs."""
     live = _live(state)

@@ -119,6 +119,42 @@ def routes_show(ctx: click.Context) -> None:
         route = table.get(model)
         canary = f"{route.canary} {route.canary_weight:g}%" if route.canary else "-"
         click.echo(f"{model:<20} active {route.active}  previous {route.previous or '-'}  canary {canary}")
+    for release in table.prewarms():
+        click.echo(f"{'prewarm':<20} {release}")
+
+
+@routes.command("prewarm")
+@click.argument("model")
+@click.argument("release", required=False)
+@click.option("--remove", is_flag=True, help="withdraw the declaration (retention and eviction may take it again)")
+@click.pass_context
+@friendly
+def routes_prewarm(ctx: click.Context, model: str, release: str | None, remove: bool) -> None:
+    """Declare RELEASE "warm on its base": with FLEET_AUTO_WARM on, every running worker of that base loads it before
+    anyone promotes it; retention keeps it and the adapter budget never evicts it. Without RELEASE: list them."""
+    from cachemgr import Release
+    from fleetstate.routes import RouteError, RouteTable
+
+    from .common import _archive
+
+    table = RouteTable(_redis(ctx))
+    if release is None:
+        declared = table.prewarms(model)
+        click.echo("\n".join(declared) if declared else f"no prewarm declared for {model}")
+        return
+    rel = Release.parse(release)
+    if rel.model != model:
+        raise RouteError(f"{rel} is a release of {rel.model}, not {model}")
+    if not remove:
+        missing = [str(ref) for ref in rel.refs() if not _archive(_settings(ctx)).has_version(ref)]
+        if missing:
+            raise RouteError(f"unknown release {rel}: the archive has no {', '.join(missing)}; publish it first")
+    changed = table.set_prewarm(rel, on=not remove, actor=_actor())
+    if remove:
+        click.echo(f"{model}: prewarm {rel} withdrawn" if changed else f"{model}: {rel} was not declared")
+    else:
+        click.echo(f"{model}: prewarm {rel} declared; with FLEET_AUTO_WARM on, workers of its base load it at the "
+                   "next auto-warm tick or node sync" + ("" if changed else " (already declared)"))
 
 
 @routes.command("history")
@@ -141,6 +177,8 @@ def routes_history(ctx: click.Context, model: str | None, last: int) -> None:
 
 def _history_change(e: dict[str, Any]) -> str:
     """`active A → B`, and the canary when it changed: what a reader of the history asks first."""
+    if e.get("prewarm"):
+        return f"prewarm {'-' if e.get('reason') == 'prewarm-off' else '+'} {e['prewarm']}"
     before, after = e.get("from") or "-", e.get("to") or "-"
     text = f"active {before} → {after}" if before != after else f"active {after}"
     canary_before, canary_after = e.get("from_canary") or "-", e.get("canary") or "-"

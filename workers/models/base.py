@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Self
 from cachemgr import Archive, Cache, EventLog, Release, SnapshotStore
 from cachemgr.names import ComponentRef
 from cachemgr.sync import sync_release
+from fleetstate.live import base_key
 from tasks.requests import GenerateRequest
 
 from ..device import resolve_device, resolve_dtype
@@ -34,7 +35,7 @@ def adapter_name(version: str) -> str:
 
 def shared_base_key(release: Release) -> tuple[str, tuple[tuple[str, str], ...]]:
     """Releases with the same key differ only in their LoRA, so one loaded pipeline can serve them all."""
-    return release.model, tuple((c, v) for c, v in release.components if c != "lora")
+    return base_key(release)  # declared in fleetstate: the fleet's auto-warm picks workers by the same key
 
 
 def group_by_base(releases: list[Release]) -> list[list[Release]]:
