@@ -41,6 +41,8 @@ class FleetSettings(BaseSettings):
     oss_access_key_id: str | None = None
     oss_access_key_secret: str | None = None
     oss_security_token: str | None = None
+    archive_proxy: str | None = Field(None, description="http://host:port that L3 (oss://) requests go through: a "
+                                      "site's caching proxy or a P2P daemon (Dragonfly's dfdaemon); bytes still verified")
 
     device: str = Field("auto", description="auto = cuda if present, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -128,6 +130,13 @@ class FleetSettings(BaseSettings):
             validate_name(value, "node")
         return value
 
+    @field_validator("archive_proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        from cachemgr.ossclient import check_proxy
+
+        return check_proxy(value.strip()) if value and value.strip() else None
+
     @field_validator("worker_releases", mode="before")
     @classmethod
     def _split_releases(cls, value: object) -> object:
@@ -208,6 +217,8 @@ class FleetSettings(BaseSettings):
         options = self.oss_options()
         if self.resolved_archive_url.startswith("oss://"):
             options["checkpoint_dir"] = self.resolved_cache_root / "checkpoints"
+        if self.archive_proxy:
+            options["proxy"] = self.archive_proxy
         return options
 
     def open_archive(self):  # noqa: ANN201 - cachemgr's Archive; imported lazily to keep settings light

@@ -30,7 +30,7 @@ import urllib3
 
 from ..manifest import MANIFEST_NAME, Manifest, ManifestError
 from ..names import COMPONENT_PATTERN, NAME_PATTERN, ComponentRef, validate_relpath
-from ..ossclient import oss_bucket
+from ..ossclient import check_proxy, oss_bucket
 from .base import Archive, ArchiveError, ArchiveUnavailable, ObjectInfo, Progress, VersionNotFound, sort_versions
 
 T = TypeVar("T")
@@ -163,6 +163,7 @@ class OssArchive(Archive):
         part_size: int = DEFAULT_PART_SIZE,
         threads: int = DEFAULT_THREADS,
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        proxy: str | None = None,
     ) -> None:
         if not endpoint:
             raise ArchiveError(
@@ -174,6 +175,11 @@ class OssArchive(Archive):
             raise ArchiveError("OSS needs both FLEET_OSS_ACCESS_KEY_ID and FLEET_OSS_ACCESS_KEY_SECRET, or neither")
         if part_size < 100 * 1024:
             raise ArchiveError("OSS part_size must be at least 100 KiB (the smallest part OSS accepts)")
+        if proxy:
+            try:
+                check_proxy(proxy)
+            except ValueError as exc:
+                raise ArchiveError(f"{exc}; check FLEET_ARCHIVE_PROXY") from None
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.endpoint = endpoint
@@ -188,7 +194,8 @@ class OssArchive(Archive):
         self._has_token = bool(security_token)
         self._bucket = oss_bucket(bucket, endpoint, access_key_id=access_key_id, access_key_secret=access_key_secret,
                                   security_token=security_token, connect_timeout=connect_timeout,
-                                  pool_size=max(10, 2 * self.threads), is_path_style=is_path_style)
+                                  pool_size=max(10, 2 * self.threads), is_path_style=is_path_style, proxy=proxy)
+        self.proxy = proxy
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> OssArchive:
