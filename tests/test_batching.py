@@ -99,7 +99,7 @@ def test_jobs_queued_together_share_one_pipeline_call_yet_each_has_its_own_image
 
 def test_seedless_jobs_in_a_batch_take_the_seed_their_task_id_gives_them(producer, batching_worker):
     """As unbatched jobs do: a batched job, and any redelivery of it, makes the same image."""
-    from tasks.generate import stable_seed
+    from tasks.requests import stable_seed
 
     with held(producer, batching_worker):
         pending = [producer.generate.delay(f"seedless {i}", release=NEW, **SMALL) for i in range(3)]
