@@ -11,7 +11,8 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import OssError
-from .handler import OssHandler, Request
+from .handler import OssHandler
+from .protocol import Request
 from .signing import Credential
 from .storage import Storage
 

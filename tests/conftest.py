@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cachemgr import LocalArchive  # noqa: E402
 from fleetctl.demo.builders import DEMO_RELEASES, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
 
-from .support import RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
+from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +108,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the OSS-protocol server (tests/test_ossserver*.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """The project's OSS-protocol server for a module, with the keys OSS_AK/OSS_SK (tests/support.py)."""
+    from ossserver import OssServer
+
+    with OssServer(tmp_path_factory.mktemp("oss"), access_key_id=OSS_AK, access_key_secret=OSS_SK) as srv:
+        yield srv
+
+
+@pytest.fixture
+def bucket_name(server) -> str:
+    """A fresh bucket on that server; faults injected by the test are cleared afterwards."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    yield name
+    server.clear_faults()
+
+
+@pytest.fixture
+def bucket(server, bucket_name: str):
+    """oss2's own client on that bucket."""
+    import oss2
+
+    return oss2.Bucket(oss2.Auth(OSS_AK, OSS_SK), server.endpoint, bucket_name)

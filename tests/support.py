@@ -19,8 +19,12 @@ from typing import Any
 
 import redis
 
+from cachemgr.archive import open_archive
+from cachemgr.archive.oss import OssArchive
+from cachemgr.names import ComponentRef
 from fleetctl.demo.builders import DEMO_RELEASES
 from fleetctl.localfleet import alive, free_port, wait_port
+from ossserver import OssServer
 from tasks.settings import FleetSettings, offline_environment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +173,27 @@ def run_cli(settings: FleetSettings, *args: str):  # noqa: ANN201 - click's Resu
 
     return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
                                                     "FLEET_HOME": str(settings.home)})
+
+
+OSS_AK, OSS_SK, OSS_TOKEN = "LTAI-test-key", "test-secret", "sts-token-123"
+"""The keys of the `server` fixture's OSS server (conftest.py)."""
+OSS_REF = ComponentRef("nano-banana", "base", "v1.0.0")
+
+
+def make_archive(server: OssServer, bucket_name: str, tmp_path: Path, **options) -> OssArchive:
+    """An OssArchive on the test server's bucket with small parts, two threads and quick retries."""
+    settings = dict(
+        endpoint=server.endpoint, access_key_id=OSS_AK, access_key_secret=OSS_SK, checkpoint_dir=tmp_path / "ckpt",
+        part_size=128 * 1024, multipart_threshold=256 * 1024, threads=2, retry_backoff=0.01,
+    )
+    settings.update(options)
+    return open_archive(f"oss://{bucket_name}/l3", **settings)
+
+
+def random_file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    return path
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 120, what: str = "condition") -> None:
