@@ -170,7 +170,7 @@ def test_a_batch_whose_pipeline_call_fails_runs_its_jobs_one_at_a_time(direct, t
         batches = plan_batches(runtime, jobs, batch_max=4)
         assert [[j.task_id for j in b] for b in batches] == [["job-0", "job-1", "job-2"]]
         assert prepare(runtime, batches[0]) == 0
-        assert runtime.prepared == {}
+        assert len(runtime.prepared) == 0
         outcomes = {}
         for job in jobs:
             try:

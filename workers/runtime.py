@@ -57,6 +57,9 @@ class PreparedImages:
     def __len__(self) -> int:
         return len(self._images)
 
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._images
+
 
 class WorkerRuntime:
     def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState,
