@@ -38,7 +38,7 @@ PROFILE_PHASES = [
     ("sync: archive → L2 (wall, main thread)", "cachemgr/sync.py", "sync_release"),
     ("· manifests read from OSS", "cachemgr/archive/oss.py", "read_manifest"),
     ("· per file: fetch, fsync, verify, rename (summed over 4 file threads)", "cachemgr/store.py", "write_blob"),
-    ("·· download into the temp file (file threads + part threads)", "cachemgr/archive/oss.py", "download"),
+    ("·· download into the temp file (file threads + part threads)", "cachemgr/archive/oss_download.py", "download"),
     ("·· fsync of the temp file", "~", "<built-in method posix.fsync>"),
     ("·· sha256 of the written file (a second read)", "cachemgr/store.py", "_hash_file"),
     ("· snapshot commit (links, manifest, rename)", "cachemgr/store.py", "commit_snapshot"),

@@ -2,7 +2,7 @@
 the table of docs/reliability.md (between its markers). Nothing in that table is typed by hand.
 
 The tests write one JSON row per scenario when WARMFLEET_RELIABILITY_RESULTS names a folder
-(tests/test_reliability_results.py); this script sets it, runs pytest on the reliability files, and renders the rows.
+(tests/support.py: record_result); this script sets it, runs pytest on the reliability files, and renders the rows.
 `--no-run --results DIR` renders rows collected earlier.
 """
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import OssError
-from .handler import OssHandler, Request
+from .handler import OssHandler
 from .link import Link
+from .protocol import Request
 from .signing import Credential
 from .storage import Storage
 

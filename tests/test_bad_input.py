@@ -8,7 +8,6 @@ inputs go through sync, publish and the worker.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import pickle
@@ -39,12 +38,6 @@ NEW = DEMO_RELEASES[1]
 BASE = Release.parse(NEW).base
 UNET = "unet/diffusion_pytorch_model.safetensors"
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
 
 
 def snapshot_tree(root: Path, inside: tuple[Path, ...] = ()) -> dict[str, tuple[int, str]]:

@@ -18,7 +18,7 @@ from ossserver import OssServer
 from tasks.settings import FleetSettings
 from workers.outputs.oss import OssOutputStore
 
-from .support import REPO
+from .support import REPO, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,9 @@ def fleet_settings(redis_server, demo_archive_dir, oss_server, tmp_path_factory)
             if not remote.has_version(ref):
                 manifest = local.read_manifest(ref)
                 remote.publish(ref, demo_archive_dir / ref.model / ref.component / ref.version, meta=manifest.meta)
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url="oss://ai-models/nano-banana",
-        output_url="oss://outputs/images", oss_endpoint=oss_server.endpoint, oss_access_key_id=KEY_ID,
-        oss_access_key_secret=SECRET, torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0,
-        route_cache_ttl=0.0, node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, "oss://ai-models/nano-banana",
+                              output_url="oss://outputs/images", oss_endpoint=oss_server.endpoint,
+                              oss_access_key_id=KEY_ID, oss_access_key_secret=SECRET)
 
 
 def test_workers_fill_l2_from_oss_and_write_images_to_oss(fleet_settings, producer, two_workers, oss_server):

@@ -16,9 +16,8 @@ from fleetstate.pins import Pins, protected_refs
 from fleetstate.registry import WarmRegistry, WorkerState
 from fleetstate.routes import RouteTable
 from ossserver import OssServer
-from tasks.settings import FleetSettings
 
-from .support import REPO, child_env
+from .support import REPO, child_env, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +49,8 @@ def fleet(redis_server, tmp_path):
     WarmRegistry(client, ttl=60).publish(WorkerState(worker="w@n", node="n", pid=1, state="warm",
                                                      releases=[f"{MODEL}@base-v1.0.0+lora-v3.0.0"]))
     Pins(client).add(lora(4))
-    settings = FleetSettings(home=tmp_path / "home", broker_url=redis_server.url, archive_url=archive.url,
-                             cache_root=tmp_path / "l2", retention_keep=2, node_name="testnode")
+    settings = fleet_settings_for(tmp_path / "home", redis_server.url, archive.url, cache_root=tmp_path / "l2",
+                                  retention_keep=2)
     yield settings, archive, client
     for key in client.scan_iter(match="fleet:*"):
         client.delete(key)

@@ -20,7 +20,7 @@ from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
 from tasks.settings import FleetSettings
 
-from .support import REPO, child_env, run_cli
+from .support import REPO, child_env, fleet_settings_for, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,8 @@ UNSERVED = "nano-banana@base-v1.0.0+lora-v2.3.1"  # a real combination of publis
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
     """As in conftest, but the producer caches routes for 10 minutes: only pub/sub can make it see a flip."""
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"),
-        broker_url=redis_server.url,
-        archive_url=demo_archive_dir.as_uri(),
-        torch_threads=1,
-        heartbeat_seconds=1.0,
-        warm_ttl_seconds=4.0,
-        route_cache_ttl=600.0,
-        node_name="testnode",
-    )
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir,
+                              route_cache_ttl=600.0)
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from tasks.requests import is_pinned
 from tasks.router import FleetRouter
 from tasks.settings import FleetSettings
 
+from .support import fleet_settings_for
+
 A = "nano-banana@base-v1.0.0+lora-v2.3.0"
 B = "nano-banana@base-v1.1.0+lora-v2.3.1"
 C = "nano-banana@base-v1.1.0+lora-v2.3.0"
@@ -31,8 +33,7 @@ C = "nano-banana@base-v1.1.0+lora-v2.3.0"
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
     """No archive and no workers here: the producer only publishes into queues nobody consumes."""
-    return FleetSettings(home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, route_cache_ttl=0.0,
-                         node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url)
 
 
 @pytest.fixture
@@ -40,14 +41,6 @@ def client(redis_server) -> redis.Redis:
     c = redis_server.client()
     c.flushdb()
     return c
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    """AsyncResult.__del__ talks to the result backend: collect this test's results while its redis-server is up,
-    not at interpreter exit (where it also trips a CPython 3.11 AST bug inside pytest's import hook)."""
-    yield
-    gc.collect()
 
 
 def binomial_bounds(n: int, p: float, sigmas: float = 4.5) -> tuple[float, float]:
@@ -213,7 +206,6 @@ def test_a_dropped_subscription_forgets_the_cache(client, redis_server):
 
 def test_a_dropped_router_stops_its_subscriber(redis_server):
     """`tasks.configure` builds a new router each time; the old one's thread must not live on."""
-    import gc
 
     router = _router(redis_server, ttl=600)
     thread = router.cache._state.thread

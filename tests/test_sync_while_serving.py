@@ -16,7 +16,7 @@ from cachemgr.names import ComponentRef
 from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
 
-from .support import REPO, child_env
+from .support import REPO, child_env, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,7 @@ def fleet_settings(redis_server, demo_archive_dir, tmp_path_factory) -> FleetSet
     """This module publishes into its archive, so it gets a private copy of the demo archive."""
     archive = tmp_path_factory.mktemp("private") / "archive"
     shutil.copytree(demo_archive_dir, archive)
-    return FleetSettings(home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url,
-                         archive_url=archive.as_uri(), torch_threads=1, heartbeat_seconds=1.0,
-                         warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, archive)
 
 
 def publish_fine_tune(settings: FleetSettings, tmp_path, base: ComponentRef, new: ComponentRef) -> int:
