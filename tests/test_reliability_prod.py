@@ -22,8 +22,7 @@ from fleetstate.leases import job_record
 from fleetstate.orphans import SWEEP_SECONDS
 from tasks.settings import FleetSettings
 
-from .support import WorkerProc, start_worker, wait_warm
-from .test_reliability_results import record_result
+from .support import WorkerProc, record_result, start_worker, wait_warm
 
 pytestmark = pytest.mark.integration
 
