@@ -45,7 +45,7 @@ PROFILE_PHASES = [  # (label, file fragment, function): cumulative time in the w
     ("pipeline call + PNG encode (`ResidentPipeline.generate`)", "workers/resident.py", "generate"),
     ("PNG write + fsync + rename", "workers/outputs/__init__.py", "put"),
     ("lease completion: one script (record, release, unindex, counters)", "fleetstate/leases.py", "complete"),
-    ("lease exit (keepalive thread stopped)", "fleetstate/leases.py", "__exit__"),
+    ("lease exit (nothing left to do after completion)", "fleetstate/leases.py", "__exit__"),
     ("Celery result store (backend)", "celery/backends/base.py", "store_result"),
     ("the fleet's Redis scripts (calls)", "fleetstate/leases.py", "_script"),
     ("every Redis round trip in the process (calls)", "redis/connection.py", "send_packed_command"),
@@ -197,7 +197,7 @@ ms slower in the worker process (another allocator state, the other process's ca
 What the fleet adds to Celery's own round trip: producer-side validation and routing (the job names its release,
 so no route read), the worker's request validation, one Redis script to claim the job (delivery index, job record,
 lease), one to complete it (result record, lease release, unindexing, the served-jobs counter and the worker's job
-count in the registry), a keepalive thread per job, and a larger result. Registry heartbeats and device-memory
+count in the registry), the process's one lease keeper thread (no thread started per job), and a larger result. Registry heartbeats and device-memory
 samples run on the heartbeat thread, not per job. The worker and this process share the machine's cores, so the
 load average above moves every wall figure; the CPU figures move much less.
 
