@@ -28,7 +28,7 @@ from _results import RESULTS_JSON, machine, today, versions, write_section  # no
 SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("rollback", []),
     ("l2_load", []),
-    ("dispatch", []),
+    ("dispatch", ["--profile"]),
     ("cold_start", []),
     ("adapter_switch", []),
     ("live_lora", []),

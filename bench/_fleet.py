@@ -115,8 +115,10 @@ class Fleet:
 
 @contextmanager
 def fleet(workdir: Path, workers: dict[str, dict[str, Any]], archive_dir: Path | None = None,
-          release: str = RELEASE) -> Iterator[Fleet]:
-    """Start redis and the named workers (each with its own settings overrides), all warm on `release`."""
+          release: str = RELEASE, entry: str | None = None,
+          env: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """Start redis and the named workers (each with its own settings overrides), all warm on `release`; `entry` and
+    `env`: another module to run them with (`python -m entry worker …`) and extra environment."""
     from cachemgr import LocalArchive
     from tests.support import RedisServer, start_worker, wait_warm
 
@@ -135,7 +137,7 @@ def fleet(workdir: Path, workers: dict[str, dict[str, Any]], archive_dir: Path |
         tasks.configure(settings)
         for name, overrides in workers.items():
             procs.append((name, start_worker(settings.model_copy(update=overrides), [release], name,
-                                             workdir / "logs", wait=False)))
+                                             workdir / "logs", wait=False, entry=entry, **(env or {}))))
         for _, proc in procs:
             wait_warm(settings, proc, timeout=300)
         yield Fleet(settings, tasks, dict(procs), release)

@@ -232,7 +232,13 @@ TINY_NOTE = """With a 7 MB model both sides are dominated by fixed costs (pipeli
 transfer path alone at 256 MiB. The seed's 18.2 min → 47 s is for multi-GB checkpoints."""
 
 LARGE_NOTE = """Transfer columns are medians of their own; the ratio row's transfer and load cells divide those
-medians. The first image reads the weights the load left mapped from disk (safetensors mmap) on both sides."""
+medians. The first image reads the weights the load left mapped from disk (safetensors mmap) on both sides.
+
+What bounds ours now (profile below): the OSS download writes its parts straight into the blob with positioned
+writes (cachemgr/archive/oss.py), and the sync then re-reads every piece to check it against the manifest
+(`_verify_pieces`, 4 threads) before the rename — a second pass over the bytes that curl does not make — then the
+same Python-bound load as the L2 → L1 section. Hashing each part as it arrives needs a per-part hook in the OSS
+download engine, which is being moved to its own module."""
 
 
 if __name__ == "__main__":

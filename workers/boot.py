@@ -99,12 +99,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
 
     outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
 
-    def after_job(current: WorkerState) -> None:
-        sample_into(current, device)
-        registry.publish(current)
-        stats.incr(l1_hits=1)
-
-    runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
+    # Nothing per job here: the job's completion script (fleetstate/leases.py) counts it fleet-wide and sets this
+    # worker's job count in the registry; the heartbeat publishes the rest of its state (device memory).
+    runtime = WorkerRuntime(hostname, pipelines, outputs, state)
     queues = ",".join(queue_for(r) for r in releases)
     breaker = FailureBreaker(settings.failure_breaker, sick_handler(app, registry, state, queues.split(","), events))
     attach_runner(app, JobRunner(runtime, registry.redis, settings, breaker))

@@ -57,7 +57,7 @@ class JobRunner:
                 raise self._retry_or_bury(task, exc, lease, queue) from None
             if self.breaker is not None:
                 self.breaker.success()
-            lease.complete(result)
+            lease.complete(result, {"jobs": self.runtime.state.jobs})  # the registry's count, in the same script
             return result
 
     def _serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
