@@ -73,6 +73,10 @@ class FleetSettings(BaseSettings):
         15.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2;"
         " keep it <= warm_ttl_seconds: a killed holder's job then restarts on a peer within the heartbeat TTL"
     )
+    job_time_limit_s: float = Field(
+        600.0, ge=0, description="a job running longer is stopped (its worker recycled) and retried on a peer; dead"
+        " after job_max_retries more timeouts; a release's own limit (release metadata job_time_limit_s) wins; 0: none"
+    )
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
     )

@@ -100,9 +100,9 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
                  timeout: float = 120, **env: str) -> WorkerProc:
     logdir.mkdir(parents=True, exist_ok=True)
     log = logdir / f"{name}.log"
-    from .fault_worker import POISON_ENV
+    from .fault_worker import FAULT_ENVS
 
-    entry = "tests.fault_worker" if POISON_ENV in env else "fleetctl.cli"  # a poisoned worker: the fault is wrapped in
+    entry = "tests.fault_worker" if any(k in env for k in FAULT_ENVS) else "fleetctl.cli"  # a poisoned worker: the fault is wrapped in
     argv = [sys.executable, "-m", entry, "worker", "--name", name]
     for r in releases:
         argv += ["--release", r]
