@@ -9,7 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,9 @@ class FleetSettings(BaseSettings):
     audit_minute: int = Field(30, ge=0, le=59)
     timezone: str = "UTC"
 
+    sentinel_master: str = Field(
+        "mymaster", description="the Sentinel master name, used when the broker or result URL is sentinel://…"
+    )
     heartbeat_seconds: float = Field(5.0, gt=0)
     warm_ttl_seconds: float = Field(15.0, gt=0)
     visibility_timeout: int = Field(300, ge=10)
@@ -193,6 +196,15 @@ class FleetSettings(BaseSettings):
         from cachemgr import open_archive
 
         return open_archive(self.resolved_archive_url, **self.archive_options())
+
+    def state_client(self, **transport: Any):  # noqa: ANN201 - redis.Redis; imported lazily to keep settings light
+        """A Redis client for the fleet state on the broker's server (plain or Sentinel; fleetstate.client)."""
+        from fleetstate.client import redis_client
+
+        url = self.resolved_broker_url
+        if not url:
+            raise ValueError("no broker configured: set FLEET_BROKER_URL or start a local fleet")
+        return redis_client(url, self.sentinel_master, **transport)
 
     def child_env(self) -> dict[str, str]:
         """These settings as FLEET_ variables, for processes the CLI starts."""

@@ -117,7 +117,7 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
 def wait_warm(settings: FleetSettings, worker: WorkerProc, timeout: float = 120) -> None:
     from fleetstate.registry import WarmRegistry
 
-    registry = WarmRegistry(redis.Redis.from_url(settings.resolved_broker_url))
+    registry = WarmRegistry(settings.state_client())
     deadline = time.monotonic() + timeout
     full = f"{worker.name}@{settings.node_name}"
     while time.monotonic() < deadline:

@@ -53,7 +53,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     if not broker:
         print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    registry = WarmRegistry(redis.Redis.from_url(broker), ttl=settings.warm_ttl_seconds)
+    registry = WarmRegistry(settings.state_client(), ttl=settings.warm_ttl_seconds)
     state = WorkerState(worker=hostname, node=settings.node_name, pid=os.getpid(), state="loading",
                         releases=list(releases), device=device)
     registry.publish(state)
@@ -150,7 +150,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     if not broker:
         print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    nodes = NodeRegistry(redis.Redis.from_url(broker))
+    nodes = NodeRegistry(settings.state_client())
     stop = threading.Event()
 
     def beat() -> None:
