@@ -7,6 +7,7 @@ section into bench/RESULTS.md; this runner then writes the summary at the top of
 date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`. `--large` also runs
 the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
 `python -m bench reference [--scale S] [--clean]` runs the reference deployment's transfers at real size (8 GB).
+`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ Redis redelivers it after the visibility timeout; a redelivered job writes the s
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["chaos"]:  # the soak: `python -m bench chaos --minutes N`, never part of the suite
+        return subprocess.run([sys.executable, str(HERE / "bench_chaos.py"), *sys.argv[2:]]).returncode
     if sys.argv[1:2] == ["reference"]:  # the full-size scenario: its own options, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_reference.py"), *sys.argv[2:]]).returncode
 

@@ -207,7 +207,7 @@ def serve_metrics(settings: FleetSettings, port: int | None = None, stop: thread
     """Expose /metrics on 127.0.0.1 (set FLEET_METRICS_ADDRESS to bind elsewhere) and evaluate the alert."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    client = redis.Redis.from_url(settings.resolved_broker_url or "")
+    client = settings.state_client()
     events = EventLog(settings.event_log_path, settings.node_name, sinks=[FleetStats(client).sink])
     alert = MissRateAlert(client, events, settings.alert_l3_miss_ratio, settings.alert_window_seconds,
                           settings.alert_webhook_url)

@@ -34,6 +34,7 @@ FANOUT_KEY = "fleet:fanout:{name}"  # hash: the current fleet-wide run (run, sta
 RUN_LOCK_KEY = "fleet:lock:{name}"  # SET NX PX: one run of a maintenance job at a time, expiring if its holder dies
 JOB_KEY = "fleet:job:{task_id}"  # hash with TTL: one job's executions (runs, completed, duplicates, result, dead)
 LEASE_KEY = "fleet:lease:{task_id}"  # SET NX PX: the worker executing a job now, renewed while it runs
+RELEASE_META_KEY = "fleet:release-meta:{release}"  # hash: a release's own settings (job_time_limit_s)
 DELIVERIES_KEY = "fleet:deliveries"  # hash: delivery tag → JSON {worker, task_id} of messages in a worker's hands
 
 # kombu's Redis transport keeps every unacknowledged message in a hash and a sorted set scored by delivery time;

@@ -17,6 +17,8 @@ from typing import Generic, TypeVar
 
 import redis
 
+from .client import redis_client
+
 V = TypeVar("V")
 
 
@@ -38,8 +40,9 @@ class _ProcessState(Generic[V]):
 
 class RouteCache(Generic[V]):
     def __init__(self, redis_url: str | None, loader: Callable[[redis.Redis, str], V], ttl: float,
-                 channel: str) -> None:
+                 channel: str, master_name: str | None = None) -> None:
         self.redis_url = redis_url
+        self.master_name = master_name
         self.loader = loader
         self.ttl = ttl
         self.channel = channel
@@ -62,7 +65,7 @@ class RouteCache(Generic[V]):
             if state.client is None:
                 if self.redis_url is None:
                     raise RuntimeError("no Redis URL configured for the route cache")
-                state.client = redis.Redis.from_url(self.redis_url)
+                state.client = redis_client(self.redis_url, self.master_name)
             return state.client
 
     def get(self, model: str) -> V:
@@ -135,7 +138,8 @@ class RouteCache(Generic[V]):
         with state.lock:
             if state.thread is not None and state.thread.is_alive():
                 return
-            state.thread = threading.Thread(target=_listen, args=(weakref.ref(self), state, self.redis_url, self.channel),
+            state.thread = threading.Thread(target=_listen, args=(weakref.ref(self), state, self.redis_url, self.channel,
+                                                                    self.master_name),
                                             name="warmfleet-route-subscriber", daemon=True)
             state.thread.start()
 
@@ -150,14 +154,15 @@ def _set_listening(state: _ProcessState[V], listening: bool) -> None:
         state.changed.notify_all()
 
 
-def _listen(owner: weakref.ref, state: _ProcessState[V], redis_url: str, channel: str) -> None:
+def _listen(owner: weakref.ref, state: _ProcessState[V], redis_url: str, channel: str,
+            master_name: str | None = None) -> None:
     """The subscriber thread. It holds its cache only weakly and ends once the cache is gone (a re-configured
     app drops its old router) or closed."""
     backoff = 0.05
     while not state.stop.is_set() and owner() is not None:
         pubsub = client = None
         try:
-            client = redis.Redis.from_url(redis_url, health_check_interval=10)
+            client = redis_client(redis_url, master_name, health_check_interval=10)
             pubsub = client.pubsub()
             pubsub.subscribe(channel)
             while not state.stop.is_set() and owner() is not None:

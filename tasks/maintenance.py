@@ -69,7 +69,7 @@ def node_dtype(settings: FleetSettings) -> str:
 
 def redis_client(settings: FleetSettings) -> redis.Redis | None:
     url = settings.resolved_broker_url
-    return redis.Redis.from_url(url) if url else None
+    return settings.state_client() if url else None
 
 
 def event_log(settings: FleetSettings, client: redis.Redis | None) -> EventLog:

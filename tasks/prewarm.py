@@ -60,7 +60,7 @@ def auto_warm(settings: FleetSettings, node: str | None = None, timeout: float =
     if not url:
         return {"skipped": "no broker"}
     sent: dict[str, Any] = {}
-    for release, workers in missing_prewarms(redis.Redis.from_url(url), node).items():
+    for release, workers in missing_prewarms(settings.state_client(), node).items():
         answers = send_command(app, WARM_COMMAND, release, AUTO_TICKET.format(release=release), workers, timeout)
         sent[release] = {name: answer.get("ok") or answer.get("refused") or str(answer)
                          for name, answer in answers.items()}

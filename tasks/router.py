@@ -33,11 +33,13 @@ class FleetRouter:
     of the task id (`GenerateTask.apply_async` passes it in a header: Celery never shows the router the id).
     """
 
-    def __init__(self, redis_url: str | None, default_model: str, ttl: float = 2.0) -> None:
+    def __init__(self, redis_url: str | None, default_model: str, ttl: float = 2.0,
+                 master_name: str | None = None) -> None:
         self.redis_url = redis_url
         self.default_model = default_model
         self.ttl = ttl
-        self.cache = RouteCache(redis_url, lambda client, model: RouteTable(client).get(model), ttl, ROUTE_CHANNEL)
+        self.cache = RouteCache(redis_url, lambda client, model: RouteTable(client).get(model), ttl, ROUTE_CHANNEL,
+                                master_name)
 
     def invalidate(self, model: str | None = None) -> None:
         self.cache.invalidate(model)

@@ -9,7 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,9 @@ class FleetSettings(BaseSettings):
     audit_minute: int = Field(30, ge=0, le=59)
     timezone: str = "UTC"
 
+    sentinel_master: str = Field(
+        "mymaster", description="the Sentinel master name, used when the broker or result URL is sentinel://…"
+    )
     heartbeat_seconds: float = Field(5.0, gt=0)
     warm_ttl_seconds: float = Field(15.0, gt=0)
     visibility_timeout: int = Field(300, ge=10)
@@ -74,6 +77,10 @@ class FleetSettings(BaseSettings):
     job_lease_seconds: float = Field(
         15.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2;"
         " keep it <= warm_ttl_seconds: a killed holder's job then restarts on a peer within the heartbeat TTL"
+    )
+    job_time_limit_s: float = Field(
+        600.0, ge=0, description="a job running longer is stopped (its worker recycled) and retried on a peer; dead"
+        " after job_max_retries more timeouts; a release's own limit (release metadata job_time_limit_s) wins; 0: none"
     )
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
@@ -225,6 +232,15 @@ class FleetSettings(BaseSettings):
         from cachemgr import open_archive
 
         return open_archive(self.resolved_archive_url, **self.archive_options())
+
+    def state_client(self, **transport: Any):  # noqa: ANN201 - redis.Redis; imported lazily to keep settings light
+        """A Redis client for the fleet state on the broker's server (plain or Sentinel; fleetstate.client)."""
+        from fleetstate.client import redis_client
+
+        url = self.resolved_broker_url
+        if not url:
+            raise ValueError("no broker configured: set FLEET_BROKER_URL or start a local fleet")
+        return redis_client(url, self.sentinel_master, **transport)
 
     def child_env(self) -> dict[str, str]:
         """These settings as FLEET_ variables, for processes the CLI starts."""

@@ -129,9 +129,9 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
                  timeout: float = 120, entry: str | None = None, **env: str) -> WorkerProc:
     logdir.mkdir(parents=True, exist_ok=True)
     log = logdir / f"{name}.log"
-    from .fault_worker import POISON_ENV
+    from .fault_worker import FAULT_ENVS
 
-    entry = entry or ("tests.fault_worker" if POISON_ENV in env else "fleetctl.cli")  # a poisoned worker: the fault is wrapped in
+    entry = entry or ("tests.fault_worker" if any(k in env for k in FAULT_ENVS) else "fleetctl.cli")  # a faulty worker: the fault is wrapped in
     argv = [sys.executable, "-m", entry, "worker", "--name", name]
     for r in releases:
         argv += ["--release", r]
@@ -146,7 +146,7 @@ def start_worker(settings: FleetSettings, releases: list[str], name: str, logdir
 def wait_warm(settings: FleetSettings, worker: WorkerProc, timeout: float = 120) -> None:
     from fleetstate.registry import WarmRegistry
 
-    registry = WarmRegistry(redis.Redis.from_url(settings.resolved_broker_url))
+    registry = WarmRegistry(settings.state_client())
     deadline = time.monotonic() + timeout
     full = f"{worker.name}@{settings.node_name}"
     while time.monotonic() < deadline:

@@ -61,7 +61,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     if not broker:
         print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    registry = WarmRegistry(redis.Redis.from_url(broker), ttl=settings.warm_ttl_seconds)
+    registry = WarmRegistry(settings.state_client(), ttl=settings.warm_ttl_seconds)
     state = WorkerState(worker=hostname, node=settings.node_name, pid=os.getpid(), state="loading",
                         releases=list(releases), device=device)
     registry.publish(state)
@@ -163,7 +163,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
         return 2
     from tasks.peering import advertised_address, start_peer_server
 
-    nodes = NodeRegistry(redis.Redis.from_url(broker))
+    nodes = NodeRegistry(settings.state_client())
     stop = threading.Event()
     try:
         peer_server = start_peer_server(settings)  # serves this node's verified L2 blobs to the site's other nodes

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, TaskPredicate
 
+from cachemgr.names import release_of_queue
 from fleetstate.dead import DeadJob, DeadLetters
 from fleetstate.leases import JobDead, JobLease, effective_lease_seconds
+from fleetstate.timelimits import time_limit_for
 from tasks.errors import JobFailed, JobRefused, one_line
 from tasks.generate import NotServing
 from tasks.requests import BadRequest, GenerateRequest
@@ -17,6 +20,7 @@ from .breaker import FailureBreaker
 from .gpu import is_out_of_memory, release_device_memory
 from .limits import describe_limits
 from .runtime import WorkerRuntime
+from .watchdog import JobWatchdog, TimedOut
 
 
 class JobRunner:
@@ -31,6 +35,10 @@ class JobRunner:
         self.redis = redis_client
         self.settings = settings
         self.breaker = breaker
+        self.on_timeout: Callable[[TimedOut], None] | None = None
+        """Told of every try that ran past its time limit, just before the worker is recycled (a failure)."""
+        if breaker is not None:
+            self.on_timeout = lambda t: breaker.failure(t.task_id, f"ran past its time limit of {t.limit_s:g} s")
 
     def run(self, task: Task, request: GenerateRequest) -> dict[str, Any]:
         if self.breaker is not None and self.breaker.tripped:  # sick: run nothing, put the job back for a peer
@@ -45,7 +53,8 @@ class JobRunner:
             if claim.dead is not None:
                 raise JobDead(claim.dead)
             try:
-                result = self._serve(request, task.request.id, queue, sent_at)
+                with self._time_limit(lease, request, queue, task):
+                    result = self._serve(request, task.request.id, queue, sent_at)
             except (BadRequest, TaskPredicate):
                 raise
             except Exception as exc:
@@ -96,6 +105,12 @@ class JobRunner:
             effective_lease_seconds(settings.job_lease_seconds, settings.visibility_timeout),
             delivery_tag=properties.get("delivery_tag"), extend_visibility=settings.job_extend_visibility,
         )
+
+    def _time_limit(self, lease: JobLease, request: GenerateRequest, queue: str | None, task: Task) -> JobWatchdog:
+        release = release_of_queue(queue) if queue else None
+        limit = time_limit_for(lease.redis, str(release) if release else request.release, self.settings.job_time_limit_s)
+        return JobWatchdog(lease, limit, self.settings.job_max_retries, queue, dict(task.request.kwargs or {}),
+                           on_timeout=self.on_timeout)
 
     def _retry_or_bury(self, task: Task, exc: Exception, lease: JobLease, queue: str | None) -> BaseException:
         """Retry with exponential backoff while retries are left; then record the job as dead and fail it."""

@@ -42,14 +42,13 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _redis(settings: FleetSettings):
-    import redis
 
     from tasks.router import FleetNotConfigured
 
     url = settings.resolved_broker_url
     if not url:
         raise FleetNotConfigured("no broker: set FLEET_BROKER_URL or start a local fleet with `warmfleet up`")
-    return redis.Redis.from_url(url)
+    return settings.state_client()
 
 
 def _archive(settings: FleetSettings):

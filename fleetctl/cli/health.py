@@ -67,8 +67,7 @@ def health(ctx: click.Context, name: str | None, releases: tuple[str, ...], brok
         click.echo("unhealthy: no broker configured (FLEET_BROKER_URL)", err=True)
         sys.exit(1)
     full_name = worker_name(settings, [], name) if name else None
-    client = redis.Redis.from_url(url, socket_connect_timeout=PROBE_TIMEOUT_SECONDS,
-                                  socket_timeout=PROBE_TIMEOUT_SECONDS)
+    client = settings.state_client(socket_connect_timeout=PROBE_TIMEOUT_SECONDS, socket_timeout=PROBE_TIMEOUT_SECONDS)
     try:
         reason = unhealthy_reason(WarmRegistry(client), settings.node_name, full_name,
                                   list(releases) or settings.worker_releases)
