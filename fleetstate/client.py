@@ -5,6 +5,13 @@ A Sentinel URL names every sentinel, `;`-separated, as kombu's broker URL does:
 primary of `master_name` (the setting FLEET_SENTINEL_MASTER) on every (re)connection, so after a failover the fleet
 state follows the promoted replica as the broker and result backend do. The password, when given, is the data
 servers' password (as kombu uses it); sentinels themselves are reached without one.
+
+A primary demoted by a failover while it is still alive (`SENTINEL FAILOVER`, a partition) keeps accepting writes on
+the connections clients already hold until the sentinels reconfigure it — about 10 s — and those writes are dropped
+when it resyncs from the promoted replica. The data servers therefore run with `min-replicas-to-write 1`: the old
+primary refuses writes (NOREPLICAS) as soon as its replica leaves, and `FailoverAwareConnection` turns that refusal
+into a ConnectionError after dropping the socket, so every client (fleet state, broker, result backend) retries
+through the sentinels instead of failing or writing to a dead branch.
 """
 
 from __future__ import annotations
@@ -13,10 +20,26 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 DEFAULT_SENTINEL_MASTER = "mymaster"
 SENTINEL_SCHEME = "sentinel"
+
+
+class FailoverAwareConnection(SentinelManagedConnection):
+    """A connection to the sentinels' primary that treats NOREPLICAS as "this primary may be stale": disconnect, so the
+    next attempt asks the sentinels again, and raise a ConnectionError, which every client here retries."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if self.connection_pool.is_master and str(exc).startswith("NOREPLICAS"):
+                self.disconnect()
+                raise RedisConnectionError(f"the primary refused a write without an in-sync replica: {exc}") from exc
+            raise
 
 
 def is_sentinel_url(url: str | None) -> bool:
@@ -45,4 +68,21 @@ def redis_client(url: str, master_name: str | None = None, **transport: Any) -> 
     hosts, db, password = sentinel_hosts(url)
     sentinel_options = {k: v for k, v in transport.items() if k in ("socket_timeout", "socket_connect_timeout")}
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options or None)
-    return sentinel.master_for(master_name or DEFAULT_SENTINEL_MASTER, db=db, password=password, **transport)
+    return sentinel.master_for(master_name or DEFAULT_SENTINEL_MASTER, db=db, password=password,
+                               connection_class=FailoverAwareConnection, **transport)
+
+
+REPLICATED_WAIT_MS = 1000
+"""How long a push waits for the replica's acknowledgement before it counts as not stored."""
+
+
+def push_replicated(client: redis.Redis, key: str, *values: Any, wait_ms: int = REPLICATED_WAIT_MS) -> int:
+    """LPUSH, then WAIT 1 on the same connection: returns only once a replica holds the values, else raises a
+    ConnectionError (the caller retries; the values may or may not be stored, so a retry may deliver twice)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lpush(key, *values)
+        pipe.execute_command("WAIT", 1, wait_ms)
+        length, replicas = pipe.execute()
+    if int(replicas) < 1:
+        raise RedisConnectionError(f"no replica acknowledged the push to {key!r} within {wait_ms} ms")
+    return int(length)

@@ -13,10 +13,12 @@ from kombu import Queue
 import beat_schedule
 from fleetstate.client import is_sentinel_url
 
+from . import sentinel
 from .router import FleetRouter
 from .settings import FleetSettings, load_settings
 
 UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
+SENTINEL_RESULT_RETRY_S = 60.0
 
 app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
 
@@ -45,12 +47,18 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
                                       "unacked_restore_interval": 5, "unacked_restore_throttle": 0}
     result_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+    transport = None
     if is_sentinel_url(broker):  # the current primary, asked of the sentinels on every (re)connection
         broker_options["master_name"] = settings.sentinel_master
+        transport = sentinel.TRANSPORT  # … and again when a demoted primary refuses a write (tasks/sentinel.py)
     if is_sentinel_url(result):
         result_options["master_name"] = settings.sentinel_master
+        # a failover refuses writes until the promoted primary has its replica back (~10 s): outlast it
+        result_options["retry_policy"] = {"timeout": SENTINEL_RESULT_RETRY_S}
+    target.loader.override_backends = {**target.loader.override_backends, "sentinel": sentinel.BACKEND}
     target.conf.update(
         broker_url=broker or UNCONFIGURED_BROKER,
+        broker_transport=transport,
         result_backend=result or UNCONFIGURED_BROKER,
         task_serializer="json",
         result_serializer="json",

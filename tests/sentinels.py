@@ -15,6 +15,8 @@ import redis
 from fleetctl.localfleet import free_port, wait_port
 
 MASTER = "mymaster"
+WRITE_GUARD = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+"""What closes the failover window: a demoted primary that is still alive refuses writes once its replica leaves."""
 
 
 @dataclass
@@ -24,6 +26,8 @@ class SentinelSet:
     data_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    write_guard: list[str] = field(default_factory=lambda: list(WRITE_GUARD))
+    """Data-server options; the default refuses writes without an in-sync replica (docs/reliability.md)."""
 
     @property
     def url(self) -> str:
@@ -43,7 +47,7 @@ class SentinelSet:
             folder = self.dir / f"data{i}"
             folder.mkdir(exist_ok=True)
             argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-                    "--appendonly", "yes", "--appendfsync", "always"]
+                    "--appendonly", "yes", "--appendfsync", "always", *self.write_guard]
             if i:
                 argv += ["--replicaof", "127.0.0.1", str(primary)]
             self._spawn(f"data{i}", argv)

@@ -23,8 +23,7 @@ from fleetstate.routes import RouteTable
 from tasks.settings import FleetSettings
 
 from .sentinels import MASTER, SentinelSet
-from .support import start_worker, wait_warm
-from .test_reliability_results import record_result
+from .support import record_result, start_worker, wait_warm
 
 pytestmark = pytest.mark.integration
 
