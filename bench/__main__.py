@@ -28,6 +28,7 @@ from _results import RESULTS_JSON, machine, today, versions, write_section  # no
 
 SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("rollback", []),
+    ("sentinel", []),
     ("l2_load", []),
     ("dispatch", ["--profile"]),
     ("cold_start", []),
