@@ -203,6 +203,7 @@ def publish(ctx: click.Context, model: str, component: str, version: str, path: 
     from cachemgr.names import ComponentRef
     from workers.models.layouts import plan_version
     from workers.models.skeleton import check_boots
+    from workers.models.vae import check_vae_boots, plan_vae_folder
 
     ref = ComponentRef(model, component, version)
     extra: dict[str, Any] = dict(m.split("=", 1) for m in meta)
@@ -212,29 +213,24 @@ def publish(ctx: click.Context, model: str, component: str, version: str, path: 
         except ValueError:
             pass
     archive = _archive(_settings(ctx))
-    if component not in ("base", "lora"):  # other components (vae, …) are folders uploaded as they are
-        if not path.is_dir():
-            raise click.ClickException(f"{path} is a file; a {component} version is published from a folder")
-        plan = None
-    else:
+    if component == "vae":  # an AutoencoderKL folder that releases may name (`…+vae-v1.0.0`)
+        plan = plan_vae_folder(path)
+        check_vae_boots(plan)
+    elif component in ("base", "lora"):
         plan = plan_version(path, component, family, config, _published_base(archive, model) if component == "lora" else None)
         check_boots(plan)
-    if plan is not None:
-        for line in plan.describe():
-            click.echo(line)
+    else:
+        raise click.ClickException(f"component {component!r} is not served by this fleet; publish base, lora or vae")
+    for line in plan.describe():
+        click.echo(line)
     if dry_run:
         click.echo(f"dry run: nothing uploaded to {archive.url}")
         return
     if archive.has_version(ref):
         raise click.ClickException(f"{ref} is already published in {archive.url}; publish a new version instead")
     with tempfile.TemporaryDirectory(prefix="warmfleet-publish-") as tmp:
-        if plan is not None:
-            source = plan.stage(Path(tmp))
-            extra = {**plan.meta, **extra}
-        else:
-            source = path
-            if family:
-                extra["family"] = family
+        source = plan.stage(Path(tmp))
+        extra = {**plan.meta, **extra}
         total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {ref}", disable=total < (8 << 20)) as bar:
             manifest = archive.publish(ref, source, meta=extra, progress=bar.update)

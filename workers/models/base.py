@@ -22,6 +22,7 @@ from ..gpu import resident_bytes
 from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
+from .vae import VAE_FAMILIES, load_vae
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_SIZES = {"sd": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024, "wuerstchen": 1024}
@@ -178,6 +179,10 @@ class ModelBuilder:
                 )
         for release in releases:
             for component, _ in release.components[1:]:
+                if component == "vae":
+                    if self.family not in VAE_FAMILIES:
+                        raise LoadError(f"{release}: the {self.family} builder takes no published VAE")
+                    continue
                 if component != "lora":
                     raise LoadError(f"{release}: component {component!r} is not supported by the {self.family} builder")
                 if not self.supports_lora:
@@ -199,6 +204,9 @@ class ModelBuilder:
         started = time.perf_counter()
         try:
             pipe = self.load_pipeline(store, primary.base, getattr(torch, dtype))
+            vae_version = primary.version_of("vae")
+            if vae_version:  # an fp16-safe VAE, say: published once, named by the release
+                load_vae(pipe, store, ComponentRef(primary.model, "vae", vae_version), getattr(torch, dtype))
             adapters = self.load_adapters(pipe, store, releases)
             pipe.to(device)
         except LoadError:
@@ -242,7 +250,9 @@ class ModelBuilder:
         loaded: set[str] = set()
         for release in releases:
             names = []
-            for _, version in release.components[1:]:  # all LoRA: check_releases refused anything else
+            for component, version in release.components[1:]:
+                if component != "lora":  # a published VAE: loaded with the pipeline, shared by the group
+                    continue
                 name = adapter_name(version)
                 if name not in loaded:
                     load_adapter(pipe, store, ComponentRef(release.model, "lora", version))
