@@ -233,3 +233,27 @@ def child_env_plain() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+
+
+def test_channels_last_and_compile_are_applied_as_the_release_meta_asks():
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from fleetctl.demo.builders import TINY_UNET
+    from workers.limits import apply_tuning
+
+    def pipe():
+        return SimpleNamespace(unet=UNet2DConditionModel(**TINY_UNET), vae=torch.nn.Conv2d(4, 4, 3))
+
+    plain = pipe()
+    assert apply_tuning(plain, {}, "cpu") == []
+    assert not plain.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    tuned = pipe()
+    assert apply_tuning(tuned, {"channels_last": True, "compile_unet": True}, "cpu") == ["channels_last",
+                                                                                        "compile_unet"]
+    assert tuned.vae.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(tuned.unet, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily, at the warm-up call
+    assert tuned.unet._orig_mod.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
