@@ -88,10 +88,9 @@ def test_a_switched_adapter_gives_the_image_of_that_adapter_alone(shared, expect
         assert png == expected[(release, seed)], (release, seed)
 
 
-def test_the_fast_build_gives_the_bytes_of_a_plain_diffusers_load(cache, alone, expected):
-    """The builder loads LoRA layers without initialising them (low_cpu_mem_usage) and leaves a CPU pipeline where
-    loading put it; a default `from_pretrained` + `load_lora_weights` of the same L2 folders, called the same way,
-    gives the same PNG bytes."""
+def test_the_build_gives_the_bytes_of_a_plain_diffusers_load(cache, alone, expected):
+    """The builder leaves a CPU pipeline where loading put it (no `pipe.to` walk over every module); a default
+    `from_pretrained` + `load_lora_weights` of the same L2 folders, called the same way, gives the same PNG bytes."""
     import dataclasses
 
     from diffusers import StableDiffusionXLPipeline

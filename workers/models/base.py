@@ -66,8 +66,7 @@ def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
     and diffusers files load as they are; a PEFT folder's keys are the UNet's own module names)."""
     weight_name = str(meta.get("weight_name") or LORA_WEIGHT_NAME)
     if meta.get("lora_format") != "peft":
-        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True,
-                               low_cpu_mem_usage=True)
+        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True)
         return
     import json
 
@@ -75,7 +74,7 @@ def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
 
     config = json.loads((path / PEFT_CONFIG).read_text())
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path / weight_name)).items()}
-    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config, low_cpu_mem_usage=True)
+    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
 
 
 class ModelBuilder:
