@@ -39,8 +39,10 @@ PROFILE_PHASES = [
     ("· manifests read from OSS", "cachemgr/archive/oss.py", "read_manifest"),
     ("· per file: fetch, fsync, verify, rename (summed over 4 file threads)", "cachemgr/store.py", "write_blob"),
     ("·· download into the temp file (file threads + part threads)", "cachemgr/archive/oss_download.py", "download"),
+    ("··· pieces hashed as they are written (part threads)", "cachemgr/archive/piecehash.py", "update"),
     ("·· fsync of the temp file", "~", "<built-in method posix.fsync>"),
-    ("·· sha256 of the written file (a second read)", "cachemgr/store.py", "_hash_file"),
+    ("·· digests checked; pieces without one read again", "cachemgr/sync.py", "_verify_pieces"),
+    ("·· sha256 of the whole written file (a second read)", "cachemgr/store.py", "_hash_file"),
     ("· snapshot commit (links, manifest, rename)", "cachemgr/store.py", "commit_snapshot"),
     ("build: L2 → L1", "workers/models/base.py", "build"),
     ("· pipeline from_pretrained", "diffusers/pipelines/pipeline_utils.py", "from_pretrained"),
@@ -234,11 +236,13 @@ transfer path alone at 256 MiB. The seed's 18.2 min → 47 s is for multi-GB che
 LARGE_NOTE = """Transfer columns are medians of their own; the ratio row's transfer and load cells divide those
 medians. The first image reads the weights the load left mapped from disk (safetensors mmap) on both sides.
 
-What bounds ours now (profile below): the OSS download writes its parts straight into the blob with positioned
-writes (cachemgr/archive/oss.py), and the sync then re-reads every piece to check it against the manifest
-(`_verify_pieces`, 4 threads) before the rename — a second pass over the bytes that curl does not make — then the
-same Python-bound load as the L2 → L1 section. Hashing each part as it arrives needs a per-part hook in the OSS
-download engine, which is being moved to its own module."""
+What bounds ours now (profile below): the transfer itself. The OSS download cuts its ranged parts on the manifest's
+piece boundaries and each part thread hashes the pieces it writes as it writes them
+(cachemgr/archive/piecehash.py), so verification is a comparison of digests, with no second read of the bytes
+(the `second read` rows stay at 0 unless a piece was cut by a part or resumed from an earlier try); the blob is
+still renamed into L2 only after every piece matched the manifest and the file was fsynced. On 2 shared cores
+the hashing competes for CPU with the socket reads, the positioned writes and the OSS server; then the same
+Python-bound load as the L2 → L1 section."""
 
 
 if __name__ == "__main__":

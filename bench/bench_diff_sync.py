@@ -55,8 +55,9 @@ class Counting(Archive):
         self.requests += 1
         return data
 
-    def download(self, ref: ComponentRef, path: str, dest: Any, progress: Any = None, size: int | None = None) -> None:
-        self.inner.download(ref, path, dest, progress, size)
+    def download(self, ref: ComponentRef, path: str, dest: Any, progress: Any = None, size: int | None = None,
+                 hashes: Any = None) -> None:
+        self.inner.download(ref, path, dest, progress, size, hashes)
         self.bytes += size if size is not None else self.inner.stat(ref, path).size
         self.requests += 1
 

@@ -294,11 +294,16 @@ configs, headers and whatever pages module loading touches; the first image read
 touched` rows make all weight bytes resident, as a GPU upload would, and so read the same bytes as the raw read.
 
 What bounds the build now (profile below): not bytes — the weights stay mapped (the `tensors` rows are under 1×
-raw) — but Python-level construction: diffusers' `from_pretrained` (modules built from configs under empty-weight
-init, then tensors assigned from the mapped files) and, about half of it, peft's LoRA injection (a new LoRA layer
-per target module). Plain diffusers pays the same (the `diffusers` row), so the 2.0× target needs a loader below
-diffusers' own; `load_lora_weights(low_cpu_mem_usage=True)` was measured and gains nothing here (LoRA 0.46–0.58 s
-either way, images identical)."""
+raw) — but Python-level construction: diffusers' `from_pretrained` (modules built from configs on the meta device,
+then tensors assigned from the mapped files) and, about half of the build, peft's LoRA injection (a LoRA layer per
+target module, then every base parameter marked frozen and a `load_state_dict` over the whole UNet). Plain
+diffusers pays the same (the `diffusers` row). Measured A/B in one process (CPU seconds per build, medians of 6):
+`load_lora_weights(low_cpu_mem_usage=True)` 0.42 vs 0.43, no gain; `torch.nn.init` skipped during construction 0.395
+vs 0.398, no gain (diffusers and peft already build on the meta device without initialising); the `pipe.to("cpu")`
+walk over every module after loading, 36 ms (~8 %): dropped on CPU. Building the UNet alone from its config on the
+meta device costs ~70 ms of CPU against ~90 ms for the raw read of the whole release, so neither this table's
+1.3× nor the issue's 2.0× can be met by replacing `from_pretrained` with meta construction + `load_state_dict(assign=True)` while peft's per-module
+injection stays; it needs LoRA layers made without peft's walk over every module, or modules not rebuilt per load."""
 
 
 if __name__ == "__main__":

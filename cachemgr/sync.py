@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .archive import Archive, ArchiveError
+from .archive.piecehash import PieceHashes
 from .assemble import DEFAULT_BUFFER, assemble
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
@@ -118,17 +119,36 @@ class _FileResult:
     from_peers: int = 0
 
 
-def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
-    """Check a downloaded file piece by piece against the manifest, on several threads (hashlib releases the GIL).
+def _pieces(entry: FileEntry) -> tuple[Piece, ...]:
+    """The pieces a download is checked by: the manifest's, or the whole file as one piece when it has none."""
+    return entry.pieces or (Piece(0, entry.size, entry.sha256),)
 
-    The pieces tile the file end to end, so when every one matches, the file is the one the manifest's sha256
-    names: that digest is returned without a single-threaded second pass over the whole file. A file without
-    pieces returns None, and the caller hashes it whole."""
+
+def _verify_pieces(fh: BinaryIO, entry: FileEntry, known: dict[int, str] | None = None) -> tuple[str, int] | None:
+    """Check a downloaded file piece by piece against the manifest.
+
+    `known` holds the digests the download computed from the bytes as it wrote them (start offset → sha256): those
+    pieces are compared without reading them again; any other piece (resumed from an earlier try, cut by a part
+    boundary) is re-read from the file, on several threads (hashlib releases the GIL). The pieces tile the file end
+    to end and the file has exactly the manifest's size, so when every one matches, the file is the one the
+    manifest's sha256 names: that digest is returned without a pass over the whole file. A file of the wrong size
+    returns None, and the caller hashes it whole (and rejects it)."""
     size = os.fstat(fh.fileno()).st_size
-    if not entry.pieces or size != entry.size:
+    if size != entry.size:
         return None
+    known = known or {}
+    unread: list[Piece] = []
+    for piece in _pieces(entry):
+        digest = known.get(piece.start)
+        if digest is None:
+            unread.append(piece)
+        elif digest != piece.sha256:
+            raise ChecksumMismatch(f"bytes {piece.start}-{piece.end} of {entry.path} do not match the manifest; "
+                                   "the bytes were discarded")
+    if not unread:
+        return entry.sha256, size
     groups: list[list[Piece]] = [[]]
-    for piece in entry.pieces:  # a few MiB per task: tiny tensors are not worth a thread hop each
+    for piece in unread:  # a few MiB per task: tiny tensors are not worth a thread hop each
         if sum(p.size for p in groups[-1]) >= VERIFY_GROUP:
             groups.append([])
         groups[-1].append(piece)
@@ -199,11 +219,12 @@ def _fill_from_l3(archive: Archive, store: SnapshotStore, ref: ComponentRef, ent
     else:
         def fill(fh: BinaryIO) -> tuple[str, int] | None:
             fh.seek(0)
-            archive.download(ref, entry.path, fh, progress, size=entry.size)
+            hashes = PieceHashes(_pieces(entry))  # hashed in the download threads as the bytes are written
+            archive.download(ref, entry.path, fh, progress, size=entry.size, hashes=hashes)
             fh.truncate()  # a longer stale partial must not leave its tail behind
             result.fetched = entry.size
             fh.flush()
-            return _verify_pieces(fh, entry)
+            return _verify_pieces(fh, entry, hashes.digests)
     store.write_blob(entry.sha256, entry.size, fill, resumable=held)
 
 

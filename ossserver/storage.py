@@ -127,6 +127,8 @@ class BucketStore:
         self.lock = threading.RLock()
         self.objects: dict[str, ObjectMeta] = {}
         self._sorted: list[str] | None = None
+        self._completing = threading.Lock()
+        self._completed: dict[str, tuple[str, ObjectMeta]] = {}  # upload id → (key, the object it became)
         for sub in ("objects", "tmp", "uploads"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         for stale in (folder / "tmp").iterdir():
@@ -296,7 +298,19 @@ class BucketStore:
         return sorted(found)
 
     def complete(self, upload_id: str, key: str, requested: Iterable[tuple[int, str]]) -> ObjectMeta:
-        """Join the named parts in order into one object; the ETag is OSS's multipart form `MD5(md5s)-N`."""
+        """Join the named parts in order into one object; the ETag is OSS's multipart form `MD5(md5s)-N`.
+
+        Completions run one at a time: a client that gave up waiting on a slow join retries it, and the retry must
+        neither read parts the first one is removing nor fail; it answers with the object the first one made."""
+        with self._completing:
+            done = self._completed.get(upload_id)
+            if done is not None and done[0] == key:
+                return done[1]
+            meta = self._complete(upload_id, key, requested)
+            self._completed[upload_id] = (key, meta)
+            return meta
+
+    def _complete(self, upload_id: str, key: str, requested: Iterable[tuple[int, str]]) -> ObjectMeta:
         folder = self._upload_dir(upload_id, key)
         info = json.loads((folder / "upload.json").read_text())
         have = {p.number: p for p in self.parts(upload_id, key)}

@@ -88,6 +88,27 @@ def test_a_switched_adapter_gives_the_image_of_that_adapter_alone(shared, expect
         assert png == expected[(release, seed)], (release, seed)
 
 
+def test_the_build_gives_the_bytes_of_a_plain_diffusers_load(cache, alone, expected):
+    """The builder leaves a CPU pipeline where loading put it (no `pipe.to` walk over every module); a default
+    `from_pretrained` + `load_lora_weights` of the same L2 folders, called the same way, gives the same PNG bytes."""
+    import dataclasses
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from workers.models.base import LORA_WEIGHT_NAME, adapter_name
+
+    release = Release.parse(CURRENT)
+    lora = release.refs()[1]
+    plain = StableDiffusionXLPipeline.from_pretrained(cache.store.path(release.base), local_files_only=True,
+                                                      use_safetensors=True)
+    plain.load_lora_weights(str(cache.store.path(lora)), weight_name=LORA_WEIGHT_NAME,
+                            adapter_name=adapter_name(lora.version))
+    plain.set_progress_bar_config(disable=True)
+    resident = dataclasses.replace(alone[CURRENT], pipeline=plain, active=None)
+    for seed in (1, 2):
+        assert png_of(resident, CURRENT, seed) == expected[(CURRENT, seed)], seed
+
+
 def test_the_two_adapters_really_differ(expected):
     """Otherwise the equality above would prove nothing."""
     assert expected[(PREVIOUS, 1)] != expected[(CURRENT, 1)]

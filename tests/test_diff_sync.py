@@ -40,9 +40,9 @@ class CountingArchive(LocalArchive):
         self.ranges.append((path, start, end))
         return super().read_range(ref, path, start, end)
 
-    def download(self, ref, path, dest, progress=None, size=None):
+    def download(self, ref, path, dest, progress=None, size=None, hashes=None):
         self.downloads.append(path)
-        return super().download(ref, path, dest, progress, size)
+        return super().download(ref, path, dest, progress, size, hashes)
 
     def read_manifest(self, ref):
         self.manifest_reads += 1
@@ -119,11 +119,11 @@ def test_an_interrupted_download_resumes_from_its_partial_file(tmp_path, tensors
     entry = archive.read_manifest(V1).file("unet/w.safetensors")
 
     class Flaky(LocalArchive):
-        def download(self, ref, path, dest, progress=None, size=None):
+        def download(self, ref, path, dest, progress=None, size=None, hashes=None):
             if path.endswith(".safetensors"):
                 dest.write(archive.read_range(ref, path, 0, entry.size // 2))
                 raise ConnectionError("connection reset by peer")
-            return super().download(ref, path, dest, progress, size)
+            return super().download(ref, path, dest, progress, size, hashes)
 
     with pytest.raises(ConnectionError):
         sync_ref(Flaky(tmp_path / "archive"), store, V1)

@@ -216,6 +216,23 @@ def test_multipart_parts_can_be_listed_and_the_upload_aborted(bucket):
         bucket.list_parts("parts.bin", upload_id)
 
 
+def test_concurrent_completions_of_one_upload_both_answer_with_the_object(bucket):
+    """A client that gave up waiting on a slow join retries CompleteMultipartUpload while the first is still
+    running: both get the object (not a 500 from parts the first one removed), and the object is whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    upload_id = bucket.init_multipart_upload("twice.bin").upload_id
+    chunks = [os.urandom(200_000) for _ in range(6)]
+    parts = [oss2.models.PartInfo(n, bucket.upload_part("twice.bin", upload_id, n, data).etag)
+             for n, data in enumerate(chunks, start=1)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: bucket.complete_multipart_upload("twice.bin", upload_id, parts), range(4)))
+    assert {r.status for r in results} == {200} and len({r.etag for r in results}) == 1
+    assert bucket.get_object("twice.bin").read() == b"".join(chunks)
+    with pytest.raises(oss2.exceptions.NoSuchUpload):  # completed: no parts are left to list
+        bucket.list_parts("twice.bin", upload_id)
+
+
 def test_multipart_refuses_parts_smaller_than_100_kib_and_unknown_etags(bucket):
     upload_id = bucket.init_multipart_upload("tiny.bin").upload_id
     first = bucket.upload_part("tiny.bin", upload_id, 1, b"a" * 1000)

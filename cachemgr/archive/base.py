@@ -9,6 +9,7 @@ from typing import BinaryIO
 
 from ..manifest import MANIFEST_NAME, Manifest, build_manifest
 from ..names import ComponentRef, version_sort_key
+from .piecehash import PieceHashes
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred."""
@@ -64,12 +65,18 @@ class Archive:
         raise NotImplementedError
 
     def download(self, ref: ComponentRef, path: str, dest: BinaryIO, progress: Progress | None = None,
-                 size: int | None = None) -> None:
-        """Write the whole file to `dest`. Integrity is the caller's job (sha256 against the manifest).
+                 size: int | None = None, hashes: PieceHashes | None = None) -> None:
+        """Write the whole file to `dest` (from its current position, which callers leave at 0). Integrity is the
+        caller's job (sha256 against the manifest).
 
-        `size`, when the caller knows it from the manifest, lets a remote store skip asking for it."""
+        `size`, when the caller knows it from the manifest, lets a remote store skip asking for it. `hashes` collects
+        the sha256 of the manifest's pieces from the bytes as they are written, so the caller need not read them
+        again; a piece it has no digest for must be hashed from the file."""
+        stream = hashes.stream(0) if hashes is not None else None
         for chunk in self.iter_file(ref, path):
             dest.write(chunk)
+            if stream is not None:
+                stream.update(chunk)
             if progress:
                 progress(len(chunk))
 
@@ -115,6 +122,7 @@ __all__ = [
     "ArchiveError",
     "ArchiveUnavailable",
     "ObjectInfo",
+    "PieceHashes",
     "Progress",
     "VersionNotFound",
     "sort_versions",

@@ -26,6 +26,7 @@ import urllib3
 
 from ..names import ComponentRef
 from .base import ArchiveError, ArchiveUnavailable, ObjectInfo, Progress
+from .piecehash import PieceHashes, PieceStream, aligned_parts
 
 READ_BLOCK = 1 << 20
 """Bytes per socket read: oss2 reads 16 KiB at a time, which bounds throughput on fast links."""
@@ -57,8 +58,9 @@ class _Checkpoint:
         self.lock = threading.Lock()
 
     @classmethod
-    def open(cls, folder: Path | None, ident: dict[str, Any], fd: int) -> _Checkpoint:
-        """Load the checkpoint for `ident` if it still describes the object and the partial file, else start anew."""
+    def open(cls, folder: Path | None, ident: dict[str, Any], fd: int, ends: list[int]) -> _Checkpoint:
+        """Load the checkpoint for `ident` if it still describes the object, the parts (`ends`: where each ends) and
+        the partial file, else start anew."""
         if folder is None:
             return cls(None, dict(ident))
         name = hashlib.sha256(json.dumps([ident["bucket"], ident["key"], ident["dest"]]).encode()).hexdigest()[:32]
@@ -68,9 +70,8 @@ class _Checkpoint:
         except (OSError, ValueError):
             state = {}
         on_disk = os.fstat(fd).st_size
-        part = ident["part_size"]
         stale = any(state.get(k) != v for k, v in ident.items()) or any(
-            min((i + 1) * part, ident["size"]) > on_disk for i in state.get("done", ())
+            not isinstance(i, int) or not 0 <= i < len(ends) or ends[i] > on_disk for i in state.get("done", ())
         )
         if stale:
             state = dict(ident)
@@ -199,7 +200,7 @@ class OssReads:
         return f"reading {what} from OSS endpoint {self.endpoint} kept failing ({_short_reason(exc)}) after {self.retries + 1} tries"
 
     def download(self, ref: ComponentRef, path: str, dest: BinaryIO, progress: Progress | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, hashes: PieceHashes | None = None) -> None:
         """Write the whole file into `dest`: parallel ranged GETs straight into the file for large objects.
 
         When `dest` is a regular file opened at offset 0 and `checkpoint_dir` is set, finished parts are recorded
@@ -207,25 +208,28 @@ class OssReads:
         mode "r+b") fetches only the missing parts. Integrity is the caller's job: verify sha256 afterwards.
         A file the manifest says fits in one part is streamed without the HEAD: there is nothing to resume, and
         the caller's sha256 check stands in for the ETag a checkpoint would pin.
+
+        With `hashes`, the ranged parts start and end on the manifest's piece boundaries and each part thread
+        hashes the pieces it writes as it writes them (`PieceHashes`), so the caller's check needs no second read
+        of the bytes fetched by this call (parts resumed from a checkpoint were not, and have no digests).
         """
         if size is not None and (size < 2 * self.part_size or self.threads <= 1):
-            self._stream_into(ref, path, dest, ObjectInfo(size=size), progress)
+            self._stream_into(ref, path, dest, ObjectInfo(size=size), progress, hashes)
             return
         info = self.stat(ref, path)
         target = _file_target(dest)
         if target is None:
-            for chunk in self._iter_object(ref, path, info, READ_BLOCK):
-                dest.write(chunk)
-                if progress:
-                    progress(len(chunk))
+            self._stream_into(ref, path, dest, info, progress, hashes)
             return
         fd, dest_path = target
         size = info.size
         part_size = self.part_size if size >= 2 * self.part_size and self.threads > 1 else max(size, 1)
+        spans = aligned_parts(size, part_size, hashes.boundaries() if hashes is not None else ()) if size else []
         ident = {"bucket": self.bucket_name, "key": self._key(ref, path), "etag": info.etag, "size": size,
-                 "part_size": part_size, "dest": dest_path}
-        checkpoint = _Checkpoint.open(self.checkpoint_dir, ident, fd)
-        parts = [(i, start, min(start + part_size, size)) for i, start in enumerate(range(0, size, part_size))]
+                 "part_size": part_size, "dest": dest_path,
+                 "parts": hashlib.sha256(json.dumps(spans).encode()).hexdigest()[:16]}
+        checkpoint = _Checkpoint.open(self.checkpoint_dir, ident, fd, [end for _, end in spans])
+        parts = [(i, start, end) for i, (start, end) in enumerate(spans)]
         todo = [p for p in parts if p[0] not in checkpoint.done]
         _preallocate(fd, size)
         lock = threading.Lock()
@@ -245,7 +249,8 @@ class OssReads:
             if failed.is_set():
                 return  # parts already running finish, no new one starts
             try:
-                self._fetch_into(ident["key"], info.etag, fd, start, end, report, f"{ref}/{path}")
+                stream = hashes.stream(start) if hashes is not None else None
+                self._fetch_into(ident["key"], info.etag, fd, start, end, report, f"{ref}/{path}", stream)
             except BaseException:
                 failed.set()
                 raise
@@ -267,11 +272,14 @@ class OssReads:
         checkpoint.remove()
 
     def _stream_into(self, ref: ComponentRef, path: str, dest: BinaryIO, info: ObjectInfo,
-                     progress: Progress | None) -> None:
+                     progress: Progress | None, hashes: PieceHashes | None = None) -> None:
         if _file_target(dest) is not None:
             dest.seek(0)
+        stream = hashes.stream(0) if hashes is not None else None
         for chunk in self._iter_object(ref, path, info, READ_BLOCK):
             dest.write(chunk)
+            if stream is not None:
+                stream.update(chunk)
             if progress:
                 progress(len(chunk))
         truncate = getattr(dest, "truncate", None)
@@ -279,8 +287,9 @@ class OssReads:
             truncate()  # a longer partial file from an earlier try must not outlive this one
 
     def _fetch_into(self, key: str, etag: str | None, fd: int, start: int, end: int,
-                    report: Callable[[int], None], what: str) -> None:
-        """Bytes [start, end) into `fd` at the same offsets; a dropped connection resumes where it stopped."""
+                    report: Callable[[int], None], what: str, stream: PieceStream | None = None) -> None:
+        """Bytes [start, end) into `fd` at the same offsets; a dropped connection resumes where it stopped.
+        `stream` hashes the bytes in the order they are written (a resumed connection continues it)."""
         buf = memoryview(bytearray(min(READ_BLOCK, max(1, end - start))))
         pos, failures = start, 0
         while pos < end:
@@ -296,6 +305,8 @@ class OssReads:
                     if not n:
                         raise _ShortRead(f"body ended at byte {pos} of {end}")
                     _pwrite_all(fd, buf[:n], pos)
+                    if stream is not None:
+                        stream.update(buf[:n])
                     pos += n
                     failures = 0
                     report(n)
