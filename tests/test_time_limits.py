@@ -24,8 +24,7 @@ from tasks.settings import FleetSettings
 from workers.watchdog import TIMED_OUT_EXIT
 
 from .fault_worker import HANG_ENV
-from .support import WorkerProc, start_worker, wait_warm
-from .test_reliability_results import record_result
+from .support import WorkerProc, record_result, start_worker, wait_warm
 
 pytestmark = pytest.mark.integration
 
