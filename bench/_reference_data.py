@@ -40,7 +40,8 @@ def architecture(scale: float, into: Path) -> Path | None:
 
     f = math.sqrt(scale)
     c = 32 * max(1, round(10 * f))  # 320 · f, in multiples of 32 (GroupNorm's 32 groups)
-    h1, h2 = 64 * max(1, round(12 * f)), 64 * max(1, round(20 * f))
+    h1 = 64 * max(1, round(12 * f))
+    h2 = max(h1 + 64, 64 * round(20 * f))  # never h1: diffusers tells the two encoders apart by their widths
     shutil.rmtree(into, ignore_errors=True)
     standard.write_config("sdxl", into)
     edits = {
@@ -78,6 +79,8 @@ def lora_modules(config: Path) -> list[tuple[str, int, int]]:
         module = meta_module(config / part, *index[part])
         for name, layer in module.named_modules():
             if isinstance(layer, torch.nn.Linear) and name.endswith(targets) and ("attn" in name):
+                if tag != "unet" and not name.startswith("text_model."):  # kohya names the CLIP text_model too
+                    name = "text_model." + name
                 out.append((f"lora_{tag}_" + name.replace(".", "_"), layer.in_features, layer.out_features))
     return out
 

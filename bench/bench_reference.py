@@ -1,12 +1,17 @@
-"""The reference deployment's transfers at their real size, over an emulated OSS line, on 3 emulated nodes.
+"""The reference deployment at its real size: transfers over an emulated OSS line on 3 emulated nodes, and worker rows.
 
-`python -m bench reference [--scale 1.0] [--cache DIR] [--clean] [--cold-rate 400mbit] [--rate 100mbit] [--rtt-ms 45]`
+`python -m bench reference [--scale 1.0] [--cache DIR] [--clean] [--cold-rate 400mbit] [--rate 100mbit]
+[--rtt-ms 45] [--worker-scale 0.02] [--users-jobs 200] [--no-workers]`
 
-Builds the release once (bench/_reference_data.py, cached under --cache; `--clean` removes it and exits), publishes
-it into the project's OSS dev server, then, each node a separate L2 and each sync a separate process whose peak RSS
-it reads itself (VmHWM): first start of an empty node at --cold-rate, a night with nothing new and the nightly base
-update at --rate with --rtt-ms per request, and the fleet's egress for that day (from the server's link counters:
-body bytes only). Worker rows (warm restart, rollback under load, 10 users) are not measured here.
+Builds the release (bench/_reference_data.py: at scale 1 an SDXL single file with the real key layout and shapes and
+a ~1.2 GB kohya LoRA; kept under --cache, else in a temporary folder removed at the end), publishes it with
+`warmfleet publish` (no --config at scale 1) into the project's OSS dev server, then, each node a separate L2 and
+each sync a separate process whose peak RSS it reads itself (VmHWM): first start of an empty node at --cold-rate, a
+night with nothing new and the nightly base update at --rate with --rtt-ms per request, and the fleet's egress for
+that day (from the server's link counters: body bytes only). Then the worker rows (bench/_reference_workers.py:
+warm restart vs bare from_single_file + LoRA, LoRA rollback under 10 producers, 10 users) on real worker processes
+serving the release built at --worker-scale: a full-size SDXL computes in float32 on CPU (half precision is ~60×
+slower there) and needs ~21 GB while it loads, more than this shared machine can give.
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ def publisher(ep: str, home: Path, root: Path, folders: dict[str, Path], consume
     """Publish one folder's file with `warmfleet publish` (the base with --config only below scale 1); `consume`
     removes the source once the archive holds it (a temporary cache: at full size the run needs ~45 GB less)."""
     env = {"FLEET_HOME": str(home), "FLEET_ARCHIVE_URL": "oss://models/ref", "FLEET_OSS_ENDPOINT": ep,
-           "FLEET_BROKER_URL": "redis://127.0.0.1:1/0"}
+           "FLEET_BROKER_URL": "redis://127.0.0.1:1/0",
+           "FLEET_OSS_TIMEOUT": "1800"}  # the dev server joins a 6.9 GB upload's parts (and CRCs them) before it answers
 
     def publish(model: str, component: str, version: str, folder: str) -> dict:
         config = config_dir(root) if component == "base" else None

@@ -41,6 +41,9 @@ class FleetSettings(BaseSettings):
     oss_access_key_id: str | None = None
     oss_access_key_secret: str | None = None
     oss_security_token: str | None = None
+    oss_timeout: float = Field(10.0, gt=0, description="seconds the archive waits for OSS to answer a request (oss2's "
+                               "connect_timeout, the read timeout too): a multipart completion of a multi-GB file "
+                               "on a slow store can need more")
 
     device: str = Field("auto", description="auto = cuda if present, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -208,6 +211,7 @@ class FleetSettings(BaseSettings):
         options = self.oss_options()
         if self.resolved_archive_url.startswith("oss://"):
             options["checkpoint_dir"] = self.resolved_cache_root / "checkpoints"
+            options["connect_timeout"] = self.oss_timeout
         return options
 
     def open_archive(self):  # noqa: ANN201 - cachemgr's Archive; imported lazily to keep settings light
