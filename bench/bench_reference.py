@@ -227,7 +227,7 @@ def scenario(args: argparse.Namespace, cache: Path, began: float) -> int:
     ])
     rows = worker_section(workers, args) if workers else "Worker rows: not run (`--no-workers`)."
     write_section("reference", f"""
-## Reference deployment transfers (`python -m bench reference --scale {args.scale:g}`)
+## Reference deployment at scale {args.scale:g}: transfers and worker rows (`python -m bench reference`)
 
 Release {release_bytes / 1e9:.2f} GB (base {publish_rows['base']['bytes'] / 1e9:.2f} GB single file + LoRA
 {publish_rows['lora']['bytes'] / 1e9:.2f} GB), 3 nodes, link: {link}. Built in {built_s:.0f} s; whole run {took:.0f} s.
