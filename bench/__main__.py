@@ -6,7 +6,8 @@ measured in the same run on the same cores. Each script merges its entries into 
 section into bench/RESULTS.md; this runner then writes the summary at the top of RESULTS.md: machine, versions,
 date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`. `--large` also runs
 the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
-`python -m bench reference [--scale S] [--clean]` runs the reference deployment's transfers at real size (8 GB).
+`python -m bench reference [--scale S] [--cache DIR] [--clean]` runs the reference deployment at real size (an 8 GB
+SDXL single file + kohya LoRA): its transfers over an emulated line, then its worker rows on real worker processes.
 `python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py).
 """
 

@@ -43,6 +43,9 @@ class FleetSettings(BaseSettings):
     oss_security_token: str | None = None
     archive_proxy: str | None = Field(None, description="http://host:port that L3 (oss://) requests go through: a "
                                       "site's caching proxy or a P2P daemon (Dragonfly's dfdaemon); bytes still verified")
+    oss_timeout: float = Field(10.0, gt=0, description="seconds the archive waits for OSS to answer a request (oss2's "
+                               "connect_timeout, the read timeout too): a multipart completion of a multi-GB file "
+                               "on a slow store can need more")
 
     device: str = Field("auto", description="auto = cuda if present, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -224,6 +227,7 @@ class FleetSettings(BaseSettings):
         options = self.oss_options()
         if self.resolved_archive_url.startswith("oss://"):
             options["checkpoint_dir"] = self.resolved_cache_root / "checkpoints"
+            options["connect_timeout"] = self.oss_timeout
         if self.archive_proxy:
             options["proxy"] = self.archive_proxy
         return options

@@ -64,3 +64,15 @@ def test_the_local_fleet_state_file_supplies_the_broker(tmp_path, monkeypatch):
     s.local_fleet_file().parent.mkdir(parents=True)
     s.local_fleet_file().write_text('{"broker_url": "redis://127.0.0.1:4242/0"}')
     assert s.resolved_broker_url == "redis://127.0.0.1:4242/0"
+
+
+def test_the_oss_timeout_reaches_the_archives_client(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLEET_OSS_TIMEOUT", "1800")
+    s = FleetSettings(home=tmp_path, archive_url="oss://ai-models/nano-banana", oss_endpoint="http://127.0.0.1:9")
+    assert s.open_archive()._bucket.timeout == 1800
+    assert FleetSettings(home=tmp_path, archive_url="oss://ai-models/x", oss_endpoint="http://127.0.0.1:9",
+                         oss_timeout=10).open_archive()._bucket.timeout == 10
+    monkeypatch.setenv("FLEET_OSS_TIMEOUT", "0")
+    with pytest.raises(ValidationError):
+        FleetSettings()
