@@ -1,0 +1,268 @@
+"""Train the demo versions here, offline, on synthetic shapes: `python -m fleetctl.demo.train [--out DIR] [--quick]`.
+
+A tiny AutoencoderKL first, then each UNet with the standard epsilon-prediction loss in its latent space, the
+way Stable Diffusion is trained; every draw comes from a seeded generator, so a run at a fixed thread count
+repeats itself. `--quick` trains one small base from scratch on the committed VAE, for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import nets, shapes  # noqa: E402
+from .trained import BY_REF, LORA_RANK, LORA_TARGETS, MANIFEST, TRAINED_VERSIONS, VAE_FILE, WEIGHTS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each stage trains (optimizer steps) and on how many images."""
+
+    vae_steps: int = 400
+    base_steps: int = 1200
+    finetune_steps: int = 300
+    lora_steps: int = 300
+    images: int = 720
+    batch: int = 24
+
+
+FULL = Plan()
+QUICK = Plan(vae_steps=0, base_steps=120, finetune_steps=0, lora_steps=0, images=144, batch=16)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [-1, 1], as the VAE takes images."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def train_vae(images: torch.Tensor, steps: int, seed: int, log: Callable[[str], None]):
+    """Reconstruction plus a light KL term; returns the VAE with its scaling factor set to 1 / latent std."""
+    vae = nets.vae()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        batch = images[torch.randint(0, len(images), (16,), generator=g)]
+        post = vae.encode(batch).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = (vae.decode(z).sample - batch).pow(2).mean()
+        loss = rec + 1e-6 * post.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae {step:4d}/{steps} reconstruction {rec.item():.4f}")
+    with torch.no_grad():
+        std = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)]).std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The training targets: scaled latent means (the pipeline decodes latents / scaling_factor)."""
+    parts = [vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)]
+    return torch.cat(parts) * vae.config.scaling_factor
+
+
+class Conditioning:
+    """Captions → what the UNet is conditioned on, exactly as the family's pipeline encodes a prompt.
+
+    Dropped captions become the unconditional input classifier-free guidance uses at sampling time:
+    zeros for SDXL (force_zeros_for_empty_prompt), the empty prompt for SD."""
+
+    def __init__(self, family: str, encoders: list[Any], size: int = shapes.SIZE) -> None:
+        self.family, self.encoders = family, encoders
+        self.tokenizer = nets.tokenizer()
+        self.time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        for c in set(captions) - self._ids.keys():
+            self._ids[c] = self.tokenizer(c, padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="pt").input_ids[0]
+        return torch.stack([self._ids[c] for c in captions])
+
+    def __call__(self, captions: list[str], dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if self.family == "sd":
+            captions = ["" if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
+            return self.encoders[0](self.ids(captions))[0], None
+        ids = self.ids(captions)
+        out_1 = self.encoders[0](ids, output_hidden_states=True)
+        out_2 = self.encoders[1](ids, output_hidden_states=True)
+        keep = (~dropped).float()
+        embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1) * keep[:, None, None]
+        pooled = out_2.text_embeds * keep[:, None]
+        return embeds, {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(captions), -1)}
+
+
+def train_unet(unet, latents: torch.Tensor, captions: list[str], cond: Conditioning, params: list, steps: int,
+               batch: int, lr: float, seed: int, log: Callable[[str], None], name: str) -> None:
+    """Epsilon-prediction diffusion loss at uniform timesteps; 10 % of captions dropped for guidance."""
+    noise_schedule = nets.noise_schedule()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    unet.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=g)
+        dropped = torch.rand(batch, generator=g) < 0.1
+        embeds, added = cond([captions[i] for i in idx.tolist()], dropped)
+        pred = unet(noise_schedule.add_noise(x0, noise, t), t, embeds, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} {step:4d}/{steps} loss {loss.item():.4f}")
+    unet.eval()
+
+
+def add_lora(unet, seed: int):
+    """A fresh rank-4 peft LoRA (lora_B starts at zero, so training starts from the base's behaviour)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK * 2, target_modules=list(LORA_TARGETS), init_lora_weights=True)
+    torch.manual_seed(seed)
+    unet.requires_grad_(False)
+    unet.add_adapter(config)
+    return config, [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def _half(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+
+
+def save_base(path: Path, modules: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        state.update(_half(module.state_dict(), prefix))
+    save_file(state, path)
+
+
+def save_lora(path: Path, unet, config) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    meta = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    save_file(_half(get_peft_model_state_dict(unet)), path, metadata={"lora_config": json.dumps(meta)})
+    unet.delete_adapters(["default"])
+
+
+def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
+    images, captions = shapes.dataset(shapes.STYLES[style], plan.images, seed)
+    return to_tensor(images), captions
+
+
+def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = ()) -> dict:
+    """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    wanted = [v for v in TRAINED_VERSIONS if not only or v.ref in only]
+    if plan.vae_steps:
+        t = time.perf_counter()
+        pixels = torch.cat([_data(s, plan, 1)[0][: plan.images // 4] for s in shapes.STYLES])
+        vae = train_vae(pixels, plan.vae_steps, seed=1, log=log)
+        from safetensors.torch import save_file
+
+        save_file(_half(vae.state_dict()), out / VAE_FILE)
+        seconds["vae"] = time.perf_counter() - t
+    else:
+        from .trained import _load, manifest
+
+        vae = nets.vae(manifest()["vae_scaling_factor"])
+        vae.load_state_dict(_load(WEIGHTS / VAE_FILE))
+        if out != WEIGHTS:
+            import shutil
+
+            shutil.copy(WEIGHTS / VAE_FILE, out / VAE_FILE)
+    vae.eval()
+    live: dict[str, tuple[Any, list[Any]]] = {}  # base ref → its UNet and text encoders, for the children
+    for i, v in enumerate(wanted):
+        t = time.perf_counter()
+        seed = 100 + 10 * TRAINED_VERSIONS.index(v)
+        pixels, captions = _data(v.style, plan, seed)
+        latents = encode_latents(vae, pixels)
+        if v.component == "base" and v.parent is None:
+            unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
+            encoders = list(nets.sdxl_text_encoders()) if v.family == "sdxl" else [nets.sd_text_encoder()]
+            params = list(unet.parameters()) + [p for e in encoders for p in e.parameters()]
+            train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.base_steps,
+                       plan.batch, 1e-3, seed, log, v.ref)
+        elif v.component == "base":
+            parent_unet, encoders = live[v.parent]
+            unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
+            unet.load_state_dict(parent_unet.state_dict())
+            for e in encoders:
+                e.requires_grad_(False)
+            train_unet(unet, latents, captions, Conditioning(v.family, encoders), list(unet.parameters()),
+                       plan.finetune_steps, plan.batch, 5e-4, seed, log, v.ref)
+        else:
+            unet, encoders = live[v.parent]
+            for e in encoders:
+                e.requires_grad_(False)
+            config, params = add_lora(unet, seed)
+            train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.lora_steps,
+                       plan.batch, 2e-3, seed, log, v.ref)
+            save_lora(out / v.file, unet, config)
+            unet.requires_grad_(True)
+            seconds[v.ref] = time.perf_counter() - t
+            continue
+        for e in encoders:
+            e.eval()
+        names = ["text_encoder.", "text_encoder_2."]
+        save_base(out / v.file, {"unet.": unet, **{names[j]: e for j, e in enumerate(encoders)}})
+        live[v.ref] = (unet, encoders)
+        seconds[v.ref] = time.perf_counter() - t
+        log(f"{v.ref} trained in {seconds[v.ref]:.0f} s ({i + 1}/{len(wanted)})")
+    meta = {
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "plan": asdict(plan),
+        "threads": torch.get_num_threads(),
+        "versions": [v.ref for v in wanted],
+        "seconds": {k: round(s, 1) for k, s in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / MANIFEST.name).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fleetctl.demo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where the weights go (default: the package's)")
+    parser.add_argument("--quick", action="store_true", help="one small SDXL base from scratch, on the committed VAE")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; the same count repeats the same bytes")
+    parser.add_argument("--only", nargs="*", default=[], choices=sorted(BY_REF), help="train only these versions")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    only = tuple(args.only) or (("nano-banana/base/v1.0.0",) if args.quick else ())
+    meta = train_all(args.out, QUICK if args.quick else FULL, only=only)
+    print(f"trained {len(meta['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
