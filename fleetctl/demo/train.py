@@ -31,11 +31,11 @@ class Plan:
     """How long each stage trains (optimizer steps) and on how many images."""
 
     vae_steps: int = 400
-    base_steps: int = 1200
-    finetune_steps: int = 300
-    lora_steps: int = 300
+    base_steps: int = 600
+    finetune_steps: int = 200
+    lora_steps: int = 200
     images: int = 720
-    batch: int = 24
+    batch: int = 16
 
 
 FULL = Plan()
@@ -48,17 +48,18 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(images: torch.Tensor, steps: int, seed: int, log: Callable[[str], None]):
-    """Reconstruction plus a light KL term; returns the VAE with its scaling factor set to 1 / latent std."""
+    """Train the VAE as a plain autoencoder on the latent means (sampling noise slows a tiny run down a lot), with
+    shape pixels weighted up so colours come back true; its scaling factor is then set to 1 / latent std."""
     vae = nets.vae()
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         batch = images[torch.randint(0, len(images), (16,), generator=g)]
-        post = vae.encode(batch).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = (vae.decode(z).sample - batch).pow(2).mean()
-        loss = rec + 1e-6 * post.kl().mean()
+        shape = ((batch - batch[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1).float()
+        z = vae.encode(batch).latent_dist.mean
+        rec = ((vae.decode(z).sample - batch).pow(2) * (1 + 4 * shape)).mean()
+        loss = rec + 1e-4 * z.pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
@@ -66,10 +67,25 @@ def train_vae(images: torch.Tensor, steps: int, seed: int, log: Callable[[str], 
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
             log(f"vae {step:4d}/{steps} reconstruction {rec.item():.4f}")
-    with torch.no_grad():
-        std = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)]).std()
-    vae.register_to_config(scaling_factor=float(1.0 / std))
+    vae.register_to_config(scaling_factor=latent_scale(vae, images))
     return vae.eval()
+
+
+@torch.no_grad()
+def latent_scale(vae, images: torch.Tensor) -> float:
+    """1 / the spread of the VAE's latent means over the training images."""
+    return float(1.0 / torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)]).std())
+
+
+def vae_images(plan: Plan) -> torch.Tensor:
+    """What the VAE learns from: every style, so every version's look can be decoded."""
+    return torch.cat([_data(s, plan, 1)[0][: plan.images // 4] for s in shapes.STYLES])
+
+
+def save_vae(path: Path, vae) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_half(vae.state_dict()), path, metadata={"scaling_factor": repr(float(vae.config.scaling_factor))})
 
 
 @torch.no_grad()
@@ -175,26 +191,24 @@ def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
     return to_tensor(images), captions
 
 
-def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = ()) -> dict:
+def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
+              reuse_vae: bool = False) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     wanted = [v for v in TRAINED_VERSIONS if not only or v.ref in only]
-    if plan.vae_steps:
+    if plan.vae_steps and not (reuse_vae and (out / VAE_FILE).exists()):
         t = time.perf_counter()
-        pixels = torch.cat([_data(s, plan, 1)[0][: plan.images // 4] for s in shapes.STYLES])
-        vae = train_vae(pixels, plan.vae_steps, seed=1, log=log)
-        from safetensors.torch import save_file
-
-        save_file(_half(vae.state_dict()), out / VAE_FILE)
+        vae = train_vae(vae_images(plan), plan.vae_steps, seed=1, log=log)
+        save_vae(out / VAE_FILE, vae)
         seconds["vae"] = time.perf_counter() - t
     else:
-        from .trained import _load, manifest
+        from .trained import load_vae
 
-        vae = nets.vae(manifest()["vae_scaling_factor"])
-        vae.load_state_dict(_load(WEIGHTS / VAE_FILE))
-        if out != WEIGHTS:
+        source = out if reuse_vae and (out / VAE_FILE).exists() else WEIGHTS
+        vae = load_vae(source)
+        if source != out:
             import shutil
 
             shutil.copy(WEIGHTS / VAE_FILE, out / VAE_FILE)
@@ -237,14 +251,12 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
         live[v.ref] = (unet, encoders)
         seconds[v.ref] = time.perf_counter() - t
         log(f"{v.ref} trained in {seconds[v.ref]:.0f} s ({i + 1}/{len(wanted)})")
-    meta = {
-        "vae_scaling_factor": float(vae.config.scaling_factor),
-        "plan": asdict(plan),
-        "threads": torch.get_num_threads(),
-        "versions": [v.ref for v in wanted],
-        "seconds": {k: round(s, 1) for k, s in seconds.items()},
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
+    old = json.loads((out / MANIFEST.name).read_text()) if (out / MANIFEST.name).exists() else {}
+    runs = [r for r in old.get("runs", []) if not set(r["versions"]) & {v.ref for v in wanted}]
+    run = {"versions": [v.ref for v in wanted], "vae_trained": "vae" in seconds, "plan": asdict(plan),
+           "threads": torch.get_num_threads(), "seconds": {k: round(s, 1) for k, s in seconds.items()},
+           "total_seconds": round(time.perf_counter() - started, 1)}
+    meta = {"vae_scaling_factor": float(vae.config.scaling_factor), "runs": runs + [run]}
     (out / MANIFEST.name).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -253,14 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetctl.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where the weights go (default: the package's)")
     parser.add_argument("--quick", action="store_true", help="one small SDXL base from scratch, on the committed VAE")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads; the same count repeats the same bytes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; the same count repeats the same bytes")
+    parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out instead of training it")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(BY_REF), help="train only these versions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     only = tuple(args.only) or (("nano-banana/base/v1.0.0",) if args.quick else ())
-    meta = train_all(args.out, QUICK if args.quick else FULL, only=only)
-    print(f"trained {len(meta['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
+    meta = train_all(args.out, QUICK if args.quick else FULL, only=only, reuse_vae=args.reuse_vae)
+    print(f"trained {len(meta['runs'][-1]['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

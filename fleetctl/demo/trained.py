@@ -63,6 +63,19 @@ def _split(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def load_vae(weights: Path = WEIGHTS):
+    """The shared trained VAE; its latent scaling factor travels in the file's metadata."""
+    from safetensors import safe_open
+
+    from . import nets
+
+    with safe_open(weights / VAE_FILE, "pt") as f:
+        scale = float(f.metadata()["scaling_factor"])
+    vae = nets.vae(scale)
+    vae.load_state_dict(_load(weights / VAE_FILE))
+    return vae.eval()
+
+
 def load_base(ref: str, weights: Path = WEIGHTS):
     """The trained base as a live diffusers pipeline (float32, CPU)."""
     from . import nets
@@ -70,8 +83,7 @@ def load_base(ref: str, weights: Path = WEIGHTS):
     v = BY_REF[ref]
     if v.component != "base":
         raise ValueError(f"{ref} is not a base")
-    vae = nets.vae(manifest(weights)["vae_scaling_factor"])
-    vae.load_state_dict(_load(weights / VAE_FILE))
+    vae = load_vae(weights)
     state = _load(weights / v.file)
     if v.family == "sdxl":
         unet, (te1, te2) = nets.sdxl_unet(), nets.sdxl_text_encoders()
