@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,13 +186,22 @@ def save_lora(path: Path, unet, config) -> None:
     unet.delete_adapters(["default"])
 
 
+def _resume(path: Path, modules: dict[str, Any]) -> None:
+    """Continue a base from weights an earlier run saved (training is resumable, in fresh stretches)."""
+    from .trained import _load, _split
+
+    state = _load(path)
+    for prefix, module in modules.items():
+        module.load_state_dict(_split(state, prefix))
+
+
 def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
     images, captions = shapes.dataset(shapes.STYLES[style], plan.images, seed)
     return to_tensor(images), captions
 
 
 def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
-              reuse_vae: bool = False) -> dict:
+              reuse_vae: bool = False, resume: bool = False) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -222,9 +231,14 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
         if v.component == "base" and v.parent is None:
             unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
             encoders = list(nets.sdxl_text_encoders()) if v.family == "sdxl" else [nets.sd_text_encoder()]
+            lr = 1e-3
+            if resume and (out / v.file).exists():
+                _resume(out / v.file, {"unet.": unet, "text_encoder.": encoders[0], "text_encoder_2.": encoders[-1]})
+                lr, seed = 5e-4, seed + 1
+                log(f"{v.ref}: resumed from {out / v.file}")
             params = list(unet.parameters()) + [p for e in encoders for p in e.parameters()]
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.base_steps,
-                       plan.batch, 1e-3, seed, log, v.ref)
+                       plan.batch, lr, seed, log, v.ref)
         elif v.component == "base":
             parent_unet, encoders = live[v.parent]
             unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
@@ -267,12 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small SDXL base from scratch, on the committed VAE")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the same count repeats the same bytes")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out instead of training it")
+    parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
+    parser.add_argument("--base-steps", type=int, help="optimizer steps for each base trained from scratch")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(BY_REF), help="train only these versions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     only = tuple(args.only) or (("nano-banana/base/v1.0.0",) if args.quick else ())
-    meta = train_all(args.out, QUICK if args.quick else FULL, only=only, reuse_vae=args.reuse_vae)
+    plan = QUICK if args.quick else FULL
+    if args.base_steps:
+        plan = replace(plan, base_steps=args.base_steps)
+    meta = train_all(args.out, plan, only=only, reuse_vae=args.reuse_vae, resume=args.resume)
     print(f"trained {len(meta['runs'][-1]['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 
