@@ -131,13 +131,13 @@ def test_build_trained_base_is_the_committed_model(built: dict[str, Path]) -> No
     assert (built["nano-banana/lora/v2.3.0"] / LORA_WEIGHT_NAME).exists()
 
 
-def test_quick_training_beats_random(tmp_path: Path) -> None:
-    """`--quick` trains a base from scratch in seconds; it must already tie colour words to colours."""
+def test_quick_training_moves_the_look(tmp_path: Path) -> None:
+    """`--quick` fine-tunes the committed white base for a few dozen steps; the dark look must already show."""
     from fleetctl.demo import train
     from fleetctl.demo.trained import load_base
 
     assert train.main(["--quick", "--out", str(tmp_path)]) == 0
-    pipe = _quiet(load_base("nano-banana/base/v1.0.0", weights=tmp_path))
-    images = generate(pipe, PROMPTS, seed=SEED)
-    verdicts = [shapes.judge(im, p) for im, p in zip(images, PROMPTS, strict=True)]
-    assert _rate(verdicts, "colour_ok") >= 0.5
+    before = generate(_quiet(load_base("nano-banana/base/v1.0.0")), PROMPTS, seed=SEED)
+    after = generate(_quiet(load_base("nano-banana/base/v1.1.0", weights=tmp_path)), PROMPTS, seed=SEED)
+    dark = [shapes.background_level(im) for im in after]
+    assert np.mean(dark) < np.mean([shapes.background_level(im) for im in before]) - 0.3

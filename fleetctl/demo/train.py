@@ -2,7 +2,8 @@
 
 A tiny AutoencoderKL first, then each UNet with the standard epsilon-prediction loss in its latent space, the
 way Stable Diffusion is trained; every draw comes from a seeded generator, so a run at a fixed thread count
-repeats itself. `--quick` trains one small base from scratch on the committed VAE, for the test suite.
+repeats itself. `--quick` fine-tunes the committed white base into the dark look in a few dozen steps, for the
+test suite.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(vae_steps=0, base_steps=120, finetune_steps=0, lora_steps=0, images=144, batch=16)
+TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.")
+QUICK = Plan(vae_steps=0, base_steps=0, finetune_steps=60, lora_steps=0, images=144, batch=16)
+"""Fine-tune the committed v1.0.0 (white) into v1.1.0's dark look: seconds of training with a visible, checkable effect."""
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -195,6 +198,14 @@ def _resume(path: Path, modules: dict[str, Any]) -> None:
         module.load_state_dict(_split(state, prefix))
 
 
+def _committed(ref: str) -> tuple[Any, list[Any]]:
+    """A parent base from the package's committed weights, when this run did not train it."""
+    from .trained import load_base
+
+    pipe = load_base(ref)
+    return pipe.unet, [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
 def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
     images, captions = shapes.dataset(shapes.STYLES[style], plan.images, seed)
     return to_tensor(images), captions
@@ -233,14 +244,14 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
             encoders = list(nets.sdxl_text_encoders()) if v.family == "sdxl" else [nets.sd_text_encoder()]
             lr = 1e-3
             if resume and (out / v.file).exists():
-                _resume(out / v.file, {"unet.": unet, "text_encoder.": encoders[0], "text_encoder_2.": encoders[-1]})
+                _resume(out / v.file, {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))})
                 lr, seed = 5e-4, seed + 1
                 log(f"{v.ref}: resumed from {out / v.file}")
             params = list(unet.parameters()) + [p for e in encoders for p in e.parameters()]
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.base_steps,
                        plan.batch, lr, seed, log, v.ref)
         elif v.component == "base":
-            parent_unet, encoders = live[v.parent]
+            parent_unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent)
             unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
             unet.load_state_dict(parent_unet.state_dict())
             for e in encoders:
@@ -248,7 +259,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), list(unet.parameters()),
                        plan.finetune_steps, plan.batch, 5e-4, seed, log, v.ref)
         else:
-            unet, encoders = live[v.parent]
+            unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent)
             for e in encoders:
                 e.requires_grad_(False)
             config, params = add_lora(unet, seed)
@@ -260,8 +271,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
             continue
         for e in encoders:
             e.eval()
-        names = ["text_encoder.", "text_encoder_2."]
-        save_base(out / v.file, {"unet.": unet, **{names[j]: e for j, e in enumerate(encoders)}})
+        save_base(out / v.file, {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))})
         live[v.ref] = (unet, encoders)
         seconds[v.ref] = time.perf_counter() - t
         log(f"{v.ref} trained in {seconds[v.ref]:.0f} s ({i + 1}/{len(wanted)})")
@@ -278,7 +288,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetctl.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where the weights go (default: the package's)")
-    parser.add_argument("--quick", action="store_true", help="one small SDXL base from scratch, on the committed VAE")
+    parser.add_argument("--quick", action="store_true", help="60 steps: the committed v1.0.0 fine-tuned dark")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the same count repeats the same bytes")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out instead of training it")
     parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    only = tuple(args.only) or (("nano-banana/base/v1.0.0",) if args.quick else ())
+    only = tuple(args.only) or (("nano-banana/base/v1.1.0",) if args.quick else ())
     plan = QUICK if args.quick else FULL
     if args.base_steps:
         plan = replace(plan, base_steps=args.base_steps)
