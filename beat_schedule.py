@@ -10,6 +10,7 @@ SYNC_TASK = "warmfleet.sync"  # one node's L2, sent to that node's queue
 AUDIT_TASK = "warmfleet.audit"
 SYNC_FLEET_TASK = "warmfleet.sync_fleet"  # fans out to every node with an L2
 AUDIT_FLEET_TASK = "warmfleet.audit_fleet"
+AUTO_WARM_TASK = "warmfleet.auto_warm"  # declared prewarms onto running workers (FLEET_AUTO_WARM)
 MAINTENANCE_QUEUE = "fleet.maintenance"
 
 
@@ -24,8 +25,9 @@ def _zoned(schedule: crontab, app: Any) -> crontab:
 
 def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
     """The nightly L2 sync and the audit, at the times the settings give, in the timezone of `app`
-    (Celery's crontab reads the timezone from its app; `tasks.configure` passes the configured one)."""
-    return {
+    (Celery's crontab reads the timezone from its app; `tasks.configure` passes the configured one); with
+    auto_warm on, the auto-warm tick too."""
+    schedule = {
         "nightly-l2-sync": {
             "task": SYNC_FLEET_TASK,
             "schedule": _zoned(crontab(hour=settings.sync_hour, minute=settings.sync_minute), app),
@@ -37,3 +39,7 @@ def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
             "options": {"queue": MAINTENANCE_QUEUE},
         },
     }
+    if getattr(settings, "auto_warm", False):
+        schedule["auto-warm"] = {"task": AUTO_WARM_TASK, "schedule": settings.auto_warm_seconds,
+                                 "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.auto_warm_seconds}}
+    return schedule

@@ -6,6 +6,8 @@ measured in the same run on the same cores. Each script merges its entries into 
 section into bench/RESULTS.md; this runner then writes the summary at the top of RESULTS.md: machine, versions,
 date, and every metric that has a target, met or not. One script: `python bench/bench_X.py`. `--large` also runs
 the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
+`python -m bench reference [--scale S] [--clean]` runs the reference deployment's transfers at real size (8 GB).
+`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py).
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from _results import RESULTS_JSON, machine, today, versions, write_section  # no
 SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("rollback", []),
     ("l2_load", []),
-    ("dispatch", []),
+    ("dispatch", ["--profile"]),
     ("cold_start", []),
     ("adapter_switch", []),
+    ("live_lora", []),
     ("throughput", []),
     ("batching", []),
     ("concurrency", []),
     ("memory", []),
     ("diff_sync", []),
     ("oss_download", []),
+    ("peers", []),
 ]
 LARGE_SCRIPTS = [("l2_load", ["--size", "large", "--profile"]), ("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
@@ -97,6 +101,15 @@ Redis redelivers it after the visibility timeout; a redelivered job writes the s
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["chaos"]:  # the soak: `python -m bench chaos --minutes N`, never part of the suite
+        return subprocess.run([sys.executable, str(HERE / "bench_chaos.py"), *sys.argv[2:]]).returncode
+    if sys.argv[1:2] == ["reference"]:  # the full-size scenario: its own options, never part of the suite
+        return subprocess.run([sys.executable, str(HERE / "bench_reference.py"), *sys.argv[2:]]).returncode
+
+    if sys.argv[1:2] == ["gpu"]:  # the GPU run: its own script, never part of the CPU suite
+        import bench_gpu
+
+        return bench_gpu.main()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     names = [name for name, _ in SCRIPTS]
     parser.add_argument("--only", nargs="*", choices=names, default=None)

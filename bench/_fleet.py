@@ -23,7 +23,7 @@ from tasks.settings import FleetSettings, offline_environment  # noqa: E402
 
 offline_environment()
 
-from workers.demo import (  # noqa: E402
+from fleetctl.demo.builders import (  # noqa: E402
     DEMO_MODEL,
     DEMO_RELEASES,
     DEMO_VERSIONS,
@@ -54,7 +54,7 @@ SIZES = {
 
 def publish_release(archive: Any, workdir: Path, size: str = "tiny") -> None:
     """Build the benchmark release's models offline (seeded) and publish them into `archive`."""
-    from workers.demo import publish_demo
+    from fleetctl.demo.builders import publish_demo
 
     publish_demo(archive, workdir, versions=SIZES[size].versions, log=lambda *_: None)
 
@@ -74,6 +74,7 @@ class Fleet:
     settings: FleetSettings
     tasks: Any
     workers: dict[str, Any] = field(default_factory=dict)  # short name → tests.support.WorkerProc
+    release: str = RELEASE  # what the workers serve and the helpers below send to
 
     def full_name(self, name: str) -> str:
         return f"{name}@{self.settings.node_name}"
@@ -83,14 +84,14 @@ class Fleet:
         from cachemgr.names import queue_for
 
         for name in names:
-            self.tasks.app.control.cancel_consumer(queue_for(RELEASE), destination=[self.full_name(name)],
+            self.tasks.app.control.cancel_consumer(queue_for(self.release), destination=[self.full_name(name)],
                                                    reply=True, timeout=10)
 
     def resume(self, *names: str) -> None:
         from cachemgr.names import queue_for
 
         for name in names:
-            self.tasks.app.control.add_consumer(queue_for(RELEASE), destination=[self.full_name(name)],
+            self.tasks.app.control.add_consumer(queue_for(self.release), destination=[self.full_name(name)],
                                                 reply=True, timeout=10)
 
     def queue_depth(self) -> int:
@@ -98,10 +99,11 @@ class Fleet:
 
         from cachemgr.names import queue_for
 
-        return int(redis.Redis.from_url(self.settings.broker_url).llen(queue_for(RELEASE)))
+        return int(redis.Redis.from_url(self.settings.broker_url).llen(queue_for(self.release)))
 
     def submit(self, count: int, **params: Any) -> list[Any]:
-        return [self.tasks.generate.delay(f"bench job {i}", seed=i, release=RELEASE, **params) for i in range(count)]
+        return [self.tasks.generate.delay(f"bench job {i}", seed=i, release=self.release, **params)
+                for i in range(count)]
 
     def run(self, count: int, timeout: float = 600, **params: Any) -> tuple[float, list[dict[str, Any]]]:
         """Queue `count` jobs at once and wait for all; returns (seconds from first send to last result, results)."""
@@ -112,8 +114,11 @@ class Fleet:
 
 
 @contextmanager
-def fleet(workdir: Path, workers: dict[str, dict[str, Any]], archive_dir: Path | None = None) -> Iterator[Fleet]:
-    """Start redis and the named workers (each with its own settings overrides), all warm on RELEASE."""
+def fleet(workdir: Path, workers: dict[str, dict[str, Any]], archive_dir: Path | None = None,
+          release: str = RELEASE, entry: str | None = None,
+          env: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """Start redis and the named workers (each with its own settings overrides), all warm on `release`; `entry` and
+    `env`: another module to run them with (`python -m entry worker …`) and extra environment."""
     from cachemgr import LocalArchive
     from tests.support import RedisServer, start_worker, wait_warm
 
@@ -131,11 +136,11 @@ def fleet(workdir: Path, workers: dict[str, dict[str, Any]], archive_dir: Path |
 
         tasks.configure(settings)
         for name, overrides in workers.items():
-            procs.append((name, start_worker(settings.model_copy(update=overrides), [RELEASE], name,
-                                             workdir / "logs", wait=False)))
+            procs.append((name, start_worker(settings.model_copy(update=overrides), [release], name,
+                                             workdir / "logs", wait=False, entry=entry, **(env or {}))))
         for _, proc in procs:
             wait_warm(settings, proc, timeout=300)
-        yield Fleet(settings, tasks, dict(procs))
+        yield Fleet(settings, tasks, dict(procs), release)
     finally:
         for _, proc in procs:
             proc.stop()

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from cachemgr import Cache, LocalArchive, Release  # noqa: E402
 from cachemgr.sync import sync_release  # noqa: E402
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_VERSIONS, SHARED_BASE_RELEASES, publish_demo  # noqa: E402
 from tasks.requests import GenerateRequest  # noqa: E402
-from workers.demo import DEMO_MODEL, DEMO_VERSIONS, SHARED_BASE_RELEASES, publish_demo  # noqa: E402
 from workers.models import StableDiffusionXL  # noqa: E402
 
 TARGET_RATIO = 10.0

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    from cachemgr.outputs import read_uri
+    from workers.outputs import read_uri
 
     workers = {"plain": {"batch_max": 1}, "batched": {"batch_max": args.batch_max, "batch_wait_ms": args.wait_ms}}
     rows, entries, ratios_for_plot = [], [], {}

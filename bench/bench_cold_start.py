@@ -10,7 +10,7 @@ own process, signed requests, as OSS is remote):
   folder, `StableDiffusionXLPipeline.from_pretrained` + `load_lora_weights` on it, then the same first image.
 Runs alternate (raw first on even repeats), each into a fresh folder, removed after it (outside the timing); the
 ratio is taken per pair, then the median. Target: ours ≤ 1.2× raw. `--size large` measures a ~0.6 GB SDXL-shaped
-release (workers/demo.py), where transfer rather than fixed costs could dominate; its results are named
+release (fleetctl/demo/builders.py), where transfer rather than fixed costs could dominate; its results are named
 `*_large` and written to their own section.
 """
 
@@ -38,7 +38,7 @@ PROFILE_PHASES = [
     ("sync: archive → L2 (wall, main thread)", "cachemgr/sync.py", "sync_release"),
     ("· manifests read from OSS", "cachemgr/archive/oss.py", "read_manifest"),
     ("· per file: fetch, fsync, verify, rename (summed over 4 file threads)", "cachemgr/store.py", "write_blob"),
-    ("·· download into the temp file (file threads + part threads)", "cachemgr/archive/oss.py", "download"),
+    ("·· download into the temp file (file threads + part threads)", "cachemgr/archive/oss_download.py", "download"),
     ("·· fsync of the temp file", "~", "<built-in method posix.fsync>"),
     ("·· sha256 of the written file (a second read)", "cachemgr/store.py", "_hash_file"),
     ("· snapshot commit (links, manifest, rename)", "cachemgr/store.py", "commit_snapshot"),
@@ -232,7 +232,13 @@ TINY_NOTE = """With a 7 MB model both sides are dominated by fixed costs (pipeli
 transfer path alone at 256 MiB. The seed's 18.2 min → 47 s is for multi-GB checkpoints."""
 
 LARGE_NOTE = """Transfer columns are medians of their own; the ratio row's transfer and load cells divide those
-medians. The first image reads the weights the load left mapped from disk (safetensors mmap) on both sides."""
+medians. The first image reads the weights the load left mapped from disk (safetensors mmap) on both sides.
+
+What bounds ours now (profile below): the OSS download writes its parts straight into the blob with positioned
+writes (cachemgr/archive/oss.py), and the sync then re-reads every piece to check it against the manifest
+(`_verify_pieces`, 4 threads) before the rename — a second pass over the bytes that curl does not make — then the
+same Python-bound load as the L2 → L1 section. Hashing each part as it arrives needs a per-part hook in the OSS
+download engine, which is being moved to its own module."""
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from cachemgr import Cache  # noqa: E402
 from cachemgr.archive import Archive  # noqa: E402
 from cachemgr.archive.oss import OssArchive  # noqa: E402
 from cachemgr.names import ComponentRef  # noqa: E402
-from cachemgr.ossserver import OssServer  # noqa: E402
 from cachemgr.sync import sync_ref  # noqa: E402
+from ossserver import OssServer  # noqa: E402
 
 
 class Counting(Archive):

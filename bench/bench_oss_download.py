@@ -41,7 +41,7 @@ TARGET_RATIO = 0.8
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
-        [sys.executable, "-m", "cachemgr.ossserver", "--root", str(root), "--bucket", BUCKET,
+        [sys.executable, "-m", "ossserver", "--root", str(root), "--bucket", BUCKET,
          "--access-key-id", AK, "--access-key-secret", SK],
         stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )

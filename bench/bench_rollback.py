@@ -6,7 +6,7 @@ Starts a private redis-server (no persistence) and, in this process, a producer-
 10-minute route-cache TTL, so only the pub/sub invalidation can make it see a change. Two releases are announced
 warm through the real registry (no model is loaded: a flip never touches a worker). Measured:
 - ping: one `PING` round trip, the floor of anything done over Redis;
-- flip: `tasks.rollout.rollback` (route read, warm check, WATCH/MULTI/EXEC that writes the route, its history
+- flip: `fleetstate.rollout.rollback` (route read, warm check, WATCH/MULTI/EXEC that writes the route, its history
   entry and the pub/sub notice) until the producer's router has applied the invalidation and its next lookup
   returns the new release: the moment new jobs go to the new queue;
 - lookup: one route lookup on the send path, from the cache, vs the same read from Redis.
@@ -28,11 +28,12 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from _results import entry, machine, merge_results, today, write_section  # noqa: E402
 
-from tasks.registry import WarmRegistry, WorkerState  # noqa: E402
-from tasks.rollout import rollback  # noqa: E402
-from tasks.routing import FleetRouter, RouteTable  # noqa: E402
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES  # noqa: E402
+from fleetstate.registry import WarmRegistry, WorkerState  # noqa: E402
+from fleetstate.rollout import rollback  # noqa: E402
+from fleetstate.routes import RouteTable  # noqa: E402
+from tasks.router import FleetRouter  # noqa: E402
 from tests.support import RedisServer  # noqa: E402
-from workers.demo import DEMO_MODEL, DEMO_RELEASES  # noqa: E402
 
 FLIP_TARGET_MS = 50.0
 
@@ -136,7 +137,7 @@ def report(pings: list[float], flips: list[float], cached: list[float], direct: 
 
 {today()} · {machine()} · {versions()} · 1-minute load average at start: {load:.1f}
 
-A flip = `tasks.rollout.rollback` (route read, warm-registry check, one WATCH/MULTI/EXEC writing the route, its
+A flip = `fleetstate.rollout.rollback` (route read, warm-registry check, one WATCH/MULTI/EXEC writing the route, its
 history entry and the pub/sub notice) until the producer's route cache (TTL 10 min, so only pub/sub can
 refresh it) has been invalidated and its next lookup returns the new release. Producer and operator share this
 process; Redis runs on loopback.

@@ -40,11 +40,12 @@ def main() -> None:
 
     import torch
 
-    from cachemgr import Cache, LocalArchive, LocalOutputStore, Release
+    from cachemgr import Cache, LocalArchive, Release
     from cachemgr.sync import sync_release
+    from fleetctl.demo.builders import DEMO_MODEL
     from tasks.requests import GenerateRequest
-    from workers.demo import DEMO_MODEL
     from workers.models import StableDiffusionXL
+    from workers.outputs import LocalOutputStore
 
     torch.set_num_threads(1)
     names = ["w1", "w2"]

@@ -2,7 +2,7 @@
 the table of docs/reliability.md (between its markers). Nothing in that table is typed by hand.
 
 The tests write one JSON row per scenario when WARMFLEET_RELIABILITY_RESULTS names a folder
-(tests/test_reliability_results.py); this script sets it, runs pytest on the reliability files, and renders the rows.
+(tests/support.py: record_result); this script sets it, runs pytest on the reliability files, and renders the rows.
 `--no-run --results DIR` renders rows collected earlier.
 """
 
@@ -26,12 +26,16 @@ DOC = REPO / "docs" / "reliability.md"
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
 RESULTS_ENV = "WARMFLEET_RELIABILITY_RESULTS"
 TEST_FILES = ("tests/test_reliability.py", "tests/test_reliability_redis.py", "tests/test_reliability_cache.py",
-              "tests/test_reliability_disk.py", "tests/test_reliability_boot.py")
+              "tests/test_reliability_disk.py", "tests/test_reliability_boot.py", "tests/test_reliability_prod.py",
+              "tests/test_time_limits.py", "tests/test_sentinel.py")
+TRIALS_ENV = "WARMFLEET_RELIABILITY_TRIALS"
+REPORT_TRIALS = "10"
+"""Trials per scenario of the modules that read TRIALS_ENV (CI keeps their fast default); set it to override."""
 
 
 def run_tests(results: Path, files: tuple[str, ...]) -> tuple[int, str]:
     """pytest on the reliability files with the results folder set; returns its exit status and summary line."""
-    env = {**os.environ, RESULTS_ENV: str(results)}
+    env = {TRIALS_ENV: REPORT_TRIALS, **os.environ, RESULTS_ENV: str(results)}
     done = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"], cwd=REPO, env=env,
                           capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]

@@ -5,7 +5,6 @@ from .cache import Cache
 from .events import EventLog
 from .manifest import Manifest, ManifestError, build_manifest
 from .names import ComponentRef, InvalidName, Release, queue_for, validate_name
-from .outputs import LocalOutputStore, OutputStore, open_output_store
 from .store import ChecksumMismatch, SnapshotMissing, SnapshotStore
 from .sync import SyncReport, sync_ref, sync_release
 
@@ -18,11 +17,9 @@ __all__ = [
     "EventLog",
     "InvalidName",
     "LocalArchive",
-    "LocalOutputStore",
     "Manifest",
     "ManifestError",
     "MemoryArchive",
-    "OutputStore",
     "Release",
     "SnapshotMissing",
     "SnapshotStore",
@@ -30,7 +27,6 @@ __all__ = [
     "VersionNotFound",
     "build_manifest",
     "open_archive",
-    "open_output_store",
     "queue_for",
     "sync_ref",
     "sync_release",

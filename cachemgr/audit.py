@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from .archive import Archive
 from .events import EventLog
-from .names import ComponentRef, version_sort_key
+from .names import ComponentRef
+from .retention import plan_retention_l2
 from .store import BlobCheck, SnapshotStore
 
 STALE_AFTER = 6 * 3600
@@ -54,34 +55,6 @@ class AuditResult:
     retired: list[str] = field(default_factory=list)
     collected_blobs: int = 0
     seconds: float = 0.0
-
-
-def _protection(protected: Mapping[ComponentRef, str] | Iterable[ComponentRef]) -> dict[ComponentRef, str]:
-    if isinstance(protected, Mapping):
-        return dict(protected)
-    return {ref: "protected" for ref in protected}
-
-
-def plan_retention_l2(store: SnapshotStore, keep: int,
-                      protected: Mapping[ComponentRef, str] | Iterable[ComponentRef] = ()) -> tuple[tuple, tuple]:
-    """Per component: the newest `keep` versions and every protected one stay; the rest retire."""
-    guard = _protection(protected)
-    by_component: dict[tuple[str, str], list[ComponentRef]] = {}
-    for ref in store.refs():
-        by_component.setdefault((ref.model, ref.component), []).append(ref)
-    kept: list[tuple[ComponentRef, str]] = []
-    retire: list[ComponentRef] = []
-    for refs in by_component.values():
-        refs.sort(key=lambda r: version_sort_key(r.version))
-        newest = set(refs[-keep:]) if keep > 0 else set()
-        for ref in refs:
-            if ref in guard:
-                kept.append((ref, guard[ref]))
-            elif ref in newest:
-                kept.append((ref, f"latest {keep}"))
-            else:
-                retire.append(ref)
-    return tuple(kept), tuple(retire)
 
 
 def plan_audit(store: SnapshotStore, keep: int | None = None,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-SIZE_FIELDS = {"bytes", "bytes_fetched", "bytes_reused", "bytes_total"}
+SIZE_FIELDS = {"bytes", "bytes_fetched", "bytes_reused", "bytes_total", "from_peers", "from_l3"}
 
 
 class EventLog:

@@ -80,6 +80,20 @@ class Manifest:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
+    def subset(self, keep: set[str]) -> Manifest:
+        """The same version with only the files a node needs (e.g. one precision of a model published in two)."""
+        from dataclasses import replace
+
+        omitted = sorted({f.path for f in self.files} - keep) + list(self.meta.get("omitted", ()))
+        return replace(self, files=tuple(f for f in self.files if f.path in keep),
+                       meta={**self.meta, "subset_of": len(self.files) + len(self.meta.get("omitted", ())),
+                             "omitted": sorted(omitted)})
+
+    @property
+    def version_paths(self) -> list[str]:
+        """Every file of the published version, those a subset left out (meta "omitted") included."""
+        return [f.path for f in self.files] + list(self.meta.get("omitted", ()))
+
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:
@@ -194,48 +208,68 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
-def tensor_ranges(path: Path) -> tuple[TensorRange, ...]:
+def _header_ranges(path: Path) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, start, end) of every tensor, in file order, from the header alone."""
     offset, header = read_safetensors_header(path)
-    ranges = []
-    with open(path, "rb") as fh:
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            fh.seek(offset + begin)
-            digest = hashlib.sha256(fh.read(end - begin)).hexdigest()
-            ranges.append(
-                TensorRange(name, info["dtype"], tuple(info["shape"]), offset + begin, offset + end, digest)
-            )
-    return tuple(ranges)
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        out.append((name, info["dtype"], tuple(info["shape"]), offset + begin, offset + end))
+    out.sort(key=lambda r: (r[3], r[4]))
+    return out
 
 
-def _hash_range(fh, start: int, end: int) -> str:
-    fh.seek(start)
-    h = hashlib.sha256()
-    remaining = end - start
-    while remaining:
-        chunk = fh.read(min(HASH_CHUNK, remaining))
-        if not chunk:
-            raise ManifestError("file shrank while it was being described")
-        h.update(chunk)
-        remaining -= len(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class FileDescription:
+    size: int
+    sha256: str
+    tensors: tuple[TensorRange, ...]
+    pieces: tuple[Piece, ...]
 
 
-def file_pieces(path: Path, size: int, tensors: tuple[TensorRange, ...]) -> tuple[Piece, ...]:
-    """Tensor boundaries for safetensors (so an updated tensor is one piece), fixed chunks otherwise."""
-    if tensors:
-        cuts = sorted({0, size, *(t.start for t in tensors), *(t.end for t in tensors)})
+def describe_file(path: Path, chunk: int = HASH_CHUNK) -> FileDescription:
+    """Size, whole-file sha256, per-tensor and per-piece hashes of one file in a single sequential read, `chunk`
+    bytes at a time: a multi-GB checkpoint is read once and never held (nor any tensor of it) in memory.
+
+    Pieces are cut at tensor boundaries for safetensors (so an updated tensor is one piece), fixed chunks
+    otherwise."""
+    size = path.stat().st_size
+    ranges = _header_ranges(path) if path.name.endswith(".safetensors") else []
+    if ranges:
+        cuts = sorted({0, size, *(r[3] for r in ranges), *(r[4] for r in ranges)})
     else:
         cuts = sorted({*range(0, size, PIECE_SIZE), size})
+    whole = hashlib.sha256()
     pieces = []
-    known = {(t.start, t.end): t.sha256 for t in tensors}
     with open(path, "rb") as fh:
         for start, end in zip(cuts, cuts[1:], strict=False):
-            if end > start:
-                pieces.append(Piece(start, end, known.get((start, end)) or _hash_range(fh, start, end)))
-    return tuple(pieces)
+            if end <= start:
+                continue
+            piece = hashlib.sha256()
+            remaining = end - start
+            while remaining:
+                data = fh.read(min(chunk, remaining))
+                if not data:
+                    raise ManifestError(f"{path}: file shrank while it was being described")
+                piece.update(data)
+                whole.update(data)
+                remaining -= len(data)
+            pieces.append(Piece(start, end, piece.hexdigest()))
+        if fh.read(1):
+            raise ManifestError(f"{path}: file grew while it was being described")
+    by_range = {(p.start, p.end): p.sha256 for p in pieces}
+    empty = hashlib.sha256(b"").hexdigest()
+    tensors = tuple(TensorRange(name, dtype, shape, start, end, by_range.get((start, end), empty))
+                    for name, dtype, shape, start, end in ranges)
+    if any(t.end > t.start and (t.start, t.end) not in by_range for t in tensors):
+        raise ManifestError(f"{path}: tensors overlap in the safetensors header")
+    return FileDescription(size, whole.hexdigest(), tensors, tuple(pieces))
+
+
+def tensor_ranges(path: Path) -> tuple[TensorRange, ...]:
+    return describe_file(path).tensors
 
 
 def build_manifest(ref: ComponentRef, source: Path, meta: dict[str, Any] | None = None) -> Manifest:
@@ -245,9 +279,11 @@ def build_manifest(ref: ComponentRef, source: Path, meta: dict[str, Any] | None 
         rel = path.relative_to(source).as_posix()
         if rel == MANIFEST_NAME:
             continue
-        tensors = tensor_ranges(path) if rel.endswith(".safetensors") else ()
-        size = path.stat().st_size
-        files.append(FileEntry(rel, size, sha256_file(path), tensors, file_pieces(path, size, tensors)))
+        if not rel.endswith(ALLOWED_SUFFIXES):  # refused before a byte of it is read
+            raise ManifestError(f"{ref}: file {rel!r} is not allowed; only {', '.join(ALLOWED_SUFFIXES)} "
+                                "files are stored (no pickled weights)")
+        d = describe_file(path)
+        files.append(FileEntry(rel, d.size, d.sha256, d.tensors, d.pieces))
     manifest = Manifest(ref.model, ref.component, ref.version, tuple(files), time.time(), dict(meta or {}))
     manifest.validate()
     return manifest

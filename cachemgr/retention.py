@@ -1,4 +1,4 @@
-"""Retention in L3: keep the newest N versions of each component plus anything protected, delete the rest.
+"""Retention in L3 and L2: keep the newest N versions of each component plus anything protected, retire the rest.
 
 Plan, then execute (as huggingface_hub's cache deletion does): the plan is a frozen value an operator can read
 before anything is deleted, and execution re-checks protection because a route may have moved meanwhile.
@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .archive.base import Archive, VersionNotFound
-from .names import ComponentRef
+from .names import ComponentRef, version_sort_key
+from .store import SnapshotStore
 
 DEFAULT_KEEP = 5
 
@@ -58,9 +59,11 @@ class RetentionPlan:
         return "\n".join(lines)
 
 
-def _protection(protected: Mapping[ComponentRef, str] | Iterable[ComponentRef]) -> dict[ComponentRef, str]:
+def _protection(protected: Mapping[ComponentRef, str] | Iterable[ComponentRef], prefix: str = "protected: ",
+                ) -> dict[ComponentRef, str]:
+    """Protected refs with the reason each is kept (a plain iterable of refs: just "protected")."""
     if isinstance(protected, Mapping):
-        return {ref: f"protected: {why}" if why else "protected" for ref, why in protected.items()}
+        return {ref: f"{prefix}{why}" if why else "protected" for ref, why in protected.items()}
     return {ref: "protected" for ref in protected}
 
 
@@ -119,3 +122,25 @@ def execute(
             continue
         deleted.append(ref)
     return deleted
+
+
+def plan_retention_l2(store: SnapshotStore, keep: int,
+                      protected: Mapping[ComponentRef, str] | Iterable[ComponentRef] = ()) -> tuple[tuple, tuple]:
+    """L2: per component, the newest `keep` versions and every protected one stay; the rest retire."""
+    guard = _protection(protected, prefix="")
+    by_component: dict[tuple[str, str], list[ComponentRef]] = {}
+    for ref in store.refs():
+        by_component.setdefault((ref.model, ref.component), []).append(ref)
+    kept: list[tuple[ComponentRef, str]] = []
+    retire: list[ComponentRef] = []
+    for refs in by_component.values():
+        refs.sort(key=lambda r: version_sort_key(r.version))
+        newest = set(refs[-keep:]) if keep > 0 else set()
+        for ref in refs:
+            if ref in guard:
+                kept.append((ref, guard[ref]))
+            elif ref in newest:
+                kept.append((ref, f"latest {keep}"))
+            else:
+                retire.append(ref)
+    return tuple(kept), tuple(retire)

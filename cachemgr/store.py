@@ -115,8 +115,18 @@ class SnapshotStore:
             d.mkdir(parents=True, exist_ok=True)
 
     # -- reading
-    def has(self, ref: ComponentRef) -> bool:
-        return self.snapshot_path(ref).is_dir() and self.manifest_path(ref).is_file()
+    def has(self, ref: ComponentRef, select: Callable[[Manifest], set[str] | None] | None = None) -> bool:
+        """The version is on this disk; with `select` (a sync filter), it holds every file the filter needs, so a
+        subset kept for one precision does not pass for the whole version (select returning None: all files)."""
+        if not (self.snapshot_path(ref).is_dir() and self.manifest_path(ref).is_file()):
+            return False
+        return select is None or not self.missing(ref, select)
+
+    def missing(self, ref: ComponentRef, select: Callable[[Manifest], set[str] | None]) -> set[str]:
+        """The files of a version `select` needs that this disk's (possibly subset) snapshot does not hold."""
+        manifest = self.manifest(ref)
+        need = select(manifest)
+        return set(manifest.version_paths if need is None else need) - {f.path for f in manifest.files}
 
     def path(self, ref: ComponentRef) -> Path:
         """The snapshot folder of a version: what `from_pretrained(..., local_files_only=True)` is given."""
@@ -258,7 +268,7 @@ class SnapshotStore:
         ref = manifest.ref
         final = self.snapshot_path(ref)
         if self.has(ref):
-            return final
+            return self._extend_snapshot(manifest)
         missing = [f.path for f in manifest.files if not self.has_blob(f.sha256)]
         if missing:
             raise SnapshotMissing(f"{ref}: cannot commit, blobs missing for {', '.join(missing)}")
@@ -290,6 +300,29 @@ class SnapshotStore:
             shutil.rmtree(staging, ignore_errors=True)
             tmp_manifest.unlink(missing_ok=True)  # only our own: a concurrent commit's temp file is not ours
         self._update_latest(ref.model, ref.component)
+        return final
+
+    def _extend_snapshot(self, manifest: Manifest) -> Path:
+        """Add the files a wider subset of a present version brings (e.g. the fp32 weights beside the fp16 ones a
+        node kept): each link appears in one step, the wider manifest is written last."""
+        ref = manifest.ref
+        final = self.snapshot_path(ref)
+        have = {f.path for f in self.manifest(ref).files}
+        new = [f for f in manifest.files if f.path not in have]
+        if not new:
+            return final
+        missing = [f.path for f in new if not self.has_blob(f.sha256)]
+        if missing:
+            raise SnapshotMissing(f"{ref}: cannot extend, blobs missing for {', '.join(missing)}")
+        for entry in new:
+            link = final / validate_relpath(entry.path)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:8]}.incomplete")
+            tmp.symlink_to(Path(*([".."] * (len(Path(entry.path).parts) + 3))) / "blobs" / entry.sha256)
+            os.replace(tmp, link)
+        tmp_manifest = self.manifest_path(ref).with_suffix(f".{uuid.uuid4().hex[:8]}.incomplete")
+        tmp_manifest.write_text(manifest.to_json())
+        os.replace(tmp_manifest, self.manifest_path(ref))
         return final
 
     def remove_snapshot(self, ref: ComponentRef) -> None:

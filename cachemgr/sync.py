@@ -2,8 +2,9 @@
 
 A version's manifest cuts each file into pieces with their own hashes (each safetensors tensor is a piece).
 Syncing a new version reuses every piece already present in any local blob of the same component and
-fetches only the missing byte ranges with ranged GETs; the whole file is then hashed against the manifest
-before it is renamed into the store.
+fetches only the missing byte ranges with ranged GETs, streaming them to the temp file as they arrive (memory
+stays within `buffer_bytes` whatever the model size); the bytes are hashed as they are written and checked against
+the manifest before the file is renamed into the store.
 """
 
 from __future__ import annotations
@@ -18,18 +19,28 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .archive import Archive, ArchiveError
+from .assemble import DEFAULT_BUFFER, assemble
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
+from .peersync import PeerRanges, PeerSource
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
+Select = Callable[[Manifest], "set[str] | None"]
+"""Which files of a version a node needs (None: all); the rest is never fetched."""
 FILE_WORKERS = 4
 """Files of one version fetched at once (each large one is itself split into parallel ranged GETs by OSS)."""
 VERIFY_WORKERS = max(2, min(8, os.cpu_count() or 2))
 VERIFY_GROUP = 8 << 20
-MAX_RANGE = 16 << 20
-"""Largest single ranged GET when fetching changed pieces (adjacent pieces are merged up to this)."""
+
+
+def _all(manifest: Manifest) -> None:
+    return None
+
+
+_ALL: Select = _all
+"""No filter: every file of the version."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,12 @@ class SyncReport:
     files_fetched: int = 0
     seconds: float = 0.0
     ranged_gets: int = 0
+    bytes_from_peers: int = 0
+    """Of bytes_fetched, those the node's peers sent (verified like the rest); the others came from L3."""
+
+    @property
+    def bytes_from_l3(self) -> int:
+        return self.bytes_fetched - self.bytes_from_peers
 
 
 @dataclass
@@ -54,6 +71,14 @@ class SyncSummary:
     @property
     def bytes_reused(self) -> int:
         return sum(r.bytes_reused for r in self.reports)
+
+    @property
+    def bytes_from_peers(self) -> int:
+        return sum(r.bytes_from_peers for r in self.reports)
+
+    @property
+    def bytes_from_l3(self) -> int:
+        return sum(r.bytes_from_l3 for r in self.reports)
 
     @property
     def updated(self) -> list[ComponentRef]:
@@ -90,64 +115,7 @@ class _FileResult:
     fetched: int = 0
     reused: int = 0
     ranged_gets: int = 0
-
-
-def _coalesce(pieces: list[Piece]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
-    for p in pieces:
-        if ranges and ranges[-1][1] == p.start and p.end - ranges[-1][0] <= MAX_RANGE:
-            ranges[-1] = (ranges[-1][0], p.end)
-        else:
-            ranges.append((p.start, p.end))
-    out = []
-    for start, end in ranges:  # split oversized single pieces too
-        for s in range(start, end, MAX_RANGE):
-            out.append((s, min(end, s + MAX_RANGE)))
-    return out
-
-
-def _assemble(archive: Archive, ref: ComponentRef, entry: FileEntry, index: PieceIndex, fh: BinaryIO,
-              progress: Progress | None, result: _FileResult) -> tuple[str, int]:
-    """Write `entry` into `fh` in one sequential pass — local pieces copied, missing ones fetched by ranged
-    GETs — hashing the bytes as they are written, so the file needs no second read to be verified."""
-    fetched: dict[int, bytes] = {}
-    missing = [p for p in entry.pieces if index.find(p) is None]
-    for start, end in _coalesce(missing):
-        data = archive.read_range(ref, entry.path, start, end)
-        if len(data) != end - start:
-            raise ChecksumMismatch(f"{ref}/{entry.path}: range {start}-{end} returned {len(data)} bytes")
-        fetched[start] = data
-        result.fetched += len(data)
-        result.ranged_gets += 1
-        if progress:
-            progress(len(data))
-    digest = hashlib.sha256()
-    fh.seek(0)
-    fh.truncate(0)
-    sources: dict[Path, BinaryIO] = {}
-    try:
-        pending = b""
-        pending_at = -1
-        for piece in entry.pieces:
-            hit = index.find(piece)
-            if hit is None:
-                if pending_at < 0 or pending_at + len(pending) <= piece.start:
-                    pending_at, pending = next((s, d) for s, d in fetched.items()
-                                               if s <= piece.start < s + len(d))
-                data = pending[piece.start - pending_at:piece.end - pending_at]
-            else:
-                blob, start, end = hit
-                src = sources.get(blob) or sources.setdefault(blob, open(blob, "rb"))
-                data = os.pread(src.fileno(), end - start, start)
-                result.reused += piece.size
-                if progress:
-                    progress(piece.size)
-            digest.update(data)
-            fh.write(data)
-    finally:
-        for src in sources.values():
-            src.close()
-    return digest.hexdigest(), fh.tell()
+    from_peers: int = 0
 
 
 def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
@@ -188,28 +156,55 @@ def _verify_pieces(fh: BinaryIO, entry: FileEntry) -> tuple[str, int] | None:
 
 
 def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
-                progress: Progress | None) -> _FileResult:
+                progress: Progress | None, buffer_bytes: int = DEFAULT_BUFFER,
+                peers: PeerSource | None = None) -> _FileResult:
     result = _FileResult()
-    reusable = sum(p.size for p in entry.pieces if index.find(p))
     with store.lock(entry.sha256) as held:
         if store.has_blob(entry.sha256):  # another process fetched it while we waited
             result.reused = entry.size
             if progress:
                 progress(entry.size)
             return result
-        if reusable:
-            def fill(fh: BinaryIO) -> tuple[str, int]:
-                return _assemble(archive, ref, entry, index, fh, progress, result)
-        else:
-            def fill(fh: BinaryIO) -> tuple[str, int] | None:
-                fh.seek(0)
-                archive.download(ref, entry.path, fh, progress, size=entry.size)
-                fh.truncate()  # a longer stale partial must not leave its tail behind
-                result.fetched = entry.size
-                fh.flush()
-                return _verify_pieces(fh, entry)
-        store.write_blob(entry.sha256, entry.size, fill, resumable=held)
+        if peers is None or not entry.pieces:
+            _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
+            return result
+        with peers.turn(entry.sha256) as holders:
+            if not holders:  # this node is the site's one origin pull of the blob (or there are no peers)
+                _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
+                return result
+            reader = PeerRanges(peers, archive, entry, holders)
+
+            def from_peers(fh: BinaryIO) -> tuple[str, int]:
+                digest, size, done = assemble(reader, ref, entry, index, fh, progress, buffer_bytes)
+                result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
+                result.reused += done.resumed
+                return digest, size
+
+            try:
+                store.write_blob(entry.sha256, entry.size, from_peers, resumable=held)
+            finally:
+                result.from_peers = reader.from_peers
     return result
+
+
+def _fill_from_l3(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
+                  progress: Progress | None, buffer_bytes: int, held: bool, result: _FileResult) -> None:
+    reusable = sum(p.size for p in entry.pieces if index.find(p))
+    if reusable:
+        def fill(fh: BinaryIO) -> tuple[str, int]:
+            digest, size, done = assemble(archive, ref, entry, index, fh, progress, buffer_bytes)
+            result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
+            result.reused += done.resumed
+            return digest, size
+    else:
+        def fill(fh: BinaryIO) -> tuple[str, int] | None:
+            fh.seek(0)
+            archive.download(ref, entry.path, fh, progress, size=entry.size)
+            fh.truncate()  # a longer stale partial must not leave its tail behind
+            result.fetched = entry.size
+            fh.flush()
+            return _verify_pieces(fh, entry)
+    store.write_blob(entry.sha256, entry.size, fill, resumable=held)
 
 
 def sync_ref(
@@ -219,18 +214,29 @@ def sync_ref(
     progress: Progress | None = None,
     events: EventLog | None = None,
     manifest: Manifest | None = None,
+    buffer_bytes: int = DEFAULT_BUFFER,
+    select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncReport:
-    """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds."""
+    """Make `ref` present in `store`, fetching only bytes no local blob of the component already holds.
+
+    `buffer_bytes` bounds the fetched bytes the whole sync holds in memory at once (shared by the files fetched
+    together), so a sync's memory does not grow with the model's size."""
     started = time.monotonic()
-    if store.has(ref):
+    if store.has(ref, select or _ALL):
         report = SyncReport(ref, "UNCHANGED", 0, store.manifest(ref).total_size, 0, time.monotonic() - started)
         _log(events, report)
         return report
     manifest = manifest or archive.read_manifest(ref)
     if manifest.ref != ref:
         raise ChecksumMismatch(f"the archive's manifest for {ref} describes {manifest.ref}")
+    keep = select(manifest) if select else None
+    if keep is not None and store.has(ref):  # a subset is here already (another precision): widen it
+        keep = keep | {f.path for f in store.manifest(ref).files}
+    if keep is not None and keep != {f.path for f in manifest.files}:
+        manifest = manifest.subset(keep)
     index = PieceIndex.for_component(store, ref.model, ref.component)
-    fetched = reused = files = gets = 0
+    fetched = reused = files = gets = from_peers = 0
     todo: list[FileEntry] = []
     twins: list[FileEntry] = []  # the same bytes under another name in this version: fetched once
     for entry in manifest.files:
@@ -243,9 +249,11 @@ def sync_ref(
         else:
             todo.append(entry)
 
+    per_file = max(1 << 20, buffer_bytes // max(1, min(FILE_WORKERS, len(todo))))
+
     def fetch(entry: FileEntry) -> _FileResult:
         try:
-            return _fetch_file(archive, store, ref, entry, index, progress)
+            return _fetch_file(archive, store, ref, entry, index, progress, per_file, peers)
         except ChecksumMismatch as exc:
             if events:
                 events.emit("L2_VERIFY", outcome="REJECTED", model=ref.model, component=ref.component,
@@ -270,9 +278,10 @@ def sync_ref(
         fetched += result.fetched
         reused += result.reused
         gets += result.ranged_gets
+        from_peers += result.from_peers
         files += 1 if result.fetched else 0
     store.commit_snapshot(manifest)
-    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets)
+    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets, from_peers)
     _log(events, report)
     return report
 
@@ -293,12 +302,14 @@ def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
         if events:
             events.emit("L2_VERIFY", outcome="QUARANTINED", model=ref.model, component=ref.component,
                         version=ref.version, file=check.path, reason=check.reason)
+    kept = store.manifest(ref)
     store.remove_snapshot(ref)
+    subset = {f.path for f in kept.files} if kept.meta.get("omitted") else None
     what = ", ".join(f"{c.path} ({c.reason})" for c in bad)
     if archive is None:
         raise ChecksumMismatch(f"{ref} in L2 at {store.root} is corrupt: {what}; no archive to fetch it again from")
     try:
-        sync_ref(archive, store, ref, events=events)
+        sync_ref(archive, store, ref, events=events, select=(lambda m: subset) if subset is not None else None)
     except (ChecksumMismatch, ArchiveError) as exc:
         raise ChecksumMismatch(f"{ref} in L2 at {store.root} was corrupt ({what}) and could not be fetched "
                                f"again: {exc}") from exc
@@ -318,8 +329,10 @@ def sync_release(
     release: Release,
     progress: Progress | None = None,
     events: EventLog | None = None,
+    select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncSummary:
-    return sync_refs(archive, store, release.refs(), progress, events)
+    return sync_refs(archive, store, release.refs(), progress, events, select=select, peers=peers)
 
 
 def sync_refs(
@@ -328,10 +341,12 @@ def sync_refs(
     refs: Iterable[ComponentRef],
     progress: Progress | None = None,
     events: EventLog | None = None,
+    select: Select | None = None,
+    peers: PeerSource | None = None,
 ) -> SyncSummary:
     summary = SyncSummary()
     for ref in refs:
-        summary.reports.append(sync_ref(archive, store, ref, progress, events))
+        summary.reports.append(sync_ref(archive, store, ref, progress, events, select=select, peers=peers))
     return summary
 
 
@@ -346,5 +361,7 @@ def _log(events: EventLog | None, report: SyncReport) -> None:
         version=report.ref.version,
         bytes_fetched=report.bytes_fetched,
         bytes_reused=report.bytes_reused,
+        from_peers=report.bytes_from_peers,
+        from_l3=report.bytes_from_l3,
         seconds=round(report.seconds, 3),
     )

@@ -11,13 +11,14 @@ from celery.signals import before_task_publish
 from kombu import Queue
 
 import beat_schedule
+from fleetstate.client import is_sentinel_url
 
-from .routing import FleetRouter
+from .router import FleetRouter
 from .settings import FleetSettings, load_settings
 
 UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
 
-app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance"])
+app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
 
 
 def _drop_connections(target: Celery) -> None:
@@ -39,10 +40,18 @@ def _drop_connections(target: Celery) -> None:
 def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     broker = settings.resolved_broker_url
     _drop_connections(target)
-    router = FleetRouter(broker, settings.model, settings.route_cache_ttl)
+    router = FleetRouter(broker, settings.model, settings.route_cache_ttl, settings.sentinel_master)
+    result = settings.resolved_result_url or broker
+    broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
+                                      "unacked_restore_interval": 5, "unacked_restore_throttle": 0}
+    result_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+    if is_sentinel_url(broker):  # the current primary, asked of the sentinels on every (re)connection
+        broker_options["master_name"] = settings.sentinel_master
+    if is_sentinel_url(result):
+        result_options["master_name"] = settings.sentinel_master
     target.conf.update(
         broker_url=broker or UNCONFIGURED_BROKER,
-        result_backend=settings.resolved_result_url or broker or UNCONFIGURED_BROKER,
+        result_backend=result or UNCONFIGURED_BROKER,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -57,12 +66,8 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
         task_queues=[Queue("fleet.default"), Queue(beat_schedule.MAINTENANCE_QUEUE)],
         task_routes=(router,),
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            "unacked_restore_interval": 5,
-            "unacked_restore_throttle": 0,
-        },
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_transport_options=broker_options,
+        result_backend_transport_options=result_options,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,

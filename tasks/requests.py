@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -156,3 +157,42 @@ class GenerateRequest(BaseModel):
             raise BadRequest(f"bad generate request: {problems}") from None
         except TypeError as exc:
             raise BadRequest(f"bad generate request: {exc}") from None
+
+
+PARAMETERS: tuple[str, ...] = tuple(GenerateRequest.model_fields)
+"""`generate`'s parameters in positional order: the request model's field order, declared nowhere else."""
+
+
+def params_of_call(args: Any = (), kwargs: Any = None) -> dict[str, Any]:
+    """A call's positional and named arguments as one dict of named parameters (positional order: PARAMETERS)."""
+    args = tuple(args or ())
+    if len(args) > len(PARAMETERS):
+        raise BadRequest(f"bad generate request: too many positional arguments ({len(args)})")
+    if not isinstance(kwargs or {}, dict):
+        raise BadRequest("bad generate request: named arguments must be a mapping")
+    params = dict(zip(PARAMETERS, args, strict=False))
+    for name, value in (kwargs or {}).items():
+        if name in params:
+            raise BadRequest(f"bad generate request: {name} given twice")
+        params[name] = value
+    return params
+
+
+def is_pinned(args: Any, kwargs: Any) -> bool:
+    """A job that named its release must be served by that release and nothing else (queue moves leave it)."""
+    try:
+        return bool(params_of_call(args, kwargs).get("release"))
+    except BadRequest:
+        return bool((kwargs or {}).get("release")) if isinstance(kwargs, dict) else False
+
+
+def stable_seed(request: GenerateRequest, task_id: str) -> GenerateRequest:
+    """A job without a seed gets one derived from its task id, so a redelivered job makes the same image."""
+    if request.seed is not None:
+        return request
+    return request.model_copy(update={"seed": int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:4], "big")})
+
+
+def request_of_job(task_id: str, args: Any, kwargs: Any) -> GenerateRequest:
+    """The GenerateRequest a received job carries, with its stable seed: one reading for the task body and batching."""
+    return stable_seed(GenerateRequest.parse(**params_of_call(args, kwargs)), task_id)

@@ -9,7 +9,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +41,8 @@ class FleetSettings(BaseSettings):
     oss_access_key_id: str | None = None
     oss_access_key_secret: str | None = None
     oss_security_token: str | None = None
+    archive_proxy: str | None = Field(None, description="http://host:port that L3 (oss://) requests go through: a "
+                                      "site's caching proxy or a P2P daemon (Dragonfly's dfdaemon); bytes still verified")
 
     device: str = Field("auto", description="auto = cuda if present, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -57,6 +59,9 @@ class FleetSettings(BaseSettings):
     audit_minute: int = Field(30, ge=0, le=59)
     timezone: str = "UTC"
 
+    sentinel_master: str = Field(
+        "mymaster", description="the Sentinel master name, used when the broker or result URL is sentinel://…"
+    )
     heartbeat_seconds: float = Field(5.0, gt=0)
     warm_ttl_seconds: float = Field(15.0, gt=0)
     visibility_timeout: int = Field(300, ge=10)
@@ -70,12 +75,43 @@ class FleetSettings(BaseSettings):
         1.0, ge=0, le=600, description="seconds before the first retry, doubled for each next one (capped at 60)"
     )
     job_lease_seconds: float = Field(
-        30.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2"
+        15.0, ge=1, description="a running job's lease in Redis, renewed at a third of it; capped at visibility_timeout/2;"
+        " keep it <= warm_ttl_seconds: a killed holder's job then restarts on a peer within the heartbeat TTL"
+    )
+    job_time_limit_s: float = Field(
+        600.0, ge=0, description="a job running longer is stopped (its worker recycled) and retried on a peer; dead"
+        " after job_max_retries more timeouts; a release's own limit (release metadata job_time_limit_s) wins; 0: none"
     )
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
     )
+    max_resident_adapters: int = Field(
+        8, ge=0, le=256, description="LoRA adapters one worker holds at most (0: no bound); `warmfleet warm` past it "
+        "retires the least recently used release nothing routes or pins"
+    )
+    max_adapter_bytes: int = Field(0, ge=0, description="bytes of LoRA files one worker holds at most (0: no bound)")
+
+    failure_breaker: int = Field(
+        5, ge=0, le=1000, description="this many different jobs failing in a row (none succeeding between) make the "
+        "worker sick: it leaves the warm registry, stops consuming and fails `warmfleet health`; 0 = never")
+
+    auto_warm: bool = Field(
+        False, description="opt-in: releases declared with `warmfleet routes prewarm` are warmed on every running "
+        "worker of their base, after each node's sync and on a beat tick"
+    )
+    auto_warm_seconds: float = Field(60.0, ge=5, description="beat's auto-warm tick, when auto_warm is on")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
+
+    peer_enabled: bool = Field(True, description="fill L2 from the site's other nodes before L3 (needs peer_secret)")
+    peer_secret: str | None = Field(None, description="the fleet's shared secret that signs peer requests; unset = off")
+    peer_address: str = Field("127.0.0.1", description="the interface this node's peer server binds to (the LAN's)")
+    peer_port: int = Field(9810, ge=0, le=65535, description="its port; 0 = any free one (announced in Redis)")
+    peer_advertise: str | None = Field(None, description="host[:port] peers should dial; unset = the bound address")
+    peer_upload_mbps: float | None = Field(None, gt=0, description="cap on what this node uploads to all peers")
+    peer_timeout: float = Field(10.0, gt=0, description="seconds before a silent peer is dropped for the run")
+    peer_lease_seconds: float = Field(30.0, gt=0, description="the site's origin-pull lease on a blob, renewed "
+                                      "while its holder pulls; others take over this long after it dies")
+    peer_wait_seconds: float = Field(900.0, ge=0, description="longest a node waits for another's origin pull")
 
     flower_port: int = 5555
     flower_user: str = "admin"
@@ -100,6 +136,13 @@ class FleetSettings(BaseSettings):
             value = re.sub(r"[^a-z0-9._-]+", "-", value.strip().lower()).strip("-._")[:64] or "node"
             validate_name(value, "node")
         return value
+
+    @field_validator("archive_proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        from cachemgr.ossclient import check_proxy
+
+        return check_proxy(value.strip()) if value and value.strip() else None
 
     @field_validator("worker_releases", mode="before")
     @classmethod
@@ -133,6 +176,10 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_output_url(self) -> str:
         return self.output_url or (self.home / "outputs").absolute().as_uri()
+
+    @property
+    def peers_on(self) -> bool:
+        return self.peer_enabled and bool(self.peer_secret)
 
     @property
     def event_log_path(self) -> Path:
@@ -177,6 +224,8 @@ class FleetSettings(BaseSettings):
         options = self.oss_options()
         if self.resolved_archive_url.startswith("oss://"):
             options["checkpoint_dir"] = self.resolved_cache_root / "checkpoints"
+        if self.archive_proxy:
+            options["proxy"] = self.archive_proxy
         return options
 
     def open_archive(self):  # noqa: ANN201 - cachemgr's Archive; imported lazily to keep settings light
@@ -184,22 +233,14 @@ class FleetSettings(BaseSettings):
 
         return open_archive(self.resolved_archive_url, **self.archive_options())
 
-    def open_outputs(self):  # noqa: ANN201
-        from cachemgr import open_output_store
+    def state_client(self, **transport: Any):  # noqa: ANN201 - redis.Redis; imported lazily to keep settings light
+        """A Redis client for the fleet state on the broker's server (plain or Sentinel; fleetstate.client)."""
+        from fleetstate.client import redis_client
 
-        return open_output_store(self.resolved_output_url, **self.oss_options())
-
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def resolved_dtype(self, device: str) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if device.startswith("cuda") else "float32"
+        url = self.resolved_broker_url
+        if not url:
+            raise ValueError("no broker configured: set FLEET_BROKER_URL or start a local fleet")
+        return redis_client(url, self.sentinel_master, **transport)
 
     def child_env(self) -> dict[str, str]:
         """These settings as FLEET_ variables, for processes the CLI starts."""
@@ -216,8 +257,13 @@ def load_settings(**overrides: object) -> FleetSettings:
     return FleetSettings(**overrides)  # type: ignore[arg-type]
 
 
-def offline_environment() -> None:
-    """No hub access, ever: set before diffusers/transformers are imported."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+"""No hub access, ever: what every process that may import diffusers/transformers runs with."""
+
+
+def offline_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set OFFLINE_ENVIRONMENT (where unset) in `env`, or in this process before diffusers is imported."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        target.setdefault(key, value)
+    return target  # type: ignore[return-value]

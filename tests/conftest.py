@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ for _key in [k for k in os.environ if k.startswith("FLEET_")]:
     del os.environ[_key]  # tests never pick up an operator's configuration
 
 from cachemgr import LocalArchive  # noqa: E402
+from fleetctl.demo.builders import DEMO_RELEASES, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
-from workers.demo import DEMO_RELEASES, publish_demo  # noqa: E402
 
-from .support import RedisServer, start_worker  # noqa: E402
+from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,17 +47,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server: RedisServer, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
-    home = tmp_path_factory.mktemp("home")
-    return FleetSettings(
-        home=home,
-        broker_url=redis_server.url,
-        archive_url=demo_archive_dir.as_uri(),
-        torch_threads=1,
-        heartbeat_seconds=1.0,
-        warm_ttl_seconds=4.0,
-        route_cache_ttl=0.0,
-        node_name="testnode",
-    )
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir)
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +65,12 @@ def two_workers(fleet_settings: FleetSettings, producer, tmp_path_factory: pytes
     """Two warm workers, one per demo release, and a route to the newer release."""
     import redis
 
-    from tasks.routing import RouteTable
+    from fleetstate.routes import RouteTable
 
     logs = tmp_path_factory.mktemp("logs")
     old, new = DEMO_RELEASES
     workers = [start_worker(fleet_settings, [old], "w-old", logs, wait=False),
                start_worker(fleet_settings, [new], "w-new", logs, wait=False)]
-    from .support import wait_warm
-
     try:
         for w in workers:
             wait_warm(fleet_settings, w)
@@ -99,11 +88,11 @@ def two_workers(fleet_settings: FleetSettings, producer, tmp_path_factory: pytes
 
 @pytest.fixture(autouse=True)
 def _collect_results_while_redis_is_up(request: pytest.FixtureRequest):
-    """AsyncResult.__del__ talks to the result backend: an integration test's results are collected while its
-    redis-server is up, not at interpreter exit (where they also trip a CPython 3.11 AST bug inside pytest's
-    import hook)."""
+    """AsyncResult.__del__ talks to the result backend: the results of a test that talks to a redis-server (an
+    integration test, or one using the `redis_server` fixture) are collected while that server is up, not at
+    interpreter exit (where they also trip a CPython 3.11 AST bug inside pytest's import hook)."""
     yield
-    if request.node.get_closest_marker("integration"):
+    if request.node.get_closest_marker("integration") or "redis_server" in request.fixturenames:
         import gc
 
         gc.collect()
@@ -119,3 +108,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- the OSS-protocol server (tests/test_ossserver*.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """The project's OSS-protocol server for a module, with the keys OSS_AK/OSS_SK (tests/support.py)."""
+    from ossserver import OssServer
+
+    with OssServer(tmp_path_factory.mktemp("oss"), access_key_id=OSS_AK, access_key_secret=OSS_SK) as srv:
+        yield srv
+
+
+@pytest.fixture
+def bucket_name(server) -> str:
+    """A fresh bucket on that server; faults injected by the test are cleared afterwards."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    yield name
+    server.clear_faults()
+
+
+@pytest.fixture
+def bucket(server, bucket_name: str):
+    """oss2's own client on that bucket."""
+    import oss2
+
+    return oss2.Bucket(oss2.Auth(OSS_AK, OSS_SK), server.endpoint, bucket_name)

@@ -15,14 +15,14 @@ import redis
 import torch
 from PIL import Image
 
-from cachemgr import Cache, LocalArchive, LocalOutputStore, Release
+from cachemgr import Cache, LocalArchive, Release
 from cachemgr.names import queue_for
-from cachemgr.outputs import read_uri
 from cachemgr.sync import sync_release
-from tasks.registry import WarmRegistry, WorkerState
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES, SHARED_BASE_RELEASES
+from fleetstate.registry import WarmRegistry, WorkerState
 from tasks.requests import BadRequest, GenerateRequest
-from workers.demo import DEMO_MODEL, DEMO_RELEASES, SHARED_BASE_RELEASES
 from workers.models import LoadError, StableDiffusionXL, group_by_base
+from workers.outputs import LocalOutputStore, read_uri
 from workers.resident import NotResident
 from workers.runtime import WorkerRuntime
 

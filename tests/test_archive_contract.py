@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 from cachemgr.archive import ArchiveError, LocalArchive, VersionNotFound, open_archive
 from cachemgr.manifest import MANIFEST_NAME
 from cachemgr.names import ComponentRef
-from cachemgr.ossserver import OssServer
 from cachemgr.retention import execute, plan_retention
+from ossserver import OssServer
 
 AK, SK = "LTAI-test-key", "test-secret"
 REF = ComponentRef("nano-banana", "base", "v1.0.0")

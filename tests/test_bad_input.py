@@ -8,7 +8,6 @@ inputs go through sync, publish and the worker.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import pickle
@@ -25,10 +24,10 @@ from hypothesis import strategies as st
 from cachemgr import ChecksumMismatch, LocalArchive, ManifestError, Release, SnapshotStore
 from cachemgr.names import ComponentRef, InvalidName, queue_for, validate_component
 from cachemgr.sync import sync_ref, sync_release
-from tasks.registry import WarmRegistry
+from fleetctl.cli import main as cli
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.registry import WarmRegistry
 from tasks.requests import BadRequest, GenerateRequest
-from workers.cli import main as cli
-from workers.demo import DEMO_RELEASES
 from workers.models import LoadError, builder_for, family_of
 
 from .support import start_worker
@@ -39,12 +38,6 @@ NEW = DEMO_RELEASES[1]
 BASE = Release.parse(NEW).base
 UNET = "unet/diffusion_pytorch_model.safetensors"
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
 
 
 def snapshot_tree(root: Path, inside: tuple[Path, ...] = ()) -> dict[str, tuple[int, str]]:
@@ -201,7 +194,7 @@ def test_publish_refuses_a_folder_holding_a_pickle_and_uploads_nothing(sandbox, 
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Marker(tmp_path / "MARKER")))
     before = snapshot_tree(root)
     done = CliRunner().invoke(cli, ["publish", "m", "base", "v1", str(folder)], env=env)
-    assert done.exit_code == 1 and "no pickled weights" in done.output
+    assert done.exit_code == 1 and "pickled checkpoint" in done.output and "convert it to safetensors" in done.output
     assert snapshot_tree(root) == before and not (tmp_path / "MARKER").exists()
 
 

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachemgr import Cache, LocalArchive, LocalOutputStore
+from cachemgr import Cache, LocalArchive
 from cachemgr.names import queue_for
-from cachemgr.outputs import read_uri
-from tasks.registry import WorkerState
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES
+from fleetstate.registry import WorkerState
 from tasks.requests import BadRequest, GenerateRequest
 from workers.batching import PIXEL_TOLERANCE, Job, enable_batching, plan_batches, prepare
-from workers.demo import DEMO_MODEL, DEMO_RELEASES
 from workers.models import StableDiffusionXL
+from workers.outputs import LocalOutputStore, read_uri
 from workers.runtime import WorkerRuntime
 
 from .support import start_worker
@@ -99,7 +99,7 @@ def test_jobs_queued_together_share_one_pipeline_call_yet_each_has_its_own_image
 
 def test_seedless_jobs_in_a_batch_take_the_seed_their_task_id_gives_them(producer, batching_worker):
     """As unbatched jobs do: a batched job, and any redelivery of it, makes the same image."""
-    from tasks.generate import stable_seed
+    from tasks.requests import stable_seed
 
     with held(producer, batching_worker):
         pending = [producer.generate.delay(f"seedless {i}", release=NEW, **SMALL) for i in range(3)]
@@ -170,7 +170,7 @@ def test_a_batch_whose_pipeline_call_fails_runs_its_jobs_one_at_a_time(direct, t
         batches = plan_batches(runtime, jobs, batch_max=4)
         assert [[j.task_id for j in b] for b in batches] == [["job-0", "job-1", "job-2"]]
         assert prepare(runtime, batches[0]) == 0
-        assert runtime.prepared == {}
+        assert len(runtime.prepared) == 0
         outcomes = {}
         for job in jobs:
             try:

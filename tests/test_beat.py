@@ -12,8 +12,8 @@ import pytest
 
 import beat_schedule
 from cachemgr import Cache, Release
+from fleetctl.demo.builders import DEMO_RELEASES
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
 from .support import REPO, child_env
 
@@ -57,7 +57,7 @@ def test_the_celery_app_carries_the_schedule_and_its_timezone(monkeypatch, tmp_p
 def start_maintenance(settings, node: str, cache_root, logdir):
     node_settings = settings.model_copy(update={"cache_root": cache_root, "node_name": node})
     log = open(logdir / f"maintenance-{node}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "workers.cli", "maintenance-worker", "--name", f"maint@{node}"],
+    return subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "maintenance-worker", "--name", f"maint@{node}"],
                             stdout=log, stderr=subprocess.STDOUT, env=child_env(node_settings), cwd=REPO,
                             start_new_session=True)
 
@@ -69,8 +69,8 @@ def test_the_nightly_sync_reaches_every_node_and_the_audit_repairs_each_disk(fle
     import redis
     from celery.result import AsyncResult
 
-    from tasks.nodes import NodeRegistry
-    from tasks.routing import RouteTable
+    from fleetstate.nodes import NodeRegistry
+    from fleetstate.routes import RouteTable
 
     client = redis.Redis.from_url(fleet_settings.broker_url)
     RouteTable(client).set_active(DEMO_RELEASES[1], actor="test")
@@ -128,7 +128,7 @@ def test_beat_at_020001_sends_the_sync_to_every_node_once_and_not_again_at_02003
     from celery.beat import Scheduler
 
     from cachemgr.names import node_queue
-    from tasks.nodes import NodeRegistry
+    from fleetstate.nodes import NodeRegistry
 
     client = redis.Redis.from_url(fleet_settings.broker_url)
     client.delete("fleet:nodes", "fleet:lock:fan-out:sync", beat_schedule.MAINTENANCE_QUEUE,
@@ -175,7 +175,7 @@ def test_beat_at_020001_sends_the_sync_to_every_node_once_and_not_again_at_02003
 def test_the_run_lock_excludes_overlaps_and_expires_when_its_holder_dies(redis_server):
     import time
 
-    from tasks.locks import run_lock
+    from fleetstate.locks import run_lock
 
     client = redis_server.client()
     with run_lock(client, "unit", 30) as first:

@@ -91,7 +91,7 @@ def test_trained_lora_still_draws_what_it_is_asked(built: dict[str, Path], ref: 
 def test_random_weight_demo_fails_the_same_judge(tmp_path: Path, size: int, steps: int, guidance: float) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from workers.demo import build_sdxl
+    from fleetctl.demo.builders import build_sdxl
 
     pipe = _quiet(StableDiffusionXLPipeline.from_pretrained(build_sdxl(tmp_path / "random", 1100), local_files_only=True))
     images = generate(pipe, PROMPTS, seed=SEED, steps=steps, guidance=guidance, size=size)

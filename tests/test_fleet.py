@@ -10,8 +10,8 @@ import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from cachemgr.names import queue_for
-from cachemgr.outputs import read_uri
-from tasks.registry import WarmRegistry
+from fleetstate.registry import WarmRegistry
+from workers.outputs import read_uri
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,12 @@ import pytest
 
 from cachemgr import LocalArchive, Release
 from cachemgr.archive.oss import OssArchive
-from cachemgr.ossserver import OssServer
-from cachemgr.outputs_oss import OssOutputStore
+from fleetctl.localfleet import alive, free_port
+from ossserver import OssServer
 from tasks.settings import FleetSettings
-from workers.localfleet import alive, free_port
+from workers.outputs.oss import OssOutputStore
 
-from .support import REPO
+from .support import REPO, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,9 @@ def fleet_settings(redis_server, demo_archive_dir, oss_server, tmp_path_factory)
             if not remote.has_version(ref):
                 manifest = local.read_manifest(ref)
                 remote.publish(ref, demo_archive_dir / ref.model / ref.component / ref.version, meta=manifest.meta)
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url="oss://ai-models/nano-banana",
-        output_url="oss://outputs/images", oss_endpoint=oss_server.endpoint, oss_access_key_id=KEY_ID,
-        oss_access_key_secret=SECRET, torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0,
-        route_cache_ttl=0.0, node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, "oss://ai-models/nano-banana",
+                              output_url="oss://outputs/images", oss_endpoint=oss_server.endpoint,
+                              oss_access_key_id=KEY_ID, oss_access_key_secret=SECRET)
 
 
 def test_workers_fill_l2_from_oss_and_write_images_to_oss(fleet_settings, producer, two_workers, oss_server):
@@ -73,7 +71,7 @@ def run_cli(args: list[str], home: Path, timeout: float = 400) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_HOME=str(home), FLEET_FLOWER_PORT=str(free_port()), FLEET_METRICS_PORT=str(free_port()),
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=env,
                           cwd=home, timeout=timeout)
 
 
@@ -128,7 +126,7 @@ def test_oss_errors_are_one_line_naming_what_to_check(oss_server, tmp_path, case
         env["FLEET_OSS_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
     else:
         args = ["sync", "--release", "nano-banana@base-v7.7.7"]
-    done = subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.localfleet import alive, free_port
+from fleetctl.localfleet import alive, free_port
 
 from .support import REPO
 
@@ -22,7 +22,7 @@ def run_cli(args: list[str], home: Path, archive: Path, timeout: float = 400) ->
     env.update(FLEET_HOME=str(home), FLEET_ARCHIVE_URL=archive.as_uri(), FLEET_FLOWER_PORT=str(free_port()),
                FLEET_METRICS_PORT=str(free_port()),
                PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=env,
                           cwd=home, timeout=timeout)
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.sync import sync_release
-from workers.demo import (
+from fleetctl.demo.builders import (
     DEMO_RELEASES,
     SD_DEMO_RELEASE,
     SINGLE_FILE_DEMO_RELEASE,
@@ -203,7 +203,7 @@ def test_omitting_with_cache_uses_the_settings_cache_root(monkeypatch, tmp_path)
 
 
 def test_every_family_has_the_same_builder_shape():
-    assert set(FAMILIES) == {"sd", "sdxl", "wuerstchen", "single-file"}
+    assert set(FAMILIES) == {"sd", "sd2", "sdxl", "wuerstchen", "single-file"}
     for family, cls in FAMILIES.items():
         builder = cls.builder("m", "m@base-v1.0.0").with_cache(Cache.at("/tmp/x")).on("cpu", "float32")
         assert builder.family == family and builder_for(family) is cls
@@ -233,7 +233,7 @@ def test_an_unknown_component_is_refused_not_ignored(tmp_path):
 
 
 def test_unknown_family_names_the_supported_ones():
-    with pytest.raises(LoadError, match="supported: sd, sdxl, single-file, wuerstchen"):
+    with pytest.raises(LoadError, match="supported: sd, sd2, sdxl, single-file, wuerstchen"):
         builder_for("kandinsky")
 
 
@@ -258,7 +258,7 @@ def test_the_single_file_export_is_exact(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from workers.demo import build_sd, build_single_file
+    from fleetctl.demo.builders import build_sd, build_single_file
 
     build_sd(tmp_path / "folder", seed=77)
     build_single_file(tmp_path / "single", seed=77)

@@ -19,9 +19,9 @@ import redis
 
 from cachemgr import EventLog
 from cachemgr.events import render
-from tasks.stats import FleetStats, cache_status, render_cache_status
-from workers.localfleet import free_port, wait_port
-from workers.metrics import MissRateAlert
+from fleetctl.localfleet import free_port, wait_port
+from fleetctl.metrics import MissRateAlert
+from fleetstate.stats import FleetStats, cache_status, render_cache_status
 
 from .support import REPO, child_env
 
@@ -74,7 +74,7 @@ def exporter(fleet_settings, webhook, tmp_path):
     settings = fleet_settings.model_copy(update={
         "alert_window_seconds": 1.0, "alert_eval_seconds": 0.1, "alert_webhook_url": webhook[0],
         "alert_l3_miss_ratio": 0.01})
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "metrics", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "metrics", "--port", str(port)],
                             env=child_env(settings), cwd=REPO, stdout=open(tmp_path / "metrics.log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     wait_port(port)
@@ -162,14 +162,14 @@ def test_flower_binds_to_loopback_asks_for_credentials_and_shows_the_workers(fle
 
 def test_the_cache_log_reads_at_a_glance(fleet_settings, two_workers):
     env = child_env(fleet_settings)
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "cache", "log", "-n", "200"], env=env, cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "fleetctl.cli", "cache", "log", "-n", "200"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert re.search(r"L2_SYNC model=nano-banana component=base version=v1\.1\.0 bytes_fetched=\S+ "
-                     r"bytes_reused=\S+ seconds=\S+ → (UPDATED|UNCHANGED)", out.stdout), out.stdout
+                     r"bytes_reused=\S+ from_peers=\S+ from_l3=\S+ seconds=\S+ → (UPDATED|UNCHANGED)", out.stdout), out.stdout
     assert re.search(r"L1_LOAD release=nano-banana@base-v1\.1\.0\+lora-v2\.3\.1 .*device=cpu .*bytes=\S+MB", out.stdout)
     assert "L2_WARMUP release=" in out.stdout
-    raw = subprocess.run([sys.executable, "-m", "workers.cli", "cache", "log", "--json"], env=env, cwd=REPO,
+    raw = subprocess.run([sys.executable, "-m", "fleetctl.cli", "cache", "log", "--json"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert all(json.loads(line)["event"] for line in raw.stdout.splitlines())
 

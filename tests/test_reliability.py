@@ -8,10 +8,7 @@ RESTORE_INTERVAL. Tests measure, record (WARMFLEET_RELIABILITY_RESULTS) and asse
 
 from __future__ import annotations
 
-import gc
 import json
-import math
-import signal
 import subprocess
 import sys
 import time
@@ -21,79 +18,45 @@ import pytest
 import redis
 
 from cachemgr.names import queue_for
-from tasks.dead import DeadLetters
-from tasks.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
-from tasks.leases import effective_lease_seconds, job_record
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.dead import DeadLetters
+from fleetstate.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX
+from fleetstate.leases import effective_lease_seconds, job_record
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
-from .support import REPO, WorkerProc, child_env, start_worker, wait_warm
-from .test_reliability_results import record_result
+from .support import (
+    PNG_MAGIC,
+    REPO,
+    VISIBILITY_TIMEOUT,
+    Calibration,
+    Pool,
+    child_env,
+    fleet_settings_for,
+    meta,
+    record_result,
+    start_worker,
+    wait_for,
+    wait_warm,
+)
 
 pytestmark = pytest.mark.integration
 
 OLD, NEW = DEMO_RELEASES
-VISIBILITY_TIMEOUT = 10  # the smallest the settings allow: recovery in seconds, not minutes
 RESTORE_INTERVAL = 5  # tasks/app.py: unacked_restore_interval (throttle 0: every sweep scans)
 MAX_RETRIES = 2
 POISON = "poison pill: this prompt always crashes the pipeline"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url=demo_archive_dir.as_uri(),
-        torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode",
-        visibility_timeout=VISIBILITY_TIMEOUT, job_max_retries=MAX_RETRIES, job_retry_backoff=1.0,
-    )
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir,
+                              visibility_timeout=VISIBILITY_TIMEOUT, job_max_retries=MAX_RETRIES,
+                              job_retry_backoff=1.0)
 
 
 @pytest.fixture
 def client(redis_server) -> redis.Redis:
     return redis_server.client()
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    """AsyncResult.__del__ talks to the result backend: collect while this module's redis-server is up."""
-    yield
-    gc.collect()
-
-
-class Pool:
-    """The warm workers of one release; a killed one is replaced by a fresh one under a new name."""
-
-    def __init__(self, settings: FleetSettings, release: str, logs: Path, **env: str) -> None:
-        self.settings = settings
-        self.release = release
-        self.logs = logs
-        self.env = env
-        self.workers: dict[str, WorkerProc] = {}
-        self.started = 0
-
-    def start(self, wait: bool = True) -> WorkerProc:
-        self.started += 1
-        worker = start_worker(self.settings, [self.release], f"r{self.started}", self.logs, wait=wait, **self.env)
-        self.workers[f"{worker.name}@{self.settings.node_name}"] = worker
-        return worker
-
-    def wait_all(self) -> None:
-        for worker in self.workers.values():
-            wait_warm(self.settings, worker)
-
-    def kill(self, hostname: str) -> None:
-        self.workers.pop(hostname).stop(signal.SIGKILL)
-
-    def stop(self) -> None:
-        for worker in self.workers.values():
-            worker.stop()
-
-    def log(self, hostname: str) -> str:
-        return self.workers[hostname].log_text()
-
-    def logs_text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.logs.glob("*.log"))
 
 
 @pytest.fixture(scope="module")
@@ -108,38 +71,9 @@ def pool(fleet_settings, producer, tmp_path_factory):
         workers.stop()
 
 
-class Calibration:
-    """Seconds per denoising step on this machine now (by image side), so a job lasts about as long as a test needs.
-    Every finished job refines it: the machine is shared and its speed drifts."""
-
-    SIDES = ((64, 1.0), (96, 2.25), (128, 4.0))
-
-    def __init__(self, producer) -> None:
-        self.per_step: dict[int, float] = {}
-        self.learn(producer.generate.delay("calibrate", seed=1, release=NEW, steps=10).get(timeout=300))
-
-    def learn(self, result: dict) -> None:
-        self.per_step[result["width"]] = max(0.002, result["timings"]["inference_ms"] / 1000 / result["steps"])
-
-    def rate(self, side: int, factor: float) -> float:
-        return self.per_step.get(side) or self.per_step[64] * factor
-
-    def job(self, seconds: float) -> dict[str, int]:
-        """Steps and size for a job of about `seconds`: 64 px first, larger images once 150 steps are not enough."""
-        for side, factor in self.SIDES:
-            steps = math.ceil(seconds / self.rate(side, factor))
-            if steps <= 150:
-                return {"steps": max(steps, 4), "width": side, "height": side}
-        return {"steps": 150, "width": 128, "height": 128}
-
-
 @pytest.fixture(scope="module")
 def calibration(producer, pool) -> Calibration:
     return Calibration(producer)
-
-
-def meta(producer, task_id: str) -> dict:
-    return producer.app.backend.get_task_meta(task_id)
 
 
 def wait_started(producer, task_id: str, other_than: str | None = None, timeout: float = 300) -> str:
@@ -188,15 +122,6 @@ def acknowledged(client: redis.Redis, task_id: str):
 
 def duplicates(client: redis.Redis, task_id: str, count: int):
     return lambda: job_record(client, task_id).get("duplicates") == str(count)
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_kill_9_mid_generation_redelivers_the_job_to_a_warm_peer(fleet_settings, producer, pool, calibration,
@@ -306,7 +231,7 @@ def test_a_poison_job_is_retried_with_backoff_then_dead_and_the_workers_go_on(fl
     for p in poison:
         with pytest.raises(Exception) as failed:
             p.get(timeout=300)
-        assert type(failed.value).__name__ == "InjectedFault"
+        assert type(failed.value).__name__ == "JobFailed" and "InjectedFault: injected" in str(failed.value)
         assert job_record(client, p.id)["runs"] == str(1 + MAX_RETRIES)
         assert images_of(fleet_settings, p.id) == []
     with pytest.raises(Exception) as refused:
@@ -319,7 +244,7 @@ def test_a_poison_job_is_retried_with_backoff_then_dead_and_the_workers_go_on(fl
     for d in dead.values():
         assert "InjectedFault" in d.reason and d.kwargs["prompt"] == POISON and d.retries == MAX_RETRIES
         assert d.queue == queue_for(NEW)
-    listing = subprocess.run([sys.executable, "-m", "workers.cli", "dead"], env=child_env(fleet_settings), cwd=REPO,
+    listing = subprocess.run([sys.executable, "-m", "fleetctl.cli", "dead"], env=child_env(fleet_settings), cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.startswith("3 dead job(s)")

@@ -4,7 +4,6 @@ is quarantined and fetched again from the archive, or, when the archive's copy i
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import subprocess
@@ -16,24 +15,16 @@ import pytest
 from cachemgr import EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.names import queue_for
 from cachemgr.sync import sync_release
-from tasks.registry import WarmRegistry
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
-from .support import REPO, child_env, start_worker
-from .test_reliability import PNG_MAGIC
-from .test_reliability_results import record_result
+from .support import PNG_MAGIC, REPO, child_env, fleet_settings_for, record_result, start_worker
 
 pytestmark = pytest.mark.integration
 
 NEW = DEMO_RELEASES[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
 
 
 def release_archive(demo_archive_dir: Path, dest: Path) -> LocalArchive:
@@ -53,9 +44,7 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
 
 
 def settings_for(redis_server, tmp_path: Path, name: str, archive: LocalArchive) -> FleetSettings:
-    return FleetSettings(home=tmp_path / name, broker_url=redis_server.url, archive_url=archive.root.as_uri(),
-                         torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0, route_cache_ttl=0.0,
-                         node_name="testnode")
+    return fleet_settings_for(tmp_path / name, redis_server.url, archive.root)
 
 
 def unet_blob(store: SnapshotStore) -> Path:
@@ -106,7 +95,7 @@ def test_a_worker_whose_files_are_bad_never_warms_never_consumes_and_status_says
     assert registry.warm_workers(NEW) == {}
     assert client.llen(queue_for(NEW)) == 1 and job.state == "PENDING"
     states = {w.worker: w for w in registry.workers()}
-    status = subprocess.run([sys.executable, "-m", "workers.cli", "status"], env=child_env(workers["l3-missing-file"][0]),
+    status = subprocess.run([sys.executable, "-m", "fleetctl.cli", "status"], env=child_env(workers["l3-missing-file"][0]),
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     for case, reason in FAILING.items():

@@ -5,7 +5,6 @@ process against the project's OSS-protocol server; workers are real processes se
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -24,15 +23,23 @@ from safetensors.numpy import save_file
 from cachemgr import ArchiveError, Cache, EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.archive.oss import DEFAULT_PART_SIZE, OssArchive
 from cachemgr.names import ComponentRef
-from cachemgr.ossserver import OssServer
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.stats import FleetStats
+from ossserver import OssServer
 from tasks.maintenance import run_sync as run_sync_task
-from tasks.settings import FleetSettings
-from tasks.stats import FleetStats
-from workers.demo import DEMO_RELEASES
 
-from .support import REPO, child_env, start_worker
-from .test_reliability import PNG_MAGIC, wait_for
-from .test_reliability_results import record_result
+from .support import (
+    NEXT,
+    PNG_MAGIC,
+    REPO,
+    child_env,
+    fleet_settings_for,
+    record_result,
+    run_sync,
+    start_worker,
+    tree,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +48,6 @@ KEY_ID, SECRET = "LTAIreliability01", "never-in-a-log-9b1c"
 BUCKET = "models"
 BIG = ComponentRef("bigmodel", "base", "v1")
 BIG_SIZE = 4 * DEFAULT_PART_SIZE  # 128 MiB: four parallel ranged GETs, resumable part by part
-NEXT = "nano-banana@base-v1.2.0+lora-v2.3.1"
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
 
 
 class Oss:
@@ -104,13 +104,8 @@ def sync_env(oss: Oss, home: Path, cache_root: Path, **extra: str) -> dict[str, 
 
 
 def start_sync(env: dict[str, str], release: str, log: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "sync", "--release", release], env=env, cwd=REPO,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, **popen)
-
-
-def run_sync(env: dict[str, str], release: str, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.cli", "sync", "--release", release], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600, **popen)
 
 
 def requested_bytes(records: list) -> int:
@@ -143,18 +138,6 @@ class BlobWatcher(threading.Thread):
         self.halt.set()
         self.join(timeout=10)
         return self.seen
-
-
-def tree(root: Path, skip: tuple[str, ...] = ("locks",)) -> dict[str, tuple[int, int]]:
-    """Every file under an L2 root with its size and mtime (links as themselves), lock files aside."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if rel.parts[0] in skip or path.is_dir() and not path.is_symlink():
-            continue
-        st = path.lstat()
-        out[str(rel)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def test_a_sync_killed_mid_download_leaves_nothing_visible_and_the_next_one_resumes(oss, big_version, tmp_path):
@@ -251,10 +234,8 @@ def oss_fleet(redis_server, oss, demo_archive_dir, tmp_path_factory):
     (folder / "release-notes.txt").write_text("v1.2.0: a new base version\n")
     if not remote.has_version(base):
         remote.publish(base, folder, meta=local.read_manifest(Release.parse(NEW).base).meta)
-    settings = FleetSettings(
-        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url=f"oss://{BUCKET}",
-        oss_endpoint=oss.endpoint, oss_access_key_id=KEY_ID, oss_access_key_secret=SECRET, torch_threads=1,
-        heartbeat_seconds=1.0, warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+    settings = fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, f"oss://{BUCKET}",
+                                  oss_endpoint=oss.endpoint, oss_access_key_id=KEY_ID, oss_access_key_secret=SECRET)
     import tasks
 
     tasks.configure(settings)

@@ -4,7 +4,6 @@ L2 sits on a small tmpfs under a live worker (where mounting is permitted), or t
 from __future__ import annotations
 
 import contextlib
-import gc
 import resource
 import shutil
 import signal
@@ -17,22 +16,14 @@ from safetensors.numpy import save_file
 
 from cachemgr import EventLog, LocalArchive, Release, SnapshotStore
 from cachemgr.sync import sync_release
+from fleetctl.demo.builders import DEMO_RELEASES
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
 
-from .support import child_env, start_worker
-from .test_reliability_cache import NEXT, run_sync, tree
-from .test_reliability_results import record_result
+from .support import NEXT, child_env, fleet_settings_for, record_result, run_sync, start_worker, tree
 
 pytestmark = pytest.mark.integration
 
 NEW = DEMO_RELEASES[1]
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
 
 
 @contextlib.contextmanager
@@ -73,9 +64,7 @@ def test_a_full_disk_fails_the_sync_clearly_and_the_previous_version_is_still_se
     archive_dir = tmp_path / "archive"
     shutil.copytree(demo_archive_dir, archive_dir)
     with small_disk(tmp_path / "l2", 24) as root:
-        settings = FleetSettings(home=tmp_path / "home", broker_url=redis_server.url, cache_root=root,
-                                 archive_url=archive_dir.as_uri(), torch_threads=1, heartbeat_seconds=1.0,
-                                 warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+        settings = fleet_settings_for(tmp_path / "home", redis_server.url, archive_dir, cache_root=root)
         worker = start_worker(settings, [NEW], "w-small-disk", tmp_path / "logs")
         try:
             publish_next_with_a_big_file(LocalArchive(archive_dir), demo_archive_dir, tmp_path / "next", 32)

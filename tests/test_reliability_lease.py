@@ -1,4 +1,4 @@
-"""The execution lease and job record (tasks/leases.py) against a real redis-server, one rule per test: the fleet
+"""The execution lease and job record (fleetstate/leases.py) against a real redis-server, one rule per test: the fleet
 tests show them at work inside workers; these pin each rule down in milliseconds."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from tasks.keys import KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
-from tasks.leases import JobLease, effective_lease_seconds, job_record
+from fleetstate.keys import KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY
+from fleetstate.leases import JobLease, effective_lease_seconds, job_record
 
 
 @pytest.fixture
@@ -99,3 +99,50 @@ def test_a_running_job_keeps_its_message_fresh_and_never_resurrects_an_acked_one
         client.zrem(KOMBU_UNACKED_INDEX, "tag-1")  # acknowledged (or restored) meanwhile
         time.sleep(0.3)
         assert client.zscore(KOMBU_UNACKED_INDEX, "tag-1") is None  # ZADD XX: never re-added
+
+
+def test_a_job_costs_two_redis_round_trips_and_completion_cleans_up_after_it(client):
+    """Claim (delivery index, record, lease) and completion (record, release, unindex, counters) are one script each."""
+    from fleetstate.keys import DELIVERIES_KEY, WORKER_KEY
+
+    client.hset(WORKER_KEY.format(worker="w1"), mapping={"worker": "w1", "jobs": "4"})  # its registry hash, alive
+    calls = []
+    real = client.execute_command
+
+    def counted(*args, **options):
+        calls.append(args[0])
+        return real(*args, **options)
+
+    client.execute_command = counted
+    with lease(client, "w1", tag="tag-1") as running:
+        assert running.claim().run
+        assert client.hexists(DELIVERIES_KEY, "tag-1")  # in this worker's hands while it runs
+        calls.clear()
+        running.complete({"image_uri": "file:///x.png"}, {"jobs": 5})
+        assert len(calls) == 1, calls
+    assert len(calls) == 1, calls  # leaving after completion costs nothing more
+    client.execute_command = real
+    assert not client.hexists(DELIVERIES_KEY, "tag-1")
+    assert client.get(LEASE_KEY.format(task_id="job-1")) is None
+    assert client.hget(STATS_KEY, "l1_hits") == b"1"
+    assert client.hget(WORKER_KEY.format(worker="w1"), "jobs") == b"5"
+    assert job_record(client, "job-1")["completed"] == "1"
+
+
+def test_completion_never_revives_a_lapsed_registry_entry(client):
+    from fleetstate.keys import WORKER_KEY
+
+    with lease(client, "w-gone") as running:
+        assert running.claim().run
+        running.complete({"ok": 1}, {"jobs": 1})
+    assert not client.exists(WORKER_KEY.format(worker="w-gone"))  # the heartbeat writes it back, with its TTL
+
+
+def test_a_failed_delivery_leaves_no_lease_and_no_index_entry(client):
+    from fleetstate.keys import DELIVERIES_KEY
+
+    with lease(client, "w1", tag="tag-2") as running:
+        assert running.claim().run
+    assert not client.hexists(DELIVERIES_KEY, "tag-2")
+    assert client.get(LEASE_KEY.format(task_id="job-1")) is None
+    assert job_record(client, "job-1").get("completed") is None

@@ -3,7 +3,6 @@ and producers reconnect on their own. Real redis-server, real worker processes a
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import threading
@@ -14,15 +13,28 @@ from pathlib import Path
 import pytest
 
 from cachemgr.names import queue_for
-from tasks.leases import job_record
-from tasks.registry import WarmRegistry
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.leases import job_record
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
 
-from .support import REPO, child_env, wait_port
-from .test_reliability import NEW, PNG_MAGIC, VISIBILITY_TIMEOUT, Calibration, Pool, meta, wait_for
-from .test_reliability_results import record_result
+from .support import (
+    PNG_MAGIC,
+    REPO,
+    VISIBILITY_TIMEOUT,
+    Calibration,
+    Pool,
+    child_env,
+    fleet_settings_for,
+    meta,
+    record_result,
+    wait_for,
+    wait_port,
+)
 
 pytestmark = pytest.mark.integration
+
+NEW = DEMO_RELEASES[1]
 
 BEAT_QUEUE = "reliability.beat"
 BEAT_SCRIPT = f"""
@@ -36,17 +48,8 @@ app.Beat(schedule=sys.argv[1], loglevel="INFO", max_interval=0.5).run()
 
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, archive_url=demo_archive_dir.as_uri(),
-        torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode",
-        visibility_timeout=VISIBILITY_TIMEOUT,
-    )
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir,
+                              visibility_timeout=VISIBILITY_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ import pytest
 from cachemgr import Cache, ChecksumMismatch, LocalArchive
 from cachemgr.archive.oss import OssArchive
 from cachemgr.names import ComponentRef
-from cachemgr.ossserver import OssServer
 from cachemgr.sync import sync_ref
-from tasks.nodes import Pins, protected_refs
-from tasks.registry import WarmRegistry, WorkerState
-from tasks.routing import RouteTable
-from tasks.settings import FleetSettings
+from fleetstate.pins import Pins, protected_refs
+from fleetstate.registry import WarmRegistry, WorkerState
+from fleetstate.routes import RouteTable
+from ossserver import OssServer
 
-from .support import REPO, child_env
+from .support import REPO, child_env, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +49,8 @@ def fleet(redis_server, tmp_path):
     WarmRegistry(client, ttl=60).publish(WorkerState(worker="w@n", node="n", pid=1, state="warm",
                                                      releases=[f"{MODEL}@base-v1.0.0+lora-v3.0.0"]))
     Pins(client).add(lora(4))
-    settings = FleetSettings(home=tmp_path / "home", broker_url=redis_server.url, archive_url=archive.url,
-                             cache_root=tmp_path / "l2", retention_keep=2, node_name="testnode")
+    settings = fleet_settings_for(tmp_path / "home", redis_server.url, archive.url, cache_root=tmp_path / "l2",
+                                  retention_keep=2)
     yield settings, archive, client
     for key in client.scan_iter(match="fleet:*"):
         client.delete(key)
@@ -70,7 +69,7 @@ def test_protection_comes_from_routes_warm_workers_and_pins(fleet):
 def test_prune_dry_run_shows_the_plan_then_prune_keeps_every_protected_version(fleet):
     settings, archive, _ = fleet
     env = child_env(settings)
-    dry = subprocess.run([sys.executable, "-m", "workers.cli", "prune", "--dry-run"], env=env, cwd=REPO,
+    dry = subprocess.run([sys.executable, "-m", "fleetctl.cli", "prune", "--dry-run"], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert f"keep   {MODEL}/lora/v1.0.0  (protected: routed (previous))" in dry.stdout
@@ -79,7 +78,7 @@ def test_prune_dry_run_shows_the_plan_then_prune_keeps_every_protected_version(f
     assert "dry run: 3 version(s) would be deleted" in dry.stdout
     assert archive.list_versions(MODEL, "lora") == [f"v{v}.0.0" for v in range(1, 10)]
 
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "prune"], env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "fleetctl.cli", "prune"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert archive.list_versions(MODEL, "lora") == ["v1.0.0", "v2.0.0", "v3.0.0", "v4.0.0", "v8.0.0", "v9.0.0"]
@@ -87,10 +86,10 @@ def test_prune_dry_run_shows_the_plan_then_prune_keeps_every_protected_version(f
 
 def test_prune_refuses_to_guess_when_it_cannot_read_the_protections(fleet, tmp_path):
     settings, archive, _ = fleet
-    from workers.localfleet import free_port
+    from fleetctl.localfleet import free_port
 
     env = child_env(settings, FLEET_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "prune"], env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "fleetctl.cli", "prune"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "nothing is safe to delete" in done.stderr
     assert len(archive.list_versions(MODEL, "lora")) == 9

@@ -11,11 +11,11 @@ import pytest
 import redis
 
 from cachemgr.names import queue_for
-from tasks.keys import WARM_KEY, WORKER_KEY
-from tasks.queues import queue_depth
-from tasks.registry import WarmRegistry
-from tasks.routing import RouteTable
-from workers.demo import DEMO_RELEASES
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate.keys import WARM_KEY, WORKER_KEY
+from fleetstate.queues import queue_depth
+from fleetstate.registry import WarmRegistry
+from fleetstate.routes import RouteTable
 
 from .support import run_cli, start_worker
 

@@ -14,13 +14,13 @@ import pytest
 import redis
 
 from cachemgr.names import Release, queue_for
-from tasks import rollout
-from tasks.keys import queue_lists
-from tasks.registry import WarmRegistry
-from tasks.routing import RouteTable
+from fleetstate import rollout
+from fleetstate.keys import queue_lists
+from fleetstate.registry import WarmRegistry
+from fleetstate.routes import RouteTable
 from tasks.settings import FleetSettings
 
-from .support import REPO, child_env, run_cli
+from .support import REPO, child_env, fleet_settings_for, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +30,8 @@ UNSERVED = "nano-banana@base-v1.0.0+lora-v2.3.1"  # a real combination of publis
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
     """As in conftest, but the producer caches routes for 10 minutes: only pub/sub can make it see a flip."""
-    return FleetSettings(
-        home=tmp_path_factory.mktemp("home"),
-        broker_url=redis_server.url,
-        archive_url=demo_archive_dir.as_uri(),
-        torch_threads=1,
-        heartbeat_seconds=1.0,
-        warm_ttl_seconds=4.0,
-        route_cache_ttl=600.0,
-        node_name="testnode",
-    )
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir,
+                              route_cache_ttl=600.0)
 
 
 @pytest.fixture
@@ -165,13 +157,13 @@ def test_promote_refuses_a_release_with_no_warm_worker_unless_forced(fleet_setti
 
 
 def test_the_commands_work_from_a_separate_process(fleet_settings, two_workers):
-    """`python -m workers.cli` runs cli.py as __main__; the routing commands must be registered there too."""
+    """`python -m fleetctl.cli` runs cli.py as __main__; the routing commands must be registered there too."""
     old, new = two_workers["releases"]
-    out = subprocess.run([sys.executable, "-m", "workers.cli", "routes"], env=child_env(fleet_settings), cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "fleetctl.cli", "routes"], env=child_env(fleet_settings), cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"active {new}" in out.stdout
-    refused = subprocess.run([sys.executable, "-m", "workers.cli", "promote", "nano-banana", UNSERVED],
+    refused = subprocess.run([sys.executable, "-m", "fleetctl.cli", "promote", "nano-banana", UNSERVED],
                              env=child_env(fleet_settings), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "no warm worker" in refused.stderr
 

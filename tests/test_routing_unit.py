@@ -16,10 +16,14 @@ import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from cachemgr.names import queue_for
-from tasks.keys import PRIORITY_SEP, QUEUE_PRIORITY_STEPS, ROUTE_CHANNEL, queue_lists
-from tasks.queues import move_queued, queue_depth, queued_releases
-from tasks.routing import FleetRouter, Route, RouteError, RouteTable, canary_share
+from fleetstate.keys import PRIORITY_SEP, QUEUE_PRIORITY_STEPS, ROUTE_CHANNEL, queue_lists
+from fleetstate.queues import move_queued, queue_depth, queued_releases
+from fleetstate.routes import Route, RouteError, RouteTable, canary_share
+from tasks.requests import is_pinned
+from tasks.router import FleetRouter
 from tasks.settings import FleetSettings
+
+from .support import fleet_settings_for
 
 A = "nano-banana@base-v1.0.0+lora-v2.3.0"
 B = "nano-banana@base-v1.1.0+lora-v2.3.1"
@@ -29,8 +33,7 @@ C = "nano-banana@base-v1.1.0+lora-v2.3.0"
 @pytest.fixture(scope="module")
 def fleet_settings(redis_server, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
     """No archive and no workers here: the producer only publishes into queues nobody consumes."""
-    return FleetSettings(home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url, route_cache_ttl=0.0,
-                         node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url)
 
 
 @pytest.fixture
@@ -38,14 +41,6 @@ def client(redis_server) -> redis.Redis:
     c = redis_server.client()
     c.flushdb()
     return c
-
-
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    """AsyncResult.__del__ talks to the result backend: collect this test's results while its redis-server is up,
-    not at interpreter exit (where it also trips a CPython 3.11 AST bug inside pytest's import hook)."""
-    yield
-    gc.collect()
 
 
 def binomial_bounds(n: int, p: float, sigmas: float = 4.5) -> tuple[float, float]:
@@ -211,7 +206,6 @@ def test_a_dropped_subscription_forgets_the_cache(client, redis_server):
 
 def test_a_dropped_router_stops_its_subscriber(redis_server):
     """`tasks.configure` builds a new router each time; the old one's thread must not live on."""
-    import gc
 
     router = _router(redis_server, ttl=600)
     thread = router.cache._state.thread
@@ -312,7 +306,7 @@ def test_move_queued_keeps_ids_and_order_rewrites_the_queue_and_leaves_pinned_jo
         "release": A}).id]
     already_there = producer.generate.delay("for B", release=B).id
 
-    report = move_queued(client, A, B)
+    report = move_queued(client, A, B, is_pinned)
 
     assert sorted(report.moved) == sorted(sent + [urgent])
     assert sorted(report.pinned) == sorted(pinned)
@@ -328,7 +322,7 @@ def test_move_queued_keeps_ids_and_order_rewrites_the_queue_and_leaves_pinned_jo
 
 def test_move_queued_leaves_what_it_cannot_read(client):
     client.lpush(queue_for(A), b"not json at all")
-    report = move_queued(client, A, B)
+    report = move_queued(client, A, B, is_pinned)
     assert (report.moved, report.unreadable) == ([], 1)
     assert client.lrange(queue_for(A), 0, -1) == [b"not json at all"]
 
@@ -353,7 +347,7 @@ def test_move_queued_races_a_consumer_without_loss_or_duplicate(client, producer
     consumer = threading.Thread(target=consume)
     consumer.start()
     try:
-        report = move_queued(client, A, B)
+        report = move_queued(client, A, B, is_pinned)
     finally:
         stop.set()
         consumer.join()

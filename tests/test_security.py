@@ -5,7 +5,6 @@ up in logs, errors or status output."""
 from __future__ import annotations
 
 import base64
-import gc
 import ipaddress
 import json
 import os
@@ -23,28 +22,22 @@ import psutil
 import pytest
 import redis
 
+from fleetctl.demo.builders import DEMO_RELEASES
+from fleetctl.localfleet import FleetState, LocalFleet, alive, free_port, wait_port
 from tasks.settings import FleetSettings
-from workers.demo import DEMO_RELEASES
-from workers.localfleet import FleetState, LocalFleet, alive, free_port, wait_port
 
-from .support import REPO, child_env, start_worker
+from .support import REPO, child_env, fleet_settings_for, start_worker
 
 pytestmark = pytest.mark.integration
 
 NEW = DEMO_RELEASES[1]
 
 
-@pytest.fixture(autouse=True)
-def _collect_results_while_redis_is_up():
-    yield
-    gc.collect()
-
-
 def cli(args: list[str], home: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     base.update(FLEET_HOME=str(home), FLEET_FLOWER_PORT=str(free_port()), FLEET_METRICS_PORT=str(free_port()),
                 PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **env)
-    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=base,
+    return subprocess.run([sys.executable, "-m", "fleetctl.cli", *args], capture_output=True, text=True, env=base,
                           cwd=home, timeout=timeout)
 
 
@@ -210,8 +203,7 @@ def test_a_redis_password_in_the_url_settings_is_used_and_never_logged(demo_arch
         url = f"redis://:redis-pass-6c1e@127.0.0.1:{server.port}/0"
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).ping()
-        settings = FleetSettings(home=tmp_path / "home", broker_url=url, archive_url=demo_archive_dir.as_uri(),
-                                 torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0, node_name="testnode")
+        settings = fleet_settings_for(tmp_path / "home", url, demo_archive_dir)
         result = serve_one_job(settings, tmp_path / "logs")
         assert result["worker"] == "w-secure@testnode"
         assert "redis-pass-6c1e" not in result["log"]
@@ -244,8 +236,7 @@ def test_tls_to_redis_through_a_rediss_url_with_certificate_verification(demo_ar
                         "-out", str(other), "-days", "1", "-subj", "/CN=someone-else"], capture_output=True, check=True)
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
             redis.Redis.from_url(url.replace(str(ca), str(other))).ping()  # verification is real
-        settings = FleetSettings(home=tmp_path / "home", broker_url=url, archive_url=demo_archive_dir.as_uri(),
-                                 torch_threads=1, heartbeat_seconds=1.0, warm_ttl_seconds=4.0, node_name="testnode")
+        settings = fleet_settings_for(tmp_path / "home", url, demo_archive_dir)
         result = serve_one_job(settings, tmp_path / "logs")
         assert result["worker"] == "w-secure@testnode"
         assert "tls-pass-41d0" not in result["log"]

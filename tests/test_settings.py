@@ -40,7 +40,8 @@ def test_dotenv_file_is_read(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "var,value", [("FLEET_TORCH_THREADS", "0"), ("FLEET_WORKER_RELEASES", "../etc@base-v1"),
-                  ("FLEET_SYNC_HOUR", "25"), ("FLEET_DTYPE", "int7")],
+                  ("FLEET_SYNC_HOUR", "25"), ("FLEET_DTYPE", "int7"),
+                  ("FLEET_ARCHIVE_PROXY", "127.0.0.1:3128")],
 )
 def test_bad_values_are_refused_at_start(tmp_path, monkeypatch, var, value):
     monkeypatch.chdir(tmp_path)

@@ -13,10 +13,10 @@ from safetensors.numpy import load_file, save_file
 
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.names import ComponentRef
-from tasks.registry import WarmRegistry
+from fleetstate.registry import WarmRegistry
 from tasks.settings import FleetSettings
 
-from .support import REPO, child_env
+from .support import REPO, child_env, fleet_settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,7 @@ def fleet_settings(redis_server, demo_archive_dir, tmp_path_factory) -> FleetSet
     """This module publishes into its archive, so it gets a private copy of the demo archive."""
     archive = tmp_path_factory.mktemp("private") / "archive"
     shutil.copytree(demo_archive_dir, archive)
-    return FleetSettings(home=tmp_path_factory.mktemp("home"), broker_url=redis_server.url,
-                         archive_url=archive.as_uri(), torch_threads=1, heartbeat_seconds=1.0,
-                         warm_ttl_seconds=4.0, route_cache_ttl=0.0, node_name="testnode")
+    return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, archive)
 
 
 def publish_fine_tune(settings: FleetSettings, tmp_path, base: ComponentRef, new: ComponentRef) -> int:
@@ -69,7 +67,7 @@ def test_sync_lands_a_new_version_beside_the_old_while_workers_serve(fleet_setti
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        done = subprocess.run([sys.executable, "-m", "workers.cli", "sync", "--release",
+        done = subprocess.run([sys.executable, "-m", "fleetctl.cli", "sync", "--release",
                                f"{base.model}@base-v1.2.0+lora-v2.3.1"],
                               env=child_env(fleet_settings), cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:

@@ -1,1 +1,1 @@
-"""What runs on a GPU node: model families, the resident (L1) pipeline, worker boot, the CLI."""
+"""The GPU worker process: boot, jobs, runtime, the resident (L1) pipeline, batching, model families, output stores."""

@@ -7,7 +7,7 @@ bookkeeping all happen as today); instead of executing it at once, the handler h
 buffer is flushed when it holds `batch_max` jobs or when its first job has waited `batch_wait_ms`. A flush
 1. groups the buffered jobs by call shape (release, and every pipeline argument but the prompts and seeds),
 2. runs each group of two or more as ONE pipeline call (prompts as a list, one seeded generator per job) and
-   leaves each job's image in `WorkerRuntime.prepared` under its own task id,
+   leaves each job's image in `WorkerRuntime.prepared` (a `PreparedImages`) under its own task id,
 3. then executes every buffered request through Celery's ordinary path, in arrival order: the `generate` task
    body finds its prepared image, stores it under its own key and returns its own result; Celery stores the
    result, sends the events and acks the message (acks late) — job by job, exactly as without batching.
@@ -26,7 +26,6 @@ unacked message of the batch after `visibility_timeout`, and each job then runs 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -34,9 +33,11 @@ from typing import Any
 
 from kombu.utils.uuid import uuid
 
-from tasks.generate import stable_seed
-from tasks.requests import GenerateRequest
+from tasks.errors import one_line
+from tasks.requests import GenerateRequest, request_of_job
+from tasks.router import GENERATE_TASK
 
+from .gpu import release_device_memory
 from .runtime import Prepared, WorkerRuntime
 
 log = logging.getLogger("warmfleet.batching")
@@ -81,10 +82,9 @@ def parse_job(task: Any, request: Any) -> Job:
     delivery = request.delivery_info or {}
     queue = delivery.get("routing_key") or delivery.get("queue")
     try:
-        arguments = inspect.signature(task.run).bind(*request.args, **request.kwargs).arguments
-        # the seed the task body would give a seedless job (from its task id): batched or not, a job — and any
-        # redelivery of it — makes the same image
-        return Job(request, stable_seed(GenerateRequest.parse(**arguments), request.id), queue)
+        # read as the task body reads it, stable seed included: batched or not, a job (and any redelivery of it)
+        # makes the same image
+        return Job(request, request_of_job(request.id, request.args, request.kwargs), queue)
     except Exception:  # the task itself will report why, on its own path
         return Job(request, None, queue)
 
@@ -92,20 +92,24 @@ def parse_job(task: Any, request: Any) -> Job:
 def plan_batches(runtime: WorkerRuntime, jobs: list[Job], batch_max: int) -> list[list[Job]]:
     """Groups of compatible jobs, each at most batch_max long, in arrival order; singletons are left out."""
     groups: dict[Hashable, list[Job]] = {}
+    sizes: dict[Hashable, int] = {}
     for job in jobs:
         if job.generate is None:
             continue
         try:
             key = call_shape(runtime, job.generate, job.queue)
-        except Exception:  # a job for a release this worker does not hold: it fails alone
+        except Exception:  # a job for a release this worker does not hold, or over its limits: it fails alone
             continue
         if key is not None:
             groups.setdefault(key, []).append(job)
+            limits = runtime.pick(job.generate, job.queue).resident.limits
+            sizes.setdefault(key, max(1, min(batch_max, limits.get("max_batch", batch_max))))
     batches = []
-    for group in groups.values():
-        for start in range(0, len(group), batch_max):
-            if len(group[start:start + batch_max]) > 1:
-                batches.append(group[start:start + batch_max])
+    for key, group in groups.items():
+        size = sizes[key]
+        for start in range(0, len(group), size):
+            if len(group[start:start + size]) > 1:
+                batches.append(group[start:start + size])
     return batches
 
 
@@ -118,11 +122,16 @@ def prepare(runtime: WorkerRuntime, batch: list[Job]) -> int:
     try:
         images, inference = resident.generate_batch([job.generate for job in batch], release)  # type: ignore[misc]
     except Exception as exc:
-        log.warning("batch of %d failed (%s: %s); its jobs run one at a time", len(batch), type(exc).__name__, exc)
+        log.warning("batch of %d failed (%s); its jobs run one at a time", len(batch), one_line(exc))
+        failed = True
+    else:
+        failed = False
+    if failed:  # outside the except block, so the tensors the failed call held can go
+        release_device_memory(resident.device)
         return 0
     batch_id = uuid()
     for job, (png, params) in zip(batch, images, strict=True):
-        runtime.prepared[job.task_id] = Prepared(release, png, params, inference, started, batch_id, len(batch))
+        runtime.prepared.put(job.task_id, Prepared(release, png, params, inference, started, batch_id, len(batch)))
     return len(batch)
 
 
@@ -209,7 +218,7 @@ class BatchingStrategy:
 
 
 def enable_batching(app: Any, runtime: WorkerRuntime, batch_max: int, batch_wait_ms: float,
-                    task_name: str = "warmfleet.generate") -> BatchingStrategy | None:
+                    task_name: str = GENERATE_TASK) -> BatchingStrategy | None:
     """Install the batching strategy on `generate` in this worker process; batch_max 1 installs nothing."""
     if batch_max <= 1:
         return None

@@ -26,12 +26,22 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release, verify_ref
-    from tasks import app, configure, serving
-    from tasks.registry import Heartbeat, WarmRegistry, WorkerState
-    from tasks.stats import FleetStats
+    from fleetstate.orphans import Sweeper
+    from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
+    from fleetstate.stats import FleetStats
+    from tasks import app, configure
+    from tasks.generate import attach_runner
+    from tasks.peering import peer_source
 
     from .batching import enable_batching
+    from .breaker import FailureBreaker, sick_handler
+    from .device import DeviceError, resolve_device, resolve_dtype
+    from .gpu import sample_into
+    from .jobs import JobRunner
+    from .live import LiveAdapters, attach_live
     from .models import builder_for, family_of, group_by_base
+    from .models.layouts import files_for
+    from .outputs import open_output_store
     from .runtime import WorkerRuntime
 
     if not releases:
@@ -41,12 +51,17 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     torch.set_num_interop_threads(1)
     configure(settings)
     hostname = worker_name(settings, releases, name)
-    device = settings.resolved_device()
+    try:  # before any sync or load: a device this node lacks is one line now, not an error after minutes
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+    except DeviceError as exc:
+        print(f"warmfleet worker: {exc}", file=sys.stderr)
+        return 2
     broker = settings.resolved_broker_url
     if not broker:
         print("warmfleet worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    registry = WarmRegistry(redis.Redis.from_url(broker), ttl=settings.warm_ttl_seconds)
+    registry = WarmRegistry(settings.state_client(), ttl=settings.warm_ttl_seconds)
     state = WorkerState(worker=hostname, node=settings.node_name, pid=os.getpid(), state="loading",
                         releases=list(releases), device=device)
     registry.publish(state)
@@ -57,8 +72,10 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     try:
         archive = settings.open_archive()
         for group in group_by_base([Release.parse(text) for text in releases]):
-            for release in group:
-                sync_release(archive, cache.store, release, events=events)
+            dtype = resolve_dtype(settings.dtype, device)
+            for release in group:  # a node fetches only the precision it computes in, from its peers first
+                sync_release(archive, cache.store, release, events=events, select=files_for(dtype),
+                             peers=peer_source(settings, registry.redis))
                 if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
                     for ref in release.refs():
                         verify_ref(archive, cache.store, ref, events=events)
@@ -66,9 +83,10 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
             first = group[0]
             resident = (
                 builder_for(family_of(cache.store, first)).builder(first.model, first).also_serving(*group[1:])
-                .with_cache(cache).on(device, settings.resolved_dtype(device)).with_events(events).build()
+                .with_cache(cache).on(device, dtype).with_events(events).build()
             )
             pipelines.update(dict.fromkeys(resident.releases, resident))
+            state.l1_bytes += resident.nbytes
             state.loads += 1  # releases that differ only in their LoRA share one pipeline: one load
     except Exception as exc:
         state.state = "failed"
@@ -79,20 +97,27 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         print(f"warmfleet worker {hostname}: failed to load: {state.error}", file=sys.stderr)
         return 3
 
-    outputs = settings.open_outputs()
+    outputs = open_output_store(settings.resolved_output_url, **settings.oss_options())
 
-    def after_job(current: WorkerState) -> None:
-        registry.publish(current)
-        stats.incr(l1_hits=1)
-
-    runtime = WorkerRuntime(hostname, pipelines, outputs, state, after_job=after_job)
-    serving.install(runtime)
-    enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
-    state.state = "warm"
-    registry.publish(state)
-    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store)
-    heartbeat.start()
+    # Nothing per job here: the job's completion script (fleetstate/leases.py) counts it fleet-wide and sets this
+    # worker's job count in the registry; the heartbeat publishes the rest of its state (device memory).
+    runtime = WorkerRuntime(hostname, pipelines, outputs, state)
     queues = ",".join(queue_for(r) for r in releases)
+    breaker = FailureBreaker(settings.failure_breaker, sick_handler(app, registry, state, queues.split(","), events))
+    attach_runner(app, JobRunner(runtime, registry.redis, settings, breaker))
+    enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
+    live = LiveAdapters(runtime, registry, archive, cache.store, events, settings.max_resident_adapters,
+                        settings.max_adapter_bytes)
+    attach_live(app, live)  # `warmfleet warm` / `retire`: adapters loaded and deleted between two jobs
+    state.lora_params, state.lora_bytes = live.footprint()
+    state.state = "warm"
+    sample_into(state, device)
+    registry.publish(state)
+    heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store,
+                          refresh=lambda current: sample_into(current, device))
+    heartbeat.start()
+    sweeper = Sweeper(registry.redis)  # jobs of dead peers back in their queue within the heartbeat TTL
+    sweeper.start()
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
     try:
         app.worker_main(
@@ -105,6 +130,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         )
     finally:
         heartbeat.stop()
+        sweeper.stop()
         state.state = "stopping"
         try:
             registry.withdraw(state)
@@ -125,8 +151,9 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
 
     from beat_schedule import MAINTENANCE_QUEUE
     from cachemgr.names import node_queue
+    from fleetstate.nodes import NodeRegistry
+    from fleetstate.orphans import Sweeper
     from tasks import app, configure
-    from tasks.nodes import NodeRegistry
 
     configure(settings)
     hostname = name or f"maintenance@{settings.node_name}"
@@ -134,19 +161,31 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     if not broker:
         print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    nodes = NodeRegistry(redis.Redis.from_url(broker))
+    from tasks.peering import advertised_address, start_peer_server
+
+    nodes = NodeRegistry(settings.state_client())
     stop = threading.Event()
+    try:
+        peer_server = start_peer_server(settings)  # serves this node's verified L2 blobs to the site's other nodes
+    except OSError as exc:
+        print(f"warmfleet maintenance-worker: cannot listen for peers on {settings.peer_address}:"
+              f"{settings.peer_port} ({exc}); set FLEET_PEER_ADDRESS / FLEET_PEER_PORT", file=sys.stderr)
+        return 1
 
     def beat() -> None:
         while True:
             try:
                 nodes.seen(settings.node_name)
+                if peer_server is not None:
+                    nodes.announce_peer(settings.node_name, advertised_address(settings, peer_server))
             except redis.RedisError:
                 pass
             if stop.wait(60):
                 return
 
     threading.Thread(target=beat, name="warmfleet-node", daemon=True).start()
+    sweeper = Sweeper(nodes.redis)  # jobs of dead GPU workers back in their queue, even with no GPU worker idle
+    sweeper.start()
     try:
         app.worker_main(
             argv=["worker", "--pool=solo", f"--queues={MAINTENANCE_QUEUE},{node_queue(settings.node_name)}",
@@ -155,4 +194,11 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
         )
     finally:
         stop.set()
+        sweeper.stop()
+        if peer_server is not None:
+            peer_server.stop()
+            try:
+                nodes.withdraw_peer(settings.node_name)
+            except redis.RedisError:
+                pass
     return 0

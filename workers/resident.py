@@ -17,6 +17,8 @@ from typing import Any
 
 from tasks.requests import GenerateRequest
 
+from .limits import check_limits, tiling_wanted
+
 CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[str, Any]]
 """(request, resolved params, release defaults) → keyword arguments of the family's pipeline call."""
 
@@ -53,6 +55,11 @@ class ResidentPipeline:
     active: str | None = None
     switches: int = 0
     lora_disabled: bool = False
+    last_used: dict[str, float] = field(default_factory=dict)  # release → time.monotonic() of its last job
+
+    limits: dict[str, int] = field(default_factory=dict)  # max_width, max_height, max_steps, max_batch (workers/limits)
+    tuning: dict[str, Any] = field(default_factory=dict)  # the base's meta: vae_tiling_above, …
+    tiled: bool = False
 
     @property
     def releases(self) -> list[str]:
@@ -65,6 +72,7 @@ class ResidentPipeline:
 
     def activate(self, release: str) -> float:
         """Make `release`'s adapters the active ones; returns the seconds it took (0 when already active)."""
+        self.last_used[release] = time.monotonic()
         if release == self.active:
             return 0.0
         if release not in self.releases:
@@ -83,14 +91,65 @@ class ResidentPipeline:
         self.switches += 1
         return time.perf_counter() - started
 
+    def add_adapter(self, release: str, name: str, load: Callable[[Any], None]) -> None:
+        """Serve one more release on this pipeline: `load(pipeline)` loads its LoRA as adapter `name`.
+
+        Loading makes the new adapter peft's active one, so the next job re-activates its own release. A load that
+        fails leaves nothing behind: the partial adapter is deleted and the releases served before are unchanged."""
+        held = name in self.adapter_names
+        try:
+            if not held:
+                load(self.pipeline)
+        except BaseException:
+            if name in _peft_adapters(self.pipeline):
+                self.pipeline.delete_adapters([name])
+            raise
+        finally:
+            self.active = None
+        self.adapters[release] = (name,)
+        self.last_used[release] = time.monotonic()
+
+    def remove_release(self, release: str) -> list[str]:
+        """Stop serving `release`: its adapters no other release uses are deleted (their memory freed)."""
+        names = self.adapters.pop(release, ())
+        self.last_used.pop(release, None)
+        still_used = set(self.adapter_names)
+        gone = [name for name in names if name not in still_used]
+        if gone:
+            self.pipeline.delete_adapters(gone)
+        if self.active == release or gone:
+            self.active = None
+        return gone
+
+    def lora_footprint(self) -> tuple[int, int]:
+        """(parameters, bytes) of every LoRA layer resident in the pipeline's modules: what adapters cost."""
+        params = nbytes = 0
+        for module in _modules(self.pipeline):
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    params += p.numel()
+                    nbytes += p.numel() * p.element_size()
+        return params, nbytes
+
     def resolve(self, request: GenerateRequest) -> dict[str, Any]:
-        return {
+        """The job's parameters with the release's defaults; over the release's limits, JobRefused (one line)."""
+        params = {
             "steps": request.steps or self.defaults["steps"],
             "guidance": request.guidance if request.guidance is not None else self.defaults["guidance"],
             "width": request.width or self.defaults["width"],
             "height": request.height or self.defaults["height"],
             "seed": request.seed if request.seed is not None else secrets.randbelow(2**32),
         }
+        check_limits(params, self.limits, request.release or self.active or self.release)
+        return params
+
+    def tile_for(self, params: dict[str, Any]) -> None:
+        """Decode in tiles above the release's `vae_tiling_above` side, whole below it (switched only on change)."""
+        want = tiling_wanted(params, self.tuning)
+        vae = getattr(self.pipeline, "vae", None)
+        if want != self.tiled and hasattr(vae, "enable_tiling"):
+            (vae.enable_tiling if want else vae.disable_tiling)()
+            self.tiled = want
 
     def generate(self, request: GenerateRequest, release: str | None = None) -> tuple[bytes, dict[str, Any], float]:
         """PNG bytes, the parameters used, and inference seconds. Same release and seed → same bytes."""
@@ -98,6 +157,7 @@ class ResidentPipeline:
 
         self.activate(release or self.active or self.release)
         params = self.resolve(request)
+        self.tile_for(params)
         generator = torch.Generator("cpu").manual_seed(params["seed"])
         started = time.perf_counter()
         with torch.inference_mode():
@@ -116,6 +176,7 @@ class ResidentPipeline:
 
         self.activate(release)
         params = [self.resolve(request) for request in requests]
+        self.tile_for(params[0])  # one call shape: the same size for every job
         calls = [self.call_kwargs(request, p, self.defaults) for request, p in zip(requests, params, strict=True)]
         kwargs = dict(calls[0])
         kwargs["prompt"] = [call["prompt"] for call in calls]
@@ -135,3 +196,17 @@ class ResidentPipeline:
             image.save(buf, format="PNG")
             encoded.append((buf.getvalue(), p))
         return encoded, inference
+
+
+def _modules(pipeline: Any) -> list[Any]:
+    """The pipeline's torch modules (UNet or transformer, text encoders, VAE…)."""
+    import torch
+
+    return [m for m in getattr(pipeline, "components", {}).values() if isinstance(m, torch.nn.Module)]
+
+
+def _peft_adapters(pipeline: Any) -> set[str]:
+    try:
+        return {name for names in pipeline.get_list_adapters().values() for name in names}
+    except Exception:  # a pipeline without LoRA support holds none
+        return set()

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from cachemgr import OutputStore
 from cachemgr.names import release_of_queue
-from tasks.registry import WorkerState
+from fleetstate.registry import WorkerState
+from tasks.generate import NotServing
 from tasks.requests import BadRequest, GenerateRequest
-from tasks.serving import NotServing
 
+from .outputs import OutputStore
 from .resident import ResidentPipeline
 
 
@@ -36,6 +36,31 @@ class Prepared(NamedTuple):
     batch_size: int
 
 
+class PreparedImages:
+    """Images a batched pipeline call already made, by task id: put by workers.batching, taken once by serve()."""
+
+    def __init__(self) -> None:
+        self._images: dict[str, Prepared] = {}
+
+    def put(self, task_id: str, prepared: Prepared) -> None:
+        self._images[task_id] = prepared
+
+    def take(self, task_id: str, release: str) -> Prepared | None:
+        """The job's image if a batch made it for this release; an image made for another release is never served."""
+        prepared = self._images.pop(task_id, None)
+        return prepared if prepared is not None and prepared.release == release else None
+
+    def clear(self) -> None:
+        """Forget every image left (a job revoked meanwhile must not leave its image behind)."""
+        self._images.clear()
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._images
+
+
 class WorkerRuntime:
     def __init__(self, worker: str, pipelines: dict[str, ResidentPipeline], outputs: OutputStore, state: WorkerState,
                  after_job: Callable[[WorkerState], None] | None = None) -> None:
@@ -45,7 +70,7 @@ class WorkerRuntime:
         self.outputs = outputs
         self.state = state
         self.batching = False  # set by workers.batching: results then say which batch made them
-        self.prepared: dict[str, Prepared] = {}  # task id → its image from a batch, taken once by serve()
+        self.prepared = PreparedImages()
 
     def pick(self, request: GenerateRequest, queue: str | None) -> Pick:
         """The job's release (its queue's, else the one it names) and the pipeline that holds it."""
@@ -66,9 +91,7 @@ class WorkerRuntime:
         started = time.time()
         release, resident = self.pick(request, queue)
         switch_seconds = resident.activate(release)
-        prepared = self.prepared.pop(task_id, None)
-        if prepared is not None and prepared.release != release:
-            prepared = None  # made for another release: never serve it
+        prepared = self.prepared.take(task_id, release)
         if prepared is not None:
             png, params, inference, started = prepared.png, prepared.params, prepared.inference, prepared.started
         else:

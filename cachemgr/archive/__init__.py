@@ -14,6 +14,8 @@ from .memory import MemoryArchive
 def open_archive(url: str, **options: Any) -> Archive:
     """Open the archive a URL names. `options` carry store-specific settings (OSS endpoint, keys…)."""
     parsed = urlparse(url)
+    if options.get("proxy") and parsed.scheme != "oss":
+        raise ArchiveError(f"a proxy applies to an oss:// archive only; {url} is read directly: unset FLEET_ARCHIVE_PROXY")
     if parsed.scheme == "file":
         return LocalArchive(Path(unquote(parsed.path)))
     if parsed.scheme == "" and url:

@@ -1,4 +1,4 @@
-"""The trained demo's architectures: the tiny diffusers shapes of workers/demo.py, built empty to be filled.
+"""The trained demo's architectures: the tiny diffusers shapes of fleetctl/demo/builders.py, built empty to be filled.
 
 Training and rebuilding from committed weights both start here, so the two can never disagree on a shape.
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from workers.demo import SDXL_SIZES, TINY_UNET, _text_encoder, save_tokenizer
+from fleetctl.demo.builders import SDXL_SIZES, TINY_UNET, _text_encoder, save_tokenizer
 
 SDXL = SDXL_SIZES["tiny"]
 SD_TEXT_WIDTH = 32

@@ -1,6 +1,6 @@
 """The trained demo versions: which look each has, where its weights live, and how to rebuild it for publishing.
 
-`build_trained` turns the compact committed weights into what `workers/demo.py` builders write (a diffusers
+`build_trained` turns the compact committed weights into what `fleetctl/demo/builders.py` builders write (a diffusers
 pipeline folder for a base, a `pytorch_lora_weights.safetensors` folder for a LoRA), so publishing needs no training.
 """
 
@@ -110,7 +110,7 @@ def lora_layers(ref: str, weights: Path = WEIGHTS) -> tuple[dict[str, Any], dict
 
 def build_trained(ref: str, out_dir: Path, weights: Path = WEIGHTS) -> Path:
     """Write a trained version as the demo publishes it: a pipeline folder (base) or a LoRA folder."""
-    from workers.demo import _pipeline_class
+    from fleetctl.demo.builders import _pipeline_class
 
     v = BY_REF[ref]
     out_dir.mkdir(parents=True, exist_ok=True)

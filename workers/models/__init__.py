@@ -3,13 +3,13 @@
 from cachemgr import Release, SnapshotStore
 
 from .base import LoadError, ModelBuilder, group_by_base
-from .sd import StableDiffusion
+from .sd import StableDiffusion, StableDiffusion2
 from .sdxl import StableDiffusionXL
 from .single_file import SingleFile
 from .wuerstchen import Wuerstchen
 
 FAMILIES: dict[str, type[ModelBuilder]] = {
-    family.family: family for family in (StableDiffusion, StableDiffusionXL, Wuerstchen, SingleFile)
+    family.family: family for family in (StableDiffusion, StableDiffusion2, StableDiffusionXL, Wuerstchen, SingleFile)
 }
 
 
@@ -21,10 +21,12 @@ def builder_for(family: str) -> type[ModelBuilder]:
 
 
 def family_of(store: SnapshotStore, release: Release) -> str:
-    family = store.manifest(release.base).meta.get("family")
+    """The builder a base needs: its family, or single-file for a checkpoint published as one file."""
+    meta = store.manifest(release.base).meta
+    family = meta.get("family")
     if not family:
         raise LoadError(f"{release.base} has no 'family' in its manifest meta; republish it with --family")
-    return str(family)
+    return SingleFile.family if meta.get("layout") == "single-file" else str(family)
 
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ModelBuilder",
     "SingleFile",
     "StableDiffusion",
+    "StableDiffusion2",
     "StableDiffusionXL",
     "Wuerstchen",
     "builder_for",

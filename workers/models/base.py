@@ -14,11 +14,18 @@ from typing import Any, ClassVar, Self
 from cachemgr import Archive, Cache, EventLog, Release, SnapshotStore
 from cachemgr.names import ComponentRef
 from cachemgr.sync import sync_release
+from fleetstate.live import base_key
 from tasks.requests import GenerateRequest
 
+from ..device import resolve_device, resolve_dtype
+from ..gpu import resident_bytes
+from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
+from .layouts import PEFT_CONFIG, files_for, variant_for
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_SIZES = {"sd": 512, "sd2": 768, "sdxl": 1024, "sdxl-refiner": 1024, "wuerstchen": 1024}
+"""Image side a family was trained at, whatever the layout it is published in; a version's meta may override it."""
 
 
 def adapter_name(version: str) -> str:
@@ -28,7 +35,7 @@ def adapter_name(version: str) -> str:
 
 def shared_base_key(release: Release) -> tuple[str, tuple[tuple[str, str], ...]]:
     """Releases with the same key differ only in their LoRA, so one loaded pipeline can serve them all."""
-    return release.model, tuple((c, v) for c, v in release.components if c != "lora")
+    return base_key(release)  # declared in fleetstate: the fleet's auto-warm picks workers by the same key
 
 
 def group_by_base(releases: list[Release]) -> list[list[Release]]:
@@ -41,8 +48,33 @@ def group_by_base(releases: list[Release]) -> list[list[Release]]:
     return list(groups.values())
 
 
+def load_adapter(pipe: Any, store: SnapshotStore, ref: ComponentRef) -> str:
+    """One LoRA version from L2 as a named adapter of a loaded pipeline (at boot, or live between two jobs)."""
+    name = adapter_name(ref.version)
+    with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        load_lora(pipe, store.path(ref), store.manifest(ref).meta, name)
+    return name
+
+
 class LoadError(RuntimeError):
     """A release that cannot be loaded (missing or corrupt files, wrong family); the worker stays cold."""
+
+
+def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
+    """One LoRA version as a named adapter, whatever its file is called and whichever format it is in (kohya/A1111
+    and diffusers files load as they are; a PEFT folder's keys are the UNet's own module names)."""
+    weight_name = str(meta.get("weight_name") or LORA_WEIGHT_NAME)
+    if meta.get("lora_format") != "peft":
+        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True)
+        return
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((path / PEFT_CONFIG).read_text())
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path / weight_name)).items()}
+    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
 
 
 class ModelBuilder:
@@ -59,6 +91,7 @@ class ModelBuilder:
         self.device: str | None = None
         self.dtype: str | None = None
         self.events: EventLog | None = None
+        self.variant: str | None = None
         if self.release:
             self._check_model(self.release)
 
@@ -115,23 +148,18 @@ class ModelBuilder:
         return Cache.at(load_settings().resolved_cache_root)
 
     def _resolved_device(self) -> tuple[str, str]:
-        if self.device:
-            device = self.device
-        else:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.dtype or ("float16" if device.startswith("cuda") else "float32")
-        return device, dtype
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)
 
     def ensure_local(self) -> SnapshotStore:
         """L2 first: sync from the archive if given, else insist every component is already on disk."""
         releases = self.releases
         store = self._resolved_cache().store
+        select = files_for(self._resolved_device()[1])
         for release in releases:
-            missing = [ref for ref in release.refs() if not store.has(ref)]
+            missing = [ref for ref in release.refs() if not store.has(ref, select)]
             if missing and self.archive is not None:
-                sync_release(self.archive, store, release, events=self.events)
+                sync_release(self.archive, store, release, events=self.events, select=select)
             elif missing:
                 raise LoadError(
                     f"{', '.join(map(str, missing))} not in L2 at {store.root}; run `warmfleet sync` or give an archive"
@@ -164,9 +192,10 @@ class ModelBuilder:
         primary = releases[0]
         base = store.manifest(primary.base)
         family = base.meta.get("family")
-        if family and family != self.family:
+        if family and not self.accepts(base.meta):
             raise LoadError(f"{primary.base} is a {family!r} model, not {self.family!r}")
         device, dtype = self._resolved_device()
+        self.variant = variant_for(base.meta, dtype)
         started = time.perf_counter()
         try:
             pipe = self.load_pipeline(store, primary.base, getattr(torch, dtype))
@@ -177,9 +206,13 @@ class ModelBuilder:
         except Exception as exc:  # diffusers raises many kinds; the worker needs one clear reason
             raise LoadError(f"cannot load {primary}: {type(exc).__name__}: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
+        try:
+            limits = limits_of(base.meta)
+            tuned = apply_tuning(pipe, base.meta, device)
+        except Exception as exc:
+            raise LoadError(f"cannot tune {primary} as its meta asks: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
-        refs = list(dict.fromkeys(ref for r in releases for ref in r.refs()))
-        nbytes = sum(store.manifest(ref).total_size for ref in refs)
+        nbytes = resident_bytes(pipe)  # what the loaded modules hold, not the files' size
         resident = ResidentPipeline(
             release=str(primary),
             family=self.family,
@@ -191,12 +224,16 @@ class ModelBuilder:
             nbytes=nbytes,
             adapters=adapters,
             call_kwargs=self.call_kwargs,
+            limits=limits,
+            tuning=dict(base.meta),
         )
         resident.activate(str(primary))
+        if "compile_unet" in tuned:  # compile happens at the first call: do it now, before the worker says warm
+            resident.generate(GenerateRequest(prompt="warm-up", seed=0))
         if self.events:
             self.events.emit("L1_LOAD", release=str(primary), releases=",".join(map(str, releases)),
                              adapters=",".join(resident.adapter_names), device=device, bytes=nbytes,
-                             seconds=round(seconds, 3))
+                             seconds=round(seconds, 3), **({"tuning": ",".join(tuned)} if tuned else {}))
         return resident
 
     def load_adapters(self, pipe: Any, store: SnapshotStore, releases: list[Release]) -> dict[str, tuple[str, ...]]:
@@ -208,33 +245,33 @@ class ModelBuilder:
             for _, version in release.components[1:]:  # all LoRA: check_releases refused anything else
                 name = adapter_name(version)
                 if name not in loaded:
-                    path = store.path(ComponentRef(release.model, "lora", version))
-                    with warnings.catch_warnings():  # peft warns on a second adapter: here that is the point
-                        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                        pipe.load_lora_weights(
-                            str(path), weight_name=LORA_WEIGHT_NAME, adapter_name=name, local_files_only=True
-                        )
+                    load_adapter(pipe, store, ComponentRef(release.model, "lora", version))
                     loaded.add(name)
                 names.append(name)
             adapters[str(release)] = tuple(names)
         return adapters
 
     # -- per family
+    @classmethod
+    def accepts(cls, meta: dict[str, Any]) -> bool:
+        """Whether a base version with this manifest meta is one this builder loads."""
+        return meta.get("family") == cls.family and meta.get("layout", "diffusers") in ("diffusers", cls.family)
+
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
         """The base version, a diffusers folder in L2, loaded offline from safetensors only."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class_name)
         return cls.from_pretrained(
-            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype
+            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype, variant=self.variant
         )
 
     def defaults(self, meta: dict[str, Any]) -> dict[str, Any]:
         return {
             "steps": int(meta.get("default_steps", 30)),
             "guidance": float(meta.get("default_guidance", 7.5)),
-            "width": int(meta.get("default_width", 512)),
-            "height": int(meta.get("default_height", 512)),
+            "width": int(meta.get("default_width", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
+            "height": int(meta.get("default_height", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
         }
 
     @staticmethod

@@ -6,3 +6,9 @@ from .base import ModelBuilder
 class StableDiffusion(ModelBuilder):
     family = "sd"
     pipeline_class_name = "StableDiffusionPipeline"
+
+
+class StableDiffusion2(StableDiffusion):
+    """Same pipeline class; an OpenCLIP text encoder and 768² images (DEFAULT_SIZES)."""
+
+    family = "sd2"

@@ -3,7 +3,8 @@
 Layout of a base version:
 
     <name>.safetensors   the whole model in the original (CompVis/LDM) key layout: UNet, VAE, text encoder(s)
-    config/              a diffusers folder with configs, tokenizer and scheduler but no weights
+    config/              a diffusers folder with configs, tokenizer and scheduler but no weights: the user's
+                     (`publish --config DIR`) or the family's standard one, written at publish (workers/models/configs)
 
 `from_single_file` works offline only when given `config=<local diffusers folder>`; without it diffusers
 guesses the architecture and fetches configs from the hub. The folder's model_index.json names the pipeline
@@ -56,6 +57,11 @@ def pipeline_class(config: Path) -> Any:
 class SingleFile(ModelBuilder):
     family = "single-file"
     pipeline_class_name = "StableDiffusionPipeline"  # or SDXL: read from config/model_index.json
+
+    @classmethod
+    def accepts(cls, meta: dict[str, Any]) -> bool:
+        """Published by `warmfleet publish` (layout single-file, family sd/sd2/sdxl) or by hand (family single-file)."""
+        return meta.get("layout") == "single-file" or meta.get("family") == cls.family
 
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
         root = store.path(base)

@@ -1,0 +1,34 @@
+"""What may leave a worker's device memory: a release nothing routes, pins, declares or still has jobs waiting for.
+
+Read by `warmfleet retire` (refused while any reason holds, unless forced) and by a worker that must make room for
+a new adapter (it evicts only releases with no reason to stay). One reading, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from cachemgr.names import Release, queue_for
+
+from .pins import Pins
+from .queues import queue_depth
+from .routes import RouteTable
+
+
+def base_key(release: Release) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Releases with the same key differ only in their LoRA, so one loaded pipeline can serve them all."""
+    return release.model, tuple((c, v) for c, v in release.components if c != "lora")
+
+
+def reasons_to_keep(client: redis.Redis, release: str) -> list[str]:
+    """Why `release` must stay loaded: routed (with its role), declared prewarm, pinned, or jobs waiting; [] if none."""
+    rel = Release.parse(release)
+    table = RouteTable(client)
+    reasons = [f"routed ({role})" for role, routed in table.get(rel.model).referenced() if routed == str(rel)]
+    reasons += ["declared prewarm (`warmfleet routes prewarm --remove`)"] if str(rel) in table.prewarms(rel.model) else []
+    pinned = set(Pins(client).all())
+    reasons += [f"pinned ({ref})" for ref in rel.refs() if ref.component == "lora" and ref in pinned]
+    waiting = queue_depth(client, queue_for(rel))
+    if waiting:
+        reasons.append(f"{waiting} job(s) waiting in its queue")
+    return reasons

@@ -1,0 +1,165 @@
+"""Jobs of dead workers back in their queue within seconds of the heartbeat's expiry, not `visibility_timeout`.
+
+While a delivery is in a worker's hands (its task body runs, under the execution lease), the worker indexes it in
+`fleet:deliveries` (delivery tag → holder, task id). A live worker renews its heartbeat key
+(`fleet:worker:<name>`, TTL `warm_ttl_seconds`); a killed one stops. The sweep (every live worker's sweeper thread
+and the maintenance worker, one of them per second under a short run lock) finds deliveries whose holder's heartbeat
+is gone and moves each message from kombu's `unacked` hash back to its queue in one Lua script, exactly as kombu's
+own restore does, but only if the message is still unacked and the holder still silent. The lease rules stay: a
+copy that reaches a peer while the holder still held a live lease waits for it, a finished job's copy returns its
+stored result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .keys import DELIVERIES_KEY, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, PRIORITY_SEP, QUEUE_PRIORITY_STEPS, WORKER_KEY
+from .locks import run_lock
+
+log = logging.getLogger("warmfleet.orphans")
+
+SWEEP_SECONDS = 1.0
+"""How often the fleet looks for deliveries of dead workers (one sweeper per period, whoever gets the lock)."""
+
+# Back in a queue only if the message is still unacknowledged exactly as read and its holder is still silent:
+# a concurrent ack, restore or sweep makes this a no-op, so nothing is pushed twice and nothing is dropped.
+_RESTORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  return 0
+end
+if ARGV[4] ~= '' and redis.call('EXISTS', ARGV[4]) == 1 then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message in a worker's hands, as the worker indexed it."""
+
+    tag: str
+    worker: str
+    task_id: str
+
+
+def index_delivery(client: redis.Redis, tag: str, worker: str, task_id: str) -> None:
+    client.hset(DELIVERIES_KEY, tag, json.dumps({"worker": worker, "task_id": task_id}))
+
+
+def unindex_delivery(client: redis.Redis, tag: str) -> None:
+    client.hdel(DELIVERIES_KEY, tag)
+
+
+def deliveries(client: redis.Redis) -> list[Delivery]:
+    out = []
+    for tag, raw in client.hgetall(DELIVERIES_KEY).items():
+        try:
+            entry = json.loads(raw)
+            out.append(Delivery(_text(tag), str(entry["worker"]), str(entry.get("task_id", "?"))))
+        except (ValueError, KeyError, TypeError):
+            client.hdel(DELIVERIES_KEY, tag)
+    return out
+
+
+def restored_payload(raw: bytes, queue: str | None = None) -> tuple[str, str]:
+    """(list name, payload) for an `unacked` entry, as kombu's `_do_restore_message` writes it: marked redelivered,
+    on the list of its priority step; addressed to `queue` when given (a move), else to its own routing key."""
+    from .queues import readdress
+
+    payload, _exchange, routing_key = json.loads(raw)
+    if queue is not None and queue != routing_key:
+        payload = readdress(payload, routing_key, queue)
+        routing_key = queue
+    payload.setdefault("headers", {})["redelivered"] = True
+    payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+    priority = payload["properties"].get("priority") or 0
+    step = max((s for s in QUEUE_PRIORITY_STEPS if s <= int(priority)), default=0)
+    name = routing_key if step == 0 else f"{routing_key}{PRIORITY_SEP}{step}"
+    return name, json.dumps(payload)
+
+
+def routing_key_of(raw: bytes) -> str | None:
+    try:
+        return str(json.loads(raw)[2])
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def restore(client: redis.Redis, tag: str, raw: bytes, holder: str | None, queue: str | None = None) -> int:
+    """Put one unacked message back (1), unless it was acknowledged or taken meanwhile (0) or its holder is alive
+    after all (-1). `holder=None` restores whoever holds it (the holder itself, giving a job up)."""
+    name, payload = restored_payload(raw, queue)
+    guard = WORKER_KEY.format(worker=holder) if holder else ""
+    return int(client.eval(_RESTORE, 4, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, DELIVERIES_KEY, name,
+                           tag, raw, payload, guard))
+
+
+def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None) -> list[Delivery]:
+    """Restore every indexed delivery whose holder's heartbeat has expired; returns what was put back."""
+    found = deliveries(client)
+    if not found:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for d in found:
+            pipe.exists(WORKER_KEY.format(worker=d.worker))
+            pipe.hget(KOMBU_UNACKED, d.tag)
+        answers = pipe.execute()
+    restored = []
+    for i, d in enumerate(found):
+        alive, raw = answers[2 * i], answers[2 * i + 1]
+        if alive:
+            continue
+        if raw is None:  # acknowledged already (the ack and the unindexing are not one step)
+            unindex_delivery(client, d.tag)
+            continue
+        if restore(client, d.tag, raw, d.worker) == 1:
+            log.warning("worker %s stopped heartbeating while holding job %s: its message is back in its queue",
+                        d.worker, d.task_id)
+            restored.append(d)
+            if on_restore:
+                on_restore(d)
+    return restored
+
+
+def sweep_once(client: redis.Redis, period: float = SWEEP_SECONDS) -> list[Delivery]:
+    """One sweep by whoever takes this period's lock (the others skip): at most one sweep per period fleet-wide."""
+    with run_lock(client, "orphan-sweep", period, release=False) as held:
+        return sweep(client) if held else []
+
+
+class Sweeper(threading.Thread):
+    """Runs `sweep_once` every `period` seconds in a live worker (or the maintenance worker) until stopped."""
+
+    def __init__(self, client: redis.Redis, period: float = SWEEP_SECONDS) -> None:
+        super().__init__(name="warmfleet-orphan-sweep", daemon=True)
+        self.client = client
+        self.period = period
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            try:
+                sweep_once(self.client, self.period)
+            except redis.RedisError:
+                continue  # Redis restarting: the next period tries again
+            except Exception:  # never let a malformed entry stop the sweeps
+                log.exception("orphan sweep failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

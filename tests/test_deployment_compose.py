@@ -1,0 +1,168 @@
+"""The compose fleet: persistent, password-protected Redis, one beat, Flower behind auth, a warm worker per release
+on a shared L2 (gpu profile), the demo without a GPU (cpu profile); and beat, Flower and the maintenance worker run
+in compose and Kubernetes as `warmfleet up` runs them in the local fleet.
+
+No container engine runs here, so nothing is built or started: the files are read (tests/deployment_files.py) and
+what they name is checked against the project.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES
+from tasks.settings import FleetSettings
+
+from .deployment_files import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    K8S,
+    L2_PATH,
+    argv_of,
+    commands_in,
+    compose,
+    option_names,
+    segments,
+    services,
+    yaml_docs,
+)
+
+SPAWN_ENV: dict[str, dict[str, str]] = {}
+"""The environment `warmfleet up` gave each process in the last local_fleet_argv call."""
+
+
+def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The argv `warmfleet up` gives each process, read from fleetctl/localfleet.py by recording its spawns."""
+    from fleetctl import localfleet
+    from fleetctl.localfleet import LocalFleet, Proc
+
+    spawned: dict[str, list[str]] = {}
+
+    def spawn(self: LocalFleet, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        spawned[name] = [Path(argv[0]).name, *argv[1:]]
+        SPAWN_ENV[name] = dict(env)
+        return Proc(name, 0, "")
+
+    monkeypatch.setattr(LocalFleet, "_spawn", spawn)
+    monkeypatch.setattr(LocalFleet, "_prepare_models", lambda self, releases: None)
+    monkeypatch.setattr(LocalFleet, "_route", lambda self, url, releases, active: None)
+    monkeypatch.setattr(LocalFleet, "_wait_warm", lambda self, state, releases, timeout: None)
+    monkeypatch.setattr(localfleet, "wait_port", lambda port, timeout=15.0: None)
+    monkeypatch.setattr(localfleet.shutil, "which", lambda name: f"/usr/bin/{name}")
+    settings = FleetSettings(home=tmp_path, flower_password="secret")
+    LocalFleet(settings, log=lambda *_: None).up(list(DEMO_RELEASES), None)
+    return {name: (argv[2:] if argv[1:2] == ["-m"] else argv) for name, argv in spawned.items()}
+
+
+def _program(argv: list[str]) -> list[str]:
+    """What runs, without its options: `celery -A tasks.app beat`, `warmfleet maintenance-worker`."""
+    return argv[:4] if argv[0] == "celery" else argv[:2]
+
+
+def test_compose_and_k8s_run_beat_flower_and_maintenance_as_the_local_fleet_does(tmp_path, monkeypatch):
+    local = local_fleet_argv(tmp_path, monkeypatch)
+    assert local["beat"][:4] == ["celery", "-A", "tasks.app", "beat"]
+    k8s = {d["metadata"]["name"]: next(commands_in(d["spec"]["template"]["spec"]["containers"]))
+           for p in (K8S / "base").glob("*.yaml") for d in yaml_docs(p) if d.get("kind") in ("Deployment", "DaemonSet")}
+    svc = compose()["services"]
+    pairs = [("beat", argv_of(svc["beat"]["command"])), ("beat", k8s["beat"]),
+             ("flower", argv_of(svc["flower"]["command"])), ("flower", k8s["flower"]),
+             ("maintenance", argv_of(svc["maintenance"]["command"])), ("maintenance", k8s["maintenance"])]
+    for name, argv in pairs:
+        ours = local[name]
+        if ours[0] == "fleetctl.cli":
+            ours = ["warmfleet", *ours[1:]]
+        assert _program(argv) == _program(ours), (name, argv, ours)
+        assert set(option_names(argv)) <= set(option_names(ours)), (name, argv, ours)
+    assert set(option_names(svc["beat"]["command"])) == set(option_names(local["beat"]))
+    # the local fleet and the deployments turn Flower's auth on the same way: through Flower's FLOWER_BASIC_AUTH
+    # environment (built from FLEET_FLOWER_PASSWORD), never a password on the command line where `ps` shows it
+    assert "--basic-auth" not in option_names(local["flower"])
+    assert SPAWN_ENV["flower"]["FLOWER_BASIC_AUTH"] == "admin:secret"
+    assert "${FLEET_FLOWER_PASSWORD:?" in svc["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+
+
+def test_compose_redis_is_persistent_and_password_protected():
+    redis = compose()["services"]["redis"]
+    argv = argv_of(redis["command"])
+    assert argv[argv.index("--appendonly") + 1] == "yes"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    assert argv[argv.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    broker = compose()["x-fleet-env"]["FLEET_BROKER_URL"]
+    assert broker.startswith("redis://:${REDIS_PASSWORD:?")
+
+
+def test_compose_runs_one_beat_and_flower_behind_auth():
+    always = services(None)
+    beats = [n for n, s in compose()["services"].items() if "beat" in argv_of(s.get("command", []))]
+    assert beats == ["beat"] and "beat" in always
+    assert "scale" not in always["beat"] and "replicas" not in always["beat"].get("deploy", {})
+    flower = always["flower"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"]
+
+
+def test_compose_gpu_profile_runs_a_warm_worker_per_release_on_a_shared_l2():
+    gpu = services("gpu")
+    workers = {n: s for n, s in gpu.items() if argv_of(s["command"])[:2] == ["warmfleet", "worker"]}
+    assert sorted(workers) == ["worker-blue", "worker-green"]
+    releases = {argv_of(s["command"])[-1] for s in workers.values()}
+    assert releases == {"${BLUE_RELEASE:?set BLUE_RELEASE in docker/fleet.env}",
+                        "${GREEN_RELEASE:?set GREEN_RELEASE in docker/fleet.env}"}
+    gpus = set()
+    for s in workers.values():
+        [device] = s["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+        gpus.add(tuple(device["device_ids"]))
+        assert s["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+        assert "fleet.env" in s["env_file"]
+        assert_health_checks_its_own_worker(s)
+    assert len(gpus) == 2, "each worker has its own GPU"
+    for name in [*workers, "maintenance"]:
+        assert f"l2:{L2_PATH}" in gpu[name]["volumes"], name
+    assert "l2" in compose()["volumes"]
+    assert compose()["x-fleet-env"]["FLEET_CACHE_ROOT"] == L2_PATH
+    # one name per node: its workers are blue@<node>, green@<node>, and its L2 gets its own maintenance queue
+    assert compose()["x-fleet-env"]["FLEET_NODE_NAME"].startswith("${NODE_NAME:?")
+
+
+def assert_health_checks_its_own_worker(service: dict[str, Any]) -> None:
+    """The node's workers share FLEET_NODE_NAME, so each container checks its own worker by name."""
+    argv = argv_of(service["command"])
+    name = argv[argv.index("--name") + 1]
+    assert service["healthcheck"]["test"] == ["CMD", "warmfleet", "health", "--worker", name]
+
+
+def test_compose_cpu_profile_runs_the_demo_without_a_gpu():
+    cpu = services("cpu")
+    assert not any("deploy" in s for s in cpu.values()), "no GPU reservation in the cpu profile"
+    assert not any(s["build"]["dockerfile"].endswith(".gpu") for s in cpu.values() if "build" in s)
+    init = cpu["publish-demo"]
+    assert argv_of(init["command"]) == ["warmfleet", "publish-demo"] and init["restart"] == "no"
+    workers = {n: s for n, s in cpu.items() if argv_of(s["command"])[:2] == ["warmfleet", "worker"]}
+    assert sorted(argv_of(s["command"])[-1] for s in workers.values()) == sorted(DEMO_RELEASES)
+    for s in workers.values():
+        assert s["depends_on"]["publish-demo"]["condition"] == "service_completed_successfully"
+        assert s["environment"]["FLEET_ARCHIVE_URL"].startswith("file:///")
+        assert s["environment"]["FLEET_ARCHIVE_URL"] == init["environment"]["FLEET_ARCHIVE_URL"]
+        assert_health_checks_its_own_worker(s)
+    # the first route: the older demo release, then the newer, so the older is the previous one
+    script = argv_of(cpu["demo-route"]["command"])[2]
+    calls = [seg[seg.index("warmfleet") + 1:] for seg in segments(["sh", "-c", script]) if "warmfleet" in seg]
+    assert [c[1:] for c in calls if c[0] == "promote"] == [[DEMO_MODEL, r] for r in DEMO_RELEASES]
+
+
+def test_fleet_env_example_defines_what_compose_requires():
+    keys = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", k) for k in keys), keys
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text()))
+    assert required and required <= keys, required - keys
+    for key in ("FLEET_ARCHIVE_URL", "FLEET_OSS_ENDPOINT", "FLEET_OSS_ACCESS_KEY_ID", "FLEET_OSS_ACCESS_KEY_SECRET",
+                "REDIS_ADDRESS", "FLEET_FLOWER_USER"):
+        assert key in keys, key

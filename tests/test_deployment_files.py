@@ -1,0 +1,85 @@
+"""Deployment files: every file parses, and every command, module and FLEET_ variable the Dockerfiles, the compose
+fleet, the Kubernetes manifests and the runbook name exists in the project; the runbook walks a release through its
+life with real commands.
+
+No container engine runs here, so nothing is built or started: the files are read (tests/deployment_files.py) and
+what they name is checked against the project.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from .deployment_files import (
+    COMPOSE,
+    DOCKER,
+    RUNBOOK,
+    all_commands,
+    check_command,
+    check_settings_named,
+    commands_in,
+    deployment_files,
+    dockerfile,
+    k8s_files,
+    runbook_commands,
+    yaml_docs,
+)
+from .support import REPO
+
+
+def test_every_file_parses():
+    for path in [COMPOSE, *k8s_files()]:
+        assert yaml_docs(path), f"{path} holds no YAML document"
+    for path in (DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu"):
+        keywords = [kw for kw, _ in dockerfile(path)]
+        assert keywords[0] in ("FROM", "ARG") and "FROM" in keywords and "CMD" in keywords, path
+    assert len(k8s_files()) >= 10
+
+
+def test_every_command_module_and_setting_they_name_exists():
+    seen: list[str] = []
+    problems = []
+    for path, argv in all_commands():
+        problems += [f"{path.relative_to(REPO)}: {p}" for p in check_command(argv, seen)]
+    for path in deployment_files():
+        problems += [f"{path.relative_to(REPO)}: {p}" for p in check_settings_named(path.read_text())]
+    assert problems == []
+    # the check looked at the commands that matter, so it cannot pass by finding nothing
+    for expected in ("worker", "health", "maintenance-worker", "publish-demo", "promote", "rollback", "sync",
+                     "status", "celery beat", "celery flower"):
+        assert expected in seen, f"no `{expected}` found in the deployment files"
+
+
+def test_the_check_catches_what_does_not_exist():
+    synthetic = yaml.safe_load("""
+        services:
+          a: {command: ["warmfleet", "wrokre", "--release", "x"]}
+          b: {command: "warmfleet worker --nmae gpu"}
+          c: {command: ["celery", "-A", "tasks.no_such_app", "beat"]}
+          d: {command: ["python", "-m", "workers.no_such_module"]}
+          e: {command: ["sh", "-c", "warmfleet status && warmfleet routes histroy"]}
+          f: {command: ["celery", "-A", "tasks.app", "beet"]}
+          g: {environment: {FLEET_NOT_A_SETTING: "1"}, command: ["warmfleet", "worker", "--name", "gpu"]}
+        """)
+    seen: list[str] = []
+    problems = [p for argv in commands_in(synthetic) for p in check_command(argv, seen)]
+    problems += check_settings_named(yaml.safe_dump(synthetic))
+    assert len(problems) == 7, problems
+    for fragment in ("'wrokre'", "--nmae", "tasks.no_such_app", "workers.no_such_module", "'histroy'", "'beet'",
+                     "FLEET_NOT_A_SETTING"):
+        assert any(fragment in p for p in problems), fragment
+    assert "worker" in seen and "status" in seen
+
+
+def test_runbook_walks_a_release_through_its_life_with_real_commands():
+    text = RUNBOOK.read_text()
+    for heading in ("Deploy a new release", "Warm it", "Canary", "Promote", "Roll back", "Retire"):
+        assert re.search(rf"^#+ .*{heading}", text, re.MULTILINE | re.IGNORECASE), heading
+    seen: list[str] = []
+    problems = [p for argv in runbook_commands() for p in check_command(argv, seen)]
+    assert problems == []
+    for expected in ("publish", "sync", "promote", "rollback", "status", "routes history"):
+        assert expected in seen, expected
+    assert any("--canary" in " ".join(argv) for argv in runbook_commands())

@@ -1,0 +1,152 @@
+"""The images: the GPU worker image and the slim image run what the tests and the local fleet run, as a non-root
+user, with torch installed first; their build context installs the project.
+
+No container engine runs here, so nothing is built or started: the files are read (tests/deployment_files.py) and
+what they name is checked against the project.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.settings import FleetSettings
+
+from . import support
+from .deployment_files import (
+    DOCKER,
+    K8S,
+    L2_PATH,
+    argv_of,
+    commands_in,
+    compose,
+    instruction,
+    option_names,
+    yaml_docs,
+)
+from .support import REPO
+
+
+def start_worker_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The argv tests/support.py start_worker runs, read from the code by recording its Popen call."""
+    recorded: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            recorded.append(argv)
+            kwargs["stdout"].close()
+            self.pid = 0
+
+    monkeypatch.setattr(support.subprocess, "Popen", Recorder)
+    support.start_worker(FleetSettings(home=tmp_path), ["nano-banana@base-v1.0.0+lora-v2.3.0"], "w", tmp_path,
+                         wait=False)
+    [argv] = recorded
+    assert argv[:4] == [sys.executable, "-m", "fleetctl.cli", "worker"]
+    return ["warmfleet", *argv[3:]]
+
+
+def test_warmfleet_is_python_m_workers_cli():
+    """Images run `warmfleet`, tests and the local fleet `python -m fleetctl.cli`: the same entry point."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["warmfleet"] == "fleetctl.cli:main"
+
+
+def test_worker_image_runs_warmfleet_worker_with_the_flags_the_tests_use(tmp_path, monkeypatch):
+    tested = start_worker_argv(tmp_path, monkeypatch)
+    tested_flags = set(option_names(tested))
+    [cmd] = instruction(DOCKER / "Dockerfile.gpu", "CMD")
+    image = json.loads(cmd)
+    assert not instruction(DOCKER / "Dockerfile.gpu", "ENTRYPOINT")
+    assert image[:2] == tested[:2] == ["warmfleet", "worker"]
+    assert set(option_names(image)) <= tested_flags and "--name" in image
+    # compose and Kubernetes run the same command, with a release each: exactly the tests' flags
+    workers = [argv_of(s["command"]) for n, s in compose()["services"].items() if "worker-" in n]
+    workers += [c for p in K8S.rglob("deployment.yaml") for d in yaml_docs(p) for c in commands_in(d)
+                if c[:2] == ["warmfleet", "worker"]]
+    assert len(workers) == 5
+    for argv in workers:
+        assert argv[:2] == ["warmfleet", "worker"] and set(option_names(argv)) == tested_flags, argv
+
+
+def test_gpu_image(tmp_path):
+    path = DOCKER / "Dockerfile.gpu"
+    [base_arg] = [a for a in instruction(path, "ARG") if a.startswith("CUDA_BASE=")]
+    assert base_arg.split("=", 1)[1].startswith("nvidia/cuda:") and instruction(path, "FROM") == ["${CUDA_BASE}"]
+    torch_installs = [r for r in instruction(path, "RUN") if "torch==" in r]
+    assert len(torch_installs) == 1 and "--index-url" in torch_installs[0]
+    [index] = [a for a in instruction(path, "ARG") if a.startswith("TORCH_INDEX_URL=")]
+    assert re.search(r"/whl/cu\d+$", index), "the CUDA build of torch comes from a CUDA wheel index"
+    _check_common(path)
+    [health] = instruction(path, "HEALTHCHECK")
+    assert json.loads(health.split(" CMD ", 1)[1]) == ["warmfleet", "health"]
+    assert instruction(path, "VOLUME") == [json.dumps([L2_PATH])]
+
+
+def test_slim_image():
+    path = DOCKER / "Dockerfile"
+    assert re.fullmatch(r"python:3\.1[1-9]-slim\S*", instruction(path, "FROM")[0])
+    torch_installs = [r for r in instruction(path, "RUN") if "torch==" in r]
+    assert len(torch_installs) == 1
+    args = dict(a.split("=", 1) for a in instruction(path, "ARG"))
+    assert args["TORCH_VERSION"] == "2.13.0" and args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    _check_common(path)
+
+
+def _check_common(path: Path) -> None:
+    env = " ".join(instruction(path, "ENV"))
+    assert f"FLEET_CACHE_ROOT={L2_PATH}" in env
+    [user] = instruction(path, "USER")
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0, "non-root, numeric for runAsNonRoot"
+    runs = instruction(path, "RUN")
+    torch_at = next(i for i, r in enumerate(runs) if "torch==" in r)
+    project_at = next(i for i, r in enumerate(runs) if "pip install /src" in r)
+    assert torch_at < project_at, "torch first, pinned; the project's `torch>=` is then satisfied"
+
+
+def dockerignore_keeps(rules: list[str], rel: str) -> bool:
+    """Docker's .dockerignore semantics for our rules: the last matching pattern wins; a pattern that matches
+    a parent folder matches the path."""
+    def match(pattern: str, path: str) -> bool:
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        parts = path.split("/")
+        return any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1))
+
+    keep = True
+    for rule in rules:
+        negated = rule.startswith("!")
+        if match(rule.lstrip("!"), rel):
+            keep = negated
+    return keep
+
+
+@pytest.mark.parametrize("dockerfile_name", ["Dockerfile", "Dockerfile.gpu"])
+def test_image_build_context_installs_the_project(dockerfile_name, tmp_path):
+    """What `COPY . /src` brings in (the context filtered by the Dockerfile's .dockerignore) builds a wheel
+    with every package and the `warmfleet` entry point; the tests, .venv and .git stay out."""
+    rules = [r.strip() for r in (DOCKER / f"{dockerfile_name}.dockerignore").read_text().splitlines()
+             if r.strip() and not r.startswith("#")]
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    context = [rel for rel in tracked if dockerignore_keeps(rules, rel) and (REPO / rel).is_file()]
+    assert not [rel for rel in context if rel.startswith(("tests/", "docker/", ".venv/", ".git/"))]
+    src = tmp_path / "src"
+    for rel in context:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("warmfleet-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("beat_schedule.py", "cachemgr/names.py", "tasks/app.py", "fleetctl/cli/main.py", "fleetctl/cli/health.py"):
+        assert module in names, module
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "warmfleet = fleetctl.cli:main" in entry_points
