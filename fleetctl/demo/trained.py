@@ -18,7 +18,8 @@ LORA_RANK = 4
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
 """Attention and the resnet convolutions: the outline look lives at the full latent resolution, where only convs are."""
 
-TRAINED_META = {"default_steps": 12, "default_guidance": 3.0, "default_width": 32, "default_height": 32}
+TRAINED_META = {"default_steps": 12, "default_guidance": 5.0, "default_guidance_rescale": 0.7, "default_width": 32,
+                "default_height": 32}
 """Sampling defaults the trained versions are checked with (the random demo's 64 px / 4 steps / 5.0 draw noise)."""
 
 
@@ -96,6 +97,15 @@ def load_base(ref: str, weights: Path = WEIGHTS):
     if v.family == "sdxl":
         return nets.sdxl_pipeline(unet, te1, te2, vae)
     return nets.sd_pipeline(unet, te1, vae)
+
+
+def lora_pipeline(ref: str, weights: Path = WEIGHTS):
+    """A trained LoRA applied, as the named adapter "look", on its live base pipeline."""
+    v = BY_REF[ref]
+    pipe = load_base(v.parent, weights)
+    layers, _ = lora_layers(ref, weights)
+    pipe.load_lora_weights({f"unet.{k}": t for k, t in layers.items()}, adapter_name="look")
+    return pipe
 
 
 def lora_layers(ref: str, weights: Path = WEIGHTS) -> tuple[dict[str, Any], dict[str, Any]]:
