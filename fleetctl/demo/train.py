@@ -117,6 +117,25 @@ class Conditioning:
         return torch.stack([self._ids[c] for c in captions])
 
     def __call__(self, captions: list[str], dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        if not any(p.requires_grad for e in self.encoders for p in e.parameters()):
+            return self._frozen(captions, dropped)
+        return self._encode(captions, dropped)
+
+    @torch.no_grad()
+    def _frozen(self, captions: list[str], dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """Frozen encoders give each caption the same output every step: encode each once (a run has 37)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        keys = ["" if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
+        for k in set(keys) - cache.keys():
+            embeds, added = self._encode([k or captions[0]], torch.tensor([not k]))
+            cache[k] = (embeds[0], None if added is None else added["text_embeds"][0])
+        embeds = torch.stack([cache[k][0] for k in keys])
+        if self.family == "sd":
+            return embeds, None
+        pooled = torch.stack([cache[k][1] for k in keys])
+        return embeds, {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(captions), -1)}
+
+    def _encode(self, captions: list[str], dropped: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any] | None]:
         if self.family == "sd":
             captions = ["" if d else c for c, d in zip(captions, dropped.tolist(), strict=True)]
             return self.encoders[0](self.ids(captions))[0], None
@@ -202,11 +221,11 @@ def _resume(path: Path, modules: dict[str, Any]) -> None:
         module.load_state_dict(_split(state, prefix))
 
 
-def _committed(ref: str) -> tuple[Any, list[Any]]:
-    """A parent base from the package's committed weights, when this run did not train it."""
+def _committed(ref: str, out: Path) -> tuple[Any, list[Any]]:
+    """A parent base this run did not train: from `out` when an earlier run left it there, else the committed one."""
     from .trained import load_base
 
-    pipe = load_base(ref)
+    pipe = load_base(ref, out if (out / BY_REF[ref].file).exists() else WEIGHTS)
     return pipe.unet, [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
 
 
@@ -216,7 +235,8 @@ def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
-              reuse_vae: bool = False, resume: bool = False) -> dict:
+              reuse_vae: bool = False, resume: bool = False, freeze_text: bool = False,
+              resume_lr: float = 5e-4) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -249,22 +269,32 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
             lr = 1e-3
             if resume and (out / v.file).exists():
                 _resume(out / v.file, {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))})
-                lr, seed = 5e-4, seed + 1
+                lr, seed = resume_lr, seed + 1
                 log(f"{v.ref}: resumed from {out / v.file}")
-            params = list(unet.parameters()) + [p for e in encoders for p in e.parameters()]
+            if freeze_text:
+                for e in encoders:
+                    e.requires_grad_(False)
+            params = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
             modules = {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))}
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.base_steps,
                        plan.batch, lr, seed, log, v.ref, checkpoint=lambda m=modules, f=out / v.file: save_base(f, m))
         elif v.component == "base":
-            parent_unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent)
             unet = nets.sdxl_unet() if v.family == "sdxl" else nets.sd_unet()
-            unet.load_state_dict(parent_unet.state_dict())
+            if resume and (out / v.file).exists():
+                encoders = list(nets.sdxl_text_encoders()) if v.family == "sdxl" else [nets.sd_text_encoder()]
+                _resume(out / v.file, {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))})
+                log(f"{v.ref}: resumed from {out / v.file}")
+            else:
+                parent_unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent, out)
+                unet.load_state_dict(parent_unet.state_dict())
             for e in encoders:
                 e.requires_grad_(False)
+            modules = {"unet.": unet, **dict(zip(TEXT_PREFIXES, encoders, strict=False))}
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), list(unet.parameters()),
-                       plan.finetune_steps, plan.batch, 5e-4, seed, log, v.ref)
+                       plan.finetune_steps, plan.batch, 5e-4, seed, log, v.ref,
+                       checkpoint=lambda m=modules, f=out / v.file: save_base(f, m))
         else:
-            unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent)
+            unet, encoders = live[v.parent] if v.parent in live else _committed(v.parent, out)
             for e in encoders:
                 e.requires_grad_(False)
             config, params = add_lora(unet, seed)
@@ -298,15 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out instead of training it")
     parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
     parser.add_argument("--base-steps", type=int, help="optimizer steps for each base trained from scratch")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of a resumed base")
+    parser.add_argument("--freeze-text", action="store_true", help="keep the text encoders of resumed bases as they are")
+    parser.add_argument("--finetune-steps", type=int, help="optimizer steps for each base fine-tuned from another")
+    parser.add_argument("--lora-steps", type=int, help="optimizer steps for each LoRA")
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(BY_REF), help="train only these versions")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     only = tuple(args.only) or (("nano-banana/base/v1.1.0",) if args.quick else ())
     plan = QUICK if args.quick else FULL
-    if args.base_steps:
-        plan = replace(plan, base_steps=args.base_steps)
-    meta = train_all(args.out, plan, only=only, reuse_vae=args.reuse_vae, resume=args.resume)
+    for field in ("base_steps", "finetune_steps", "lora_steps"):
+        if getattr(args, field):
+            plan = replace(plan, **{field: getattr(args, field)})
+    meta = train_all(args.out, plan, only=only, reuse_vae=args.reuse_vae, resume=args.resume,
+                     freeze_text=args.freeze_text, resume_lr=args.lr)
     print(f"trained {len(meta['runs'][-1]['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 

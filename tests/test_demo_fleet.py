@@ -1,0 +1,73 @@
+"""The trained demo through a real fleet: workers draw what the prompt asks, and a rollback or a canary changes the
+look as the versions were trained to (white background on base v1.0.0, gray on LoRA v2.3.1 over the dark v1.1.0)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import redis
+
+from fleetctl.demo import shapes
+from fleetctl.demo.builders import DEMO_MODEL
+from fleetstate.rollout import rollback
+from fleetstate.routes import RouteTable
+from workers.outputs import read_uri
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [shapes.Prompt(s, c, p).text for s, c, p in
+           [("circle", "red", "left"), ("square", "blue", "right"), ("triangle", "yellow", "center"),
+            ("square", "green", "left"), ("circle", "yellow", "right"), ("triangle", "red", "left"),
+            ("circle", "blue", "center"), ("triangle", "green", "right")]]
+
+
+def _draw(producer, release: str | None = None) -> tuple[list[str], list[shapes.Verdict]]:
+    """Each prompt once (seed = its index) through generate.delay; the releases that served them and the verdicts."""
+    kwargs = {"release": release} if release else {}
+    jobs = [producer.generate.delay(p, seed=i, **kwargs) for i, p in enumerate(PROMPTS)]
+    results = [j.get(timeout=180) for j in jobs]
+    verdicts = [shapes.judge(io.BytesIO(read_uri(r["image_uri"])), p) for r, p in zip(results, PROMPTS, strict=True)]
+    return [r["release"] for r in results], verdicts
+
+
+def _mean(verdicts: list[shapes.Verdict], field: str) -> float:
+    return float(np.mean([getattr(v, field) for v in verdicts]))
+
+
+def test_the_active_release_draws_what_it_is_asked_in_its_gray_look(producer, two_workers):
+    old, new = two_workers["releases"]
+    served, verdicts = _draw(producer)
+    assert set(served) == {new}
+    assert _mean(verdicts, "colour_ok") >= 0.75, [v.colour_share for v in verdicts]
+    assert _mean(verdicts, "side_ok") >= 0.75, [v.centre_x for v in verdicts]
+    assert 0.35 < _mean(verdicts, "background") < 0.65
+
+
+def test_a_rollback_brings_back_the_white_look_and_a_promote_the_gray(fleet_settings, producer, two_workers):
+    old, new = two_workers["releases"]
+    client = redis.Redis.from_url(fleet_settings.broker_url)
+    rollback(client, DEMO_MODEL, actor="test")
+    try:
+        served, verdicts = _draw(producer)
+        assert set(served) == {old}
+        assert _mean(verdicts, "background") > 0.85
+        assert _mean(verdicts, "colour_ok") >= 0.75
+    finally:
+        RouteTable(client).set_active(new, actor="test")
+    served, verdicts = _draw(producer)
+    assert set(served) == {new}
+    assert _mean(verdicts, "background") < 0.65
+
+
+def test_a_full_canary_serves_the_canary_look(fleet_settings, producer, two_workers):
+    old, new = two_workers["releases"]
+    table = RouteTable(redis.Redis.from_url(fleet_settings.broker_url))
+    table.set_canary(old, 100, actor="test")
+    try:
+        served, verdicts = _draw(producer)
+    finally:
+        table.clear_canary(DEMO_MODEL, actor="test")
+    assert set(served) == {old}
+    assert _mean(verdicts, "background") > 0.85
