@@ -23,11 +23,15 @@ PROMPTS = [shapes.Prompt(s, c, p).text for s, c, p in
             ("circle", "blue", "center"), ("triangle", "green", "right")]]
 
 
-def _draw(producer, release: str | None = None) -> tuple[list[str], list[shapes.Verdict]]:
-    """Each prompt once (seed = its index) through generate.delay; the releases that served them and the verdicts."""
-    kwargs = {"release": release} if release else {}
-    jobs = [producer.generate.delay(p, seed=i, **kwargs) for i, p in enumerate(PROMPTS)]
-    results = [j.get(timeout=180) for j in jobs]
+def _results(producer) -> list[dict]:
+    """Each prompt once (seed = its index) through generate.delay, routed by the route table."""
+    jobs = [producer.generate.delay(p, seed=i) for i, p in enumerate(PROMPTS)]
+    return [j.get(timeout=180) for j in jobs]
+
+
+def _draw(producer) -> tuple[list[str], list[shapes.Verdict]]:
+    """The releases that served the prompts and the judge's verdicts on their images."""
+    results = _results(producer)
     verdicts = [shapes.judge(io.BytesIO(read_uri(r["image_uri"])), p) for r, p in zip(results, PROMPTS, strict=True)]
     return [r["release"] for r in results], verdicts
 
@@ -71,3 +75,21 @@ def test_a_full_canary_serves_the_canary_look(fleet_settings, producer, two_work
         table.clear_canary(DEMO_MODEL, actor="test")
     assert set(served) == {old}
     assert _mean(verdicts, "background") > 0.85
+
+
+def test_the_contact_sheet_shows_each_jobs_image_prompt_and_release(fleet_settings, producer, two_workers, tmp_path):
+    from PIL import Image
+
+    from fleetctl.demo.sheet import THUMB, contact_sheet, read_image
+
+    results = _results(producer)[:3]
+    prompts = PROMPTS[:3]
+    rows = [(p, r["release"], read_image(r, fleet_settings.resolved_output_url)) for p, r in zip(prompts, results, strict=True)]
+    sheet = np.asarray(Image.open(contact_sheet(rows, tmp_path / "sheet.png")).convert("RGB"), dtype=np.int16)
+    assert sheet.shape[0] == 8 + 3 * (THUMB + 8)
+    for i, (_, _, png) in enumerate(rows):
+        image = Image.open(io.BytesIO(png)).convert("RGB").resize((THUMB, THUMB), Image.Resampling.NEAREST)
+        y = 8 + i * (THUMB + 8)
+        assert np.array_equal(sheet[y:y + THUMB, 8:8 + THUMB], np.asarray(image, dtype=np.int16)), i
+    text = sheet[:, 8 * 2 + THUMB:]
+    assert (text.sum(-1) < 300).any()  # the prompt and release are written in dark ink beside the images
