@@ -236,7 +236,7 @@ def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
               reuse_vae: bool = False, resume: bool = False, freeze_text: bool = False,
-              resume_lr: float = 5e-4) -> dict:
+              resume_lr: float = 5e-4, lora_lr: float = 2e-3) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -299,7 +299,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
                 e.requires_grad_(False)
             config, params = add_lora(unet, seed)
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.lora_steps,
-                       plan.batch, 2e-3, seed, log, v.ref)
+                       plan.batch, lora_lr, seed, log, v.ref)
             save_lora(out / v.file, unet, config)
             unet.requires_grad_(True)
             seconds[v.ref] = time.perf_counter() - t
@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
     parser.add_argument("--base-steps", type=int, help="optimizer steps for each base trained from scratch")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of a resumed base")
+    parser.add_argument("--lora-lr", type=float, default=2e-3, help="peak learning rate of the LoRAs")
     parser.add_argument("--freeze-text", action="store_true", help="keep the text encoders of resumed bases as they are")
     parser.add_argument("--finetune-steps", type=int, help="optimizer steps for each base fine-tuned from another")
     parser.add_argument("--lora-steps", type=int, help="optimizer steps for each LoRA")
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, field):
             plan = replace(plan, **{field: getattr(args, field)})
     meta = train_all(args.out, plan, only=only, reuse_vae=args.reuse_vae, resume=args.resume,
-                     freeze_text=args.freeze_text, resume_lr=args.lr)
+                     freeze_text=args.freeze_text, resume_lr=args.lr,
+                     lora_lr=args.lora_lr)
     print(f"trained {len(meta['runs'][-1]['versions'])} versions into {args.out} in {time.perf_counter() - started:.0f} s")
     return 0
 
