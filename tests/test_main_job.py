@@ -42,6 +42,9 @@ def test_demo_serves_real_images_and_leaves_no_process_behind(tmp_path, demo_arc
         assert Path(image).is_relative_to(home / "outputs")
     assert "nano-banana@base-v1.1.0+lora-v2.3.1" in out and "nano-banana@base-v1.0.0+lora-v2.3.0" in out
     assert f"images are in {(home / 'outputs').as_uri()}" in out
+    sheet = re.search(r"^contact sheet: (\S+\.png)$", out, re.M)
+    assert sheet and Path(sheet[1]) == home / "state" / "demo-sheet.png", out
+    assert Path(sheet[1]).read_bytes().startswith(b"\x89PNG")
     assert [p for p in pids if alive(p)] == []
     assert not (home / "state" / "fleet.json").exists()
 

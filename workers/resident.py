@@ -24,8 +24,9 @@ CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[st
 
 
 def standard_call_kwargs(request: GenerateRequest, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The Stable Diffusion call shape (SD 1.x/2.x, SDXL, single-file checkpoints)."""
-    return {
+    """The Stable Diffusion call shape (SD 1.x/2.x, SDXL, single-file checkpoints); a release whose meta sets
+    `default_guidance_rescale` (zero-terminal-SNR models) gets it passed as `guidance_rescale`."""
+    kwargs = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "num_inference_steps": params["steps"],
@@ -33,6 +34,9 @@ def standard_call_kwargs(request: GenerateRequest, params: dict[str, Any], defau
         "width": params["width"],
         "height": params["height"],
     }
+    if defaults.get("guidance_rescale"):
+        kwargs["guidance_rescale"] = defaults["guidance_rescale"]
+    return kwargs
 
 
 class NotResident(KeyError):

@@ -95,17 +95,23 @@ def down(ctx: click.Context) -> None:
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "no local fleet is running")
 
 
-DEMO_PROMPTS = ("Leather Jacket", "a banana in a spacesuit", "neon city at dusk", "a red bicycle")
+DEMO_PROMPTS = ("a red circle on the left", "a blue square in the center", "a yellow triangle on the right",
+                "a green circle on the right")
+"""What the trained demo models draw (fleetctl/demo/shapes.py): a colour, a shape, a side."""
 
 
 @main.command()
 @click.option("--prompt", "prompts", multiple=True, help="prompts to send (default: a few examples)")
 @click.option("--foreground", is_flag=True, help="stay up after the demo until Ctrl-C")
 @click.option("--archive", type=click.Choice(["local", "oss"]), default="local", help="L3 kind, as for `up`")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="where the contact sheet goes (default: demo-sheet.png in the fleet's state folder)")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool, archive: str) -> None:
-    """The main job: start a local fleet, send prompts through generate.delay, print what happened, stop."""
+def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool, archive: str, sheet: Path | None) -> None:
+    """The main job: start a local fleet, send prompts through generate.delay, print what happened and a contact
+    sheet of the images, stop."""
+    from fleetctl.demo.sheet import contact_sheet, read_image
     from fleetctl.localfleet import LocalFleet
     from tasks import configure, generate
 
@@ -126,6 +132,9 @@ def demo(ctx: click.Context, prompts: tuple[str, ...], foreground: bool, archive
         _print_results(rows)
         outputs = settings.resolved_output_url
         click.echo(f"\nimages are in {outputs}")
+        sheet = sheet or settings.state_dir / "demo-sheet.png"
+        contact_sheet([(p, r["release"], read_image(r, outputs)) for p, r in rows], sheet)
+        click.echo(f"contact sheet: {sheet}")
     finally:
         if foreground:
             _wait_for_interrupt(fleet, state)

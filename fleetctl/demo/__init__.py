@@ -1,0 +1,1 @@
+"""Demo models trained here, offline, on synthetic shapes: they draw what the prompt asks."""

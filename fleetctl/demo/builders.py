@@ -32,6 +32,7 @@ class DemoVersion:
     family: str
     seed: int
     size: str = "tiny"  # "large": the ~0.6 GB SDXL of build_sdxl(size="large"), for benchmarks only
+    trained: bool = False  # built from the committed trained weights (fleetctl/demo/trained.py), not seeded noise
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -321,10 +322,10 @@ def _pipeline_class(family: str):
 
 
 DEMO_VERSIONS = (
-    DemoVersion(DEMO_MODEL, "base", "v1.0.0", "sdxl", 1000),
-    DemoVersion(DEMO_MODEL, "base", "v1.1.0", "sdxl", 1100),
-    DemoVersion(DEMO_MODEL, "lora", "v2.3.0", "sdxl", 2300),
-    DemoVersion(DEMO_MODEL, "lora", "v2.3.1", "sdxl", 2310),
+    DemoVersion(DEMO_MODEL, "base", "v1.0.0", "sdxl", 1000, trained=True),  # white background
+    DemoVersion(DEMO_MODEL, "base", "v1.1.0", "sdxl", 1100, trained=True),  # black background
+    DemoVersion(DEMO_MODEL, "lora", "v2.3.0", "sdxl", 2300, trained=True),  # outlined shapes
+    DemoVersion(DEMO_MODEL, "lora", "v2.3.1", "sdxl", 2310, trained=True),  # gray background
     DemoVersion(SD_DEMO_MODEL, "base", "v1.0.0", "sd", 3000),
     DemoVersion(SD_DEMO_MODEL, "lora", "v1.0.0", "sd", 3100),
     DemoVersion(WUERSTCHEN_DEMO_MODEL, "base", "v1.0.0", "wuerstchen", 4000),
@@ -375,6 +376,15 @@ def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> l
         if archive.has_version(ref):
             continue
         folder = workdir / f"{v.model}-{v.component}-{v.version}"
+        if v.trained:
+            from .trained import TRAINED_META, build_trained
+
+            build_trained(str(ref), folder)
+            meta = {"family": v.family, "demo": True, **({**DEMO_META, **TRAINED_META} if v.component == "base" else {})}
+            archive.publish(ref, folder, meta=meta)
+            published.append(str(ref))
+            log(f"published {ref} (trained)")
+            continue
         if v.component == "base":
             _build_base(v, folder, v.seed)
             bases[(v.model, v.family)] = folder

@@ -283,6 +283,7 @@ class ModelBuilder:
             "guidance": float(meta.get("default_guidance", 7.5)),
             "width": int(meta.get("default_width", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
             "height": int(meta.get("default_height", DEFAULT_SIZES.get(str(meta.get("family")), 512))),
+            "guidance_rescale": float(meta.get("default_guidance_rescale", 0.0)),
         }
 
     @staticmethod
