@@ -26,14 +26,14 @@ offline_environment()
 from fleetctl.demo.builders import (  # noqa: E402
     DEMO_MODEL,
     DEMO_RELEASES,
-    DEMO_VERSIONS,
     LARGE_DEMO_MODEL,
     LARGE_DEMO_RELEASE,
     LARGE_DEMO_VERSIONS,
+    RANDOM_DEMO_VERSIONS,
 )
 
 RELEASE = DEMO_RELEASES[1]  # nano-banana@base-v1.1.0+lora-v2.3.1: tiny SDXL + LoRA
-RELEASE_VERSIONS = [v for v in DEMO_VERSIONS if v.model == DEMO_MODEL and v.version in ("v1.1.0", "v2.3.1")]
+RELEASE_VERSIONS = [v for v in RANDOM_DEMO_VERSIONS if v.model == DEMO_MODEL and v.version in ("v1.1.0", "v2.3.1")]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from cachemgr import Cache, LocalArchive, Release  # noqa: E402
 from cachemgr.sync import sync_release  # noqa: E402
-from fleetctl.demo.builders import DEMO_MODEL, DEMO_VERSIONS, SHARED_BASE_RELEASES, publish_demo  # noqa: E402
+from fleetctl.demo.builders import DEMO_MODEL, RANDOM_DEMO_VERSIONS, SHARED_BASE_RELEASES, publish_demo  # noqa: E402
 from tasks.requests import GenerateRequest  # noqa: E402
 from workers.models import StableDiffusionXL  # noqa: E402
 
@@ -53,7 +53,7 @@ def build(cache: Cache, device: str, release: str, *shared: str):
 
 def prepare(workdir: Path) -> Cache:
     archive = LocalArchive(workdir / "archive")
-    versions = [v for v in DEMO_VERSIONS if v.model == DEMO_MODEL and v.version in ("v1.1.0", "v2.3.0", "v2.3.1")]
+    versions = [v for v in RANDOM_DEMO_VERSIONS if v.model == DEMO_MODEL and v.version in ("v1.1.0", "v2.3.0", "v2.3.1")]
     publish_demo(archive, workdir / "build", versions=versions, log=lambda *_: None)
     cache = Cache.at(workdir / "l2")
     for text in SHARED_BASE_RELEASES:

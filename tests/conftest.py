@@ -14,7 +14,7 @@ for _key in [k for k in os.environ if k.startswith("FLEET_")]:
     del os.environ[_key]  # tests never pick up an operator's configuration
 
 from cachemgr import LocalArchive  # noqa: E402
-from fleetctl.demo.builders import DEMO_RELEASES, publish_demo  # noqa: E402
+from fleetctl.demo.builders import DEMO_RELEASES, RANDOM_DEMO_VERSIONS, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
 
 from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
@@ -24,7 +24,8 @@ from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_work
 def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo models, built once per test session and published into a local archive."""
     root = tmp_path_factory.mktemp("archive")
-    publish_demo(LocalArchive(root), tmp_path_factory.mktemp("demo-build"), log=lambda *_: None)
+    publish_demo(LocalArchive(root), tmp_path_factory.mktemp("demo-build"), versions=RANDOM_DEMO_VERSIONS,
+                 log=lambda *_: None)
     return root
 
 

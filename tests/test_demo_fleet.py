@@ -18,6 +18,19 @@ from workers.outputs import read_uri
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture(scope="module")
+def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory):
+    """This module's fleet serves the trained demo, as `./fleet demo` does (the suite's shared archive holds the
+    random-weight versions)."""
+    from cachemgr import LocalArchive
+    from fleetctl.demo.builders import DEMO_VERSIONS, publish_demo
+
+    root = tmp_path_factory.mktemp("trained-archive")
+    publish_demo(LocalArchive(root), tmp_path_factory.mktemp("trained-build"), versions=DEMO_VERSIONS,
+                 log=lambda *_: None)
+    return root
+
 PROMPTS = [shapes.Prompt(s, c, p).text for s, c, p in
            [("circle", "red", "left"), ("square", "blue", "right"), ("triangle", "yellow", "center"),
             ("square", "green", "left"), ("circle", "yellow", "right"), ("triangle", "red", "left"),

@@ -331,6 +331,10 @@ DEMO_VERSIONS = (
     DemoVersion(WUERSTCHEN_DEMO_MODEL, "base", "v1.0.0", "wuerstchen", 4000),
     DemoVersion(SINGLE_FILE_DEMO_MODEL, "base", "v1.0.0", "single-file", 5000),
 )
+RANDOM_DEMO_VERSIONS = tuple(DemoVersion(v.model, v.component, v.version, v.family, v.seed, v.size)
+                             for v in DEMO_VERSIONS)
+"""The same versions with seeded random weights only (64 px, 4 steps): what the test suite's shared archive and the
+benchmarks serve, whose expectations (sizes, adapter shapes, timings) predate the trained demo."""
 DEMO_RELEASES = (
     f"{DEMO_MODEL}@base-v1.0.0+lora-v2.3.0",  # the previous release: kept warm so rollback never waits
     f"{DEMO_MODEL}@base-v1.1.0+lora-v2.3.1",  # the active release
