@@ -227,8 +227,8 @@ def test_wuerstchen_refuses_a_lora_before_touching_disk(tmp_path):
 
 
 def test_an_unknown_component_is_refused_not_ignored(tmp_path):
-    builder = StableDiffusion.builder("pixel-sd", "pixel-sd@base-v1.0.0+vae-v1.0.0").with_cache(Cache.at(tmp_path))
-    with pytest.raises(LoadError, match="component 'vae' is not supported"):
+    builder = StableDiffusion.builder("pixel-sd", "pixel-sd@base-v1.0.0+controlnet-v1.0.0").with_cache(Cache.at(tmp_path))
+    with pytest.raises(LoadError, match="component 'controlnet' is not supported"):
         builder.build()
 
 

@@ -93,14 +93,16 @@ def fleet(fleet_settings, producer, tmp_path_factory):
         f.stop()
 
 
-def started_on(producer, task_id: str, timeout: float = 120) -> str:
+def started_on(producer, task_id: str, timeout: float = 120, on: str | None = None) -> str:
+    """The worker a job is running on; with `on`, wait for a start there (a recycled worker's STARTED record of the
+    previous try stays in the backend until the next try starts)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta = producer.app.backend.get_task_meta(task_id)
-        if meta.get("status") == "STARTED":
+        if meta.get("status") == "STARTED" and (on is None or meta["result"]["hostname"] == on):
             return meta["result"]["hostname"]
         time.sleep(0.05)
-    raise AssertionError(f"job {task_id} never started")
+    raise AssertionError(f"job {task_id} never started{f' on {on}' if on else ''}")
 
 
 def test_a_hung_job_is_retried_on_the_healthy_peer_and_its_worker_recycled(fleet, producer, client):
@@ -141,7 +143,8 @@ def test_a_job_that_times_out_on_every_try_is_dead_lettered_with_its_reason(flee
             fleet.pause_peer(True)
             r = producer.generate.delay(HANG, seed=100 + trial, release=NEW)
             for _ in range(2):  # both tries on the hanging worker, restarted in between
-                assert started_on(producer, r.id) == fleet.hostname(fleet.hanger)
+                hanger = fleet.hostname(fleet.hanger)
+                assert started_on(producer, r.id, on=hanger) == hanger
                 assert fleet.wait_hanger_recycled() == TIMED_OUT_EXIT
             fleet.pause_peer(False)
             with pytest.raises(Exception, match="ran past its time limit of 3 s"):
