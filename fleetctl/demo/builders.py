@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.settings import offline_environment
+from workers.models.standard import bytes_to_unicode
 
 offline_environment()
 
@@ -35,22 +36,9 @@ class DemoVersion:
     trained: bool = False  # built from the committed trained weights (fleetctl/demo/trained.py), not seeded noise
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary in the CLIP layout, with a handful of merges."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     merges = []
     for a, b in [("e", "r"), ("a", "n"), ("t", "h"), ("i", "n"), ("o", "n</w>"), ("e", "r</w>")]:
