@@ -32,9 +32,9 @@ BARE = textwrap.dedent("""
     from pathlib import Path
     torch.set_num_threads(1)
     from diffusers import StableDiffusionXLPipeline
-    ckpt, config, lora = sys.argv[1:4]
+    ckpt, config, lora, dtype = sys.argv[1:5]
     pipe = StableDiffusionXLPipeline.from_single_file(ckpt, config=config, local_files_only=True,
-                                                      torch_dtype=torch.float32)
+                                                      torch_dtype=getattr(torch, dtype))
     pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name, adapter_name="style")
     image = pipe("a leather jacket", num_inference_steps=1, width=64, height=64,
                  generator=torch.Generator().manual_seed(7)).images[0]
@@ -60,9 +60,9 @@ def _l2_files(settings, model: str, base: str, lora: str) -> tuple[Path, Path, P
     return checkpoint_file(root, store.manifest(ref).meta), root / CONFIG_FOLDER, next(lora_root.rglob("*.safetensors"))
 
 
-def _bare(files: tuple[Path, Path, Path], env: dict[str, str]) -> float:
+def _bare(files: tuple[Path, Path, Path], dtype: str, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", BARE, *map(str, files)], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", BARE, *map(str, files), dtype], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=3600)
     took = time.perf_counter() - started
     if done.returncode != 0 or "image (64, 64)" not in done.stdout:
@@ -71,8 +71,10 @@ def _bare(files: tuple[Path, Path, Path], env: dict[str, str]) -> float:
 
 
 def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats: int = 2, jobs: int = 200,
-        flips: int = 10) -> dict:
-    """All three rows; `versions` = {"base": …, "lora_a": …, "lora_b": …} published under `model`."""
+        flips: int = 10, dtype: str = "float32") -> dict:
+    """All three rows; `versions` = {"base": …, "lora_a": …, "lora_b": …} published under `model`; ours and bare
+    compute in `dtype`. One model process at a time (a full-size one is several GB): the last round runs bare first,
+    so the worker it starts stays up for the other rows."""
     import redis
 
     import tasks
@@ -89,7 +91,7 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats
     try:
         settings = FleetSettings(home=work / "home", broker_url=server.url, archive_url="oss://models/ref",
                                  oss_endpoint=endpoint, torch_threads=1, heartbeat_seconds=2.0, warm_ttl_seconds=8.0,
-                                 route_cache_ttl=600.0, node_name="refnode", dtype="float32", model=model)
+                                 route_cache_ttl=600.0, node_name="refnode", dtype=dtype, model=model)
         tasks.configure(settings)
         client = redis.Redis.from_url(settings.broker_url)
         registry = WarmRegistry(client)
@@ -98,14 +100,17 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats
         files = _l2_files(settings, model, versions["base"], versions["lora_a"])
         ours, bare = [], []
         for attempt in range(repeats):
+            last = attempt == repeats - 1
+            if last:
+                bare.append(_bare(files, dtype, child_env(settings)))
             job = tasks.generate.delay("a leather jacket", seed=7, release=rel_a, **IMAGE)
             started = time.perf_counter()
             worker = start_worker(settings, [rel_a], "w-ref", logs, wait=False)
             job.get(timeout=3600)
             ours.append(time.perf_counter() - started)
-            if attempt < repeats - 1:
+            if not last:
                 worker.stop()
-            bare.append(_bare(files, child_env(settings)))
+                bare.append(_bare(files, dtype, child_env(settings)))
         name = f"w-ref@{settings.node_name}"
 
         outcome = warm(tasks.app, client, settings.open_archive(), rel_b, on=["w-ref"], timeout=3600)
@@ -189,7 +194,7 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats
         except Exception:
             pass
         server.stop()
-    return {"release_a": rel_a, "release_b": rel_b, "ours_s": ours, "bare_s": bare,
+    return {"release_a": rel_a, "release_b": rel_b, "dtype": dtype, "ours_s": ours, "bare_s": bare,
             "warm_restart_over_bare": statistics.median(ours) / statistics.median(bare),
             "flip_ms": flip_ms, "rollback_jobs": len(sent), "rollback_lost": lost, "rollback_reloads": reloads,
             "served": served, "users_jobs": jobs, "users_failures": failures, "users_seconds": users_s,

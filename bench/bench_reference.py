@@ -1,7 +1,7 @@
 """The reference deployment at its real size: transfers over an emulated OSS line on 3 emulated nodes, and worker rows.
 
 `python -m bench reference [--scale 1.0] [--cache DIR] [--clean] [--cold-rate 400mbit] [--rate 100mbit]
-[--rtt-ms 45] [--worker-scale 0.02] [--users-jobs 200] [--no-workers]`
+[--rtt-ms 45] [--worker-scale 0.02] [--worker-dtype float32] [--users-jobs 200] [--no-workers | --workers-only]`
 
 Builds the release (bench/_reference_data.py: at scale 1 an SDXL single file with the real key layout and shapes and
 a ~1.2 GB kohya LoRA; kept under --cache, else in a temporary folder removed at the end), publishes it with
@@ -10,8 +10,10 @@ each sync a separate process whose peak RSS it reads itself (VmHWM): first start
 night with nothing new and the nightly base update at --rate with --rtt-ms per request, and the fleet's egress for
 that day (from the server's link counters: body bytes only). Then the worker rows (bench/_reference_workers.py:
 warm restart vs bare from_single_file + LoRA, LoRA rollback under 10 producers, 10 users) on real worker processes
-serving the release built at --worker-scale: a full-size SDXL computes in float32 on CPU (half precision is ~60×
-slower there) and needs ~21 GB while it loads, more than this shared machine can give.
+serving the release built at --worker-scale in --worker-dtype: a full-size SDXL in float32 needs ~21 GB while it
+loads on CPU, more than this shared machine can give; float16 matmuls are ~60× slower than float32 on this CPU, but
+bfloat16 ones (AVX-512 BF16) are faster than float32, so `--worker-scale 1 --worker-dtype bfloat16` serves the
+full-size release (~7 GB resident). `--workers-only` runs just the worker rows (their own RESULTS.md section).
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def worker_section(w: dict, args: argparse.Namespace) -> str:
         entry("reference.users_p50_s", round(w["users_p50_s"], 3), "s"),
         entry("reference.users_p95_s", round(w["users_p95_s"], 3), "s"),
     ])
-    return f"""Worker rows (real worker processes, one worker at a time, float32 on CPU, one torch thread, 64×64 images,
-1 step), on the release built at `--worker-scale {args.worker_scale:g}` ({w['release_a']}, LoRA v1 and v2), served
+    return f"""Worker rows (real worker processes, one model process at a time, {w['dtype']} on CPU, one torch thread, 64×64
+images, 1 step), on the release built at `--worker-scale {args.worker_scale:g}` ({w['release_a']}, LoRA v1 and v2), served
 from the same OSS server with no link emulation (warm L2: no bytes move):
 
 | what | value |
@@ -137,7 +139,10 @@ def main() -> int:
     parser.add_argument("--worker-scale", type=float, default=0.02, help="the release the worker rows serve (a "
                         "full-size SDXL in float32 needs ~21 GB at load on CPU)")
     parser.add_argument("--users-jobs", type=int, default=200)
+    parser.add_argument("--worker-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="what ours and bare compute in (bfloat16: the full-size release in ~7 GB)")
     parser.add_argument("--no-workers", action="store_true", help="transfer rows only")
+    parser.add_argument("--workers-only", action="store_true", help="worker rows only")
     args = parser.parse_args()
     cache = args.cache or Path(tempfile.mkdtemp(prefix="warmfleet-reference-"))
     if args.clean:
@@ -146,10 +151,47 @@ def main() -> int:
         return 0
     began = time.monotonic()
     try:
-        return scenario(args, cache, began)
+        return workers_only(args, cache, began) if args.workers_only else scenario(args, cache, began)
     finally:
         if args.cache is None:
             shutil.rmtree(cache, ignore_errors=True)
+
+
+def serve_rows(args: argparse.Namespace, ep: str, work: Path, root: Path, folders: dict[str, Path]) -> dict:
+    """Publish the worker release (base v1, LoRA v1 and v2) and run the worker rows on it."""
+    from bench._reference_workers import run as run_workers
+
+    wpublish = publisher(ep, work / "publish-home", root, folders, False)
+    wmodel = MODEL + "-w"
+    for component, version in (("base", "v1"), ("lora", "v1"), ("lora", "v2")):
+        wpublish(wmodel, component, version, f"{component}-{version}")
+    return run_workers(work / "workers", ep, wmodel, {"base": "v1", "lora_a": "v1", "lora_b": "v2"},
+                       jobs=args.users_jobs, dtype=args.worker_dtype)
+
+
+def workers_only(args: argparse.Namespace, cache: Path, began: float) -> int:
+    same = args.worker_scale == args.scale and args.cache is not None
+    root = cache / "release" if same else cache / "worker-release"
+    folders = build(root, args.worker_scale)
+    work = Path(tempfile.mkdtemp(prefix="reference-workers-", dir=cache))
+    try:
+        with OssServer(work / "oss", log_requests=False) as server:
+            server.create_bucket("models")
+            workers = serve_rows(args, server.endpoint, work, root, folders)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    took = time.monotonic() - began
+    write_section("reference_workers", f"""
+## Reference deployment: worker rows alone (`python -m bench reference --workers-only`)
+
+Whole run {took:.0f} s (build or reuse of the release, publish, the rows).
+
+{worker_section(workers, args)}
+
+{stamp()}
+""")
+    print(json.dumps(workers, indent=1, default=str))
+    return 0
 
 
 def scenario(args: argparse.Namespace, cache: Path, began: float) -> int:
@@ -200,14 +242,7 @@ def scenario(args: argparse.Namespace, cache: Path, began: float) -> int:
 
             if not args.no_workers:
                 server.link = Link()
-                wpublish = publisher(ep, work / "publish-home", worker_root, worker_folders, False)
-                wmodel = MODEL + "-w"
-                for component, version in (("base", "v1"), ("lora", "v1"), ("lora", "v2")):
-                    wpublish(wmodel, component, version, f"{component}-{version}")
-                from bench._reference_workers import run as run_workers
-
-                workers = run_workers(work / "workers", ep, wmodel, {"base": "v1", "lora_a": "v1", "lora_b": "v2"},
-                                      jobs=args.users_jobs)
+                workers = serve_rows(args, ep, work, worker_root, worker_folders)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     took = time.monotonic() - began
