@@ -34,7 +34,7 @@ class Plan:
     vae_steps: int = 400
     base_steps: int = 600
     finetune_steps: int = 200
-    lora_steps: int = 200
+    lora_steps: int = 400
     images: int = 720
     batch: int = 16
 
@@ -236,13 +236,14 @@ def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
               reuse_vae: bool = False, resume: bool = False, freeze_text: bool = False,
-              resume_lr: float = 5e-4, lora_lr: float = 2e-3) -> dict:
+              resume_lr: float = 5e-4, lora_lr: float = 3e-3) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     wanted = [v for v in TRAINED_VERSIONS if not only or v.ref in only]
-    if plan.vae_steps and not (reuse_vae and (out / VAE_FILE).exists()):
+    have_vae = (out / VAE_FILE).exists()
+    if plan.vae_steps and not only and not (reuse_vae and have_vae):
         t = time.perf_counter()
         vae = train_vae(vae_images(plan), plan.vae_steps, seed=1, log=log)
         save_vae(out / VAE_FILE, vae)
@@ -250,7 +251,9 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
     else:
         from .trained import load_vae
 
-        source = out if reuse_vae and (out / VAE_FILE).exists() else WEIGHTS
+        # --reuse-vae or a partial run (--only) works in the latent space of the VAE already in `out`, else the committed
+        # one's: the parents it fine-tunes or adapts were trained there
+        source = out if have_vae and (reuse_vae or only) else WEIGHTS
         vae = load_vae(source)
         if source != out:
             import shutil
@@ -311,13 +314,20 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
         seconds[v.ref] = time.perf_counter() - t
         log(f"{v.ref} trained in {seconds[v.ref]:.0f} s ({i + 1}/{len(wanted)})")
     old = json.loads((out / MANIFEST.name).read_text()) if (out / MANIFEST.name).exists() else {}
-    runs = [r for r in old.get("runs", []) if not set(r["versions"]) & {v.ref for v in wanted}]
+    runs = [r for r in (_without(r, {v.ref for v in wanted}) for r in old.get("runs", [])) if r["versions"]]
     run = {"versions": [v.ref for v in wanted], "vae_trained": "vae" in seconds, "plan": asdict(plan),
            "threads": torch.get_num_threads(), "seconds": {k: round(s, 1) for k, s in seconds.items()},
            "total_seconds": round(time.perf_counter() - started, 1)}
     meta = {"vae_scaling_factor": float(vae.config.scaling_factor), "runs": runs + [run]}
     (out / MANIFEST.name).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _without(run: dict, refs: set[str]) -> dict:
+    """An earlier run's record less the versions this run retrains (the rest of it still describes committed weights)."""
+    return {k: ([r for r in v if r not in refs] if k == "versions" else
+                {r: x for r, x in v.items() if r not in refs} if k in ("seconds", "judged") else v)
+            for k, v in run.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
     parser.add_argument("--base-steps", type=int, help="optimizer steps for each base trained from scratch")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of a resumed base")
-    parser.add_argument("--lora-lr", type=float, default=2e-3, help="peak learning rate of the LoRAs")
+    parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRAs")
     parser.add_argument("--freeze-text", action="store_true", help="keep the text encoders of resumed bases as they are")
     parser.add_argument("--finetune-steps", type=int, help="optimizer steps for each base fine-tuned from another")
     parser.add_argument("--lora-steps", type=int, help="optimizer steps for each LoRA")
