@@ -129,13 +129,13 @@ def test_a_canary_serves_each_release_in_its_own_look(fleet_settings, producer, 
         designed, look = _looks_as_designed(OLD, verdicts)
         assert designed is trained, (weights, look)
         table.set_canary(OLD, 50, actor="test")
-        served, verdicts = _draw(producer, 24)
+        served, verdicts = _draw(producer, 16)
     finally:
         table.clear_canary(DEMO_MODEL, actor="test")
-    assert {OLD, NEW} == set(served), served  # 24 jobs at 50 %: one release missing has odds 2**-23
+    assert {OLD, NEW} == set(served), served  # 16 jobs at 50 %: one release missing has odds 2**-15
     own = [_closer_to_own_background(r, v) for r, v in zip(served, verdicts, strict=True)]
     figures = [(r, round(v.background, 2)) for r, v in zip(served, verdicts, strict=True)]
-    assert (np.mean(own) >= 0.9) is trained, (weights, figures)
+    assert bool(np.mean(own) >= 0.9) is trained, (weights, figures)
 
 
 def _background(release: str) -> float:

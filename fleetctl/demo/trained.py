@@ -120,7 +120,7 @@ def lora_pipeline(ref: str, weights: Path = WEIGHTS):
     """A trained LoRA applied, as the named adapter "look", on its live base pipeline, at the scale it was trained
     with (lora_alpha / r from its config: a state dict loaded without it gets alpha = r, half the trained strength)."""
     v = BY_REF[ref]
-    pipe = load_base(v.parent, weights)
+    pipe = load_base(v.parent, weights if (weights / BY_REF[v.parent].file).exists() else WEIGHTS)
     layers, config = lora_layers(ref, weights)
     pipe.unet.load_lora_adapter(layers, prefix=None, adapter_name="look", metadata=config)
     return pipe
