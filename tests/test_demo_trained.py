@@ -131,6 +131,7 @@ def test_the_demo_releases_have_the_designed_looks() -> None:
     assert not shapes.Look(0.5, 0.99, 1.0).matches(shapes.STYLES["outline"])  # gray and filled: not the outline look
     assert not shapes.Look(0.98, 0.1, 1.0).matches(shapes.STYLES["gray"])
     assert not shapes.Look(0.5, 0.99, 0.5).matches(shapes.STYLES["gray"])  # half the images noise: no look at all
+    assert not shapes.Look(1.0, 0.0, 0.0).matches(shapes.STYLES["outline"])  # blank white images: no outlines
 
 
 def test_a_lora_loads_at_the_scale_it_was_trained_with() -> None:

@@ -212,7 +212,8 @@ BACKGROUND_TOLERANCE = 0.15
 OUTLINE_MAX_FILL, FILLED_MIN_FILL = 0.45, 0.8
 """Mean centre_fill of an outlined look (drawn outlines: 0.12) and of a filled one (drawn shapes: 0.99)."""
 MIN_DRAWN = 0.75
-"""A look is a look of drawn shapes: at least this share of the images has a shape-sized foreground (noise has not)."""
+"""A look is a look of drawn shapes: at least this share of the images has a shape-sized foreground (a blank white
+image has a white border and nothing in the middle, yet it is no outline)."""
 
 
 @dataclass(frozen=True)
