@@ -51,12 +51,14 @@ class Style:
 
     background: tuple[int, int, int]
     outline: bool = False
+    scale: float = 1.0  # shape size, relative to the filled styles'
+    line: float = 0.09  # outline width, as a share of the image side
 
 
 STYLES = {
     "white": Style((255, 255, 255)),
     "black": Style((0, 0, 0)),
-    "outline": Style((0, 0, 0), outline=True),
+    "outline": Style((255, 255, 255), outline=True, scale=1.3, line=0.08),
     "gray": Style((128, 128, 128)),
 }
 
@@ -74,11 +76,11 @@ def draw(prompt: Prompt, style: Style, rng: np.random.Generator | None = None, s
     big = size * scale
     cx = (_CENTRE_X[prompt.position] + 0.05 * jx) * big
     cy = (0.5 + 0.12 * jy) * big
-    r = (0.22 + 0.03 * jr) * big
+    r = (0.22 + 0.03 * jr) * style.scale * big
     img = Image.new("RGB", (big, big), style.background)
     pen = ImageDraw.Draw(img)
     colour = COLOURS[prompt.colour]
-    fill, outline, width = (None, colour, int(0.09 * big)) if style.outline else (colour, None, 0)
+    fill, outline, width = (None, colour, int(style.line * big)) if style.outline else (colour, None, 0)
     if prompt.shape == "circle":
         pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=width)
     elif prompt.shape == "square":
@@ -203,3 +205,32 @@ def judge(image, prompt: Prompt | str) -> Verdict:
 
 def pass_rate(verdicts: list[Verdict]) -> float:
     return sum(v.ok for v in verdicts) / max(len(verdicts), 1)
+
+
+BACKGROUND_TOLERANCE = 0.15
+"""How far a version's mean border brightness may sit from its style's background (white 1, gray 0.5, black 0)."""
+OUTLINE_MAX_FILL, FILLED_MIN_FILL = 0.45, 0.8
+"""Mean centre_fill of an outlined look (drawn outlines: 0.12) and of a filled one (drawn shapes: 0.99)."""
+MIN_DRAWN = 0.75
+"""A look is a look of drawn shapes: at least this share of the images has a shape-sized foreground (a blank white
+image has a white border and nothing in the middle, yet it is no outline)."""
+
+
+@dataclass(frozen=True)
+class Look:
+    """The pixel statistics that tell the versions' looks apart, over a batch of images."""
+
+    background: float  # mean border brightness: 1 white, 0 black
+    centre_fill: float  # mean share of the middle of the shape's box that is shape: low for outlines
+    drawn: float  # share of images whose foreground is shape-sized (MIN_FOREGROUND..MAX_FOREGROUND)
+
+    @classmethod
+    def of(cls, verdicts: list[Verdict]) -> Look:
+        return cls(float(np.mean([v.background for v in verdicts])), float(np.mean([v.centre_fill for v in verdicts])),
+                   float(np.mean([MIN_FOREGROUND <= v.foreground <= MAX_FOREGROUND for v in verdicts])))
+
+    def matches(self, style: Style) -> bool:
+        """Shapes drawn, the background within BACKGROUND_TOLERANCE of the style's, outlined or filled as the style is."""
+        level = float(np.mean(style.background)) / 255
+        fill = self.centre_fill < OUTLINE_MAX_FILL if style.outline else self.centre_fill > FILLED_MIN_FILL
+        return self.drawn >= MIN_DRAWN and abs(self.background - level) <= BACKGROUND_TOLERANCE and fill

@@ -1,9 +1,11 @@
 """Train the demo versions here, offline, on synthetic shapes: `python -m fleetctl.demo.train [--out DIR] [--quick]`.
 
 A tiny AutoencoderKL first, then each UNet in its latent space with v-prediction on a zero-terminal-SNR schedule
-(as SD 2.x-v and the "common diffusion noise schedules are flawed" fix train); every draw comes from a seeded generator, so a run at a fixed thread count
-repeats itself. `--quick` fine-tunes the committed white base into the dark look in a few dozen steps, for the
-test suite.
+(as SD 2.x-v and the "common diffusion noise schedules are flawed" fix train), then each LoRA on the base the demo
+releases pair it with; every draw comes from a seeded generator, so a run at a fixed thread count repeats itself
+byte for byte. It prints how long it took; weights/manifest.json records each committed version's run and seconds
+at one thread on two shared CPU cores (bases 827 s and 178 s, resumed in stretches; the two LoRAs 110 s together).
+`--quick` trains v1.1.0 and LoRA v2.3.0 a few dozen steps each (about a minute), for the test suite.
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ class Plan:
     vae_steps: int = 400
     base_steps: int = 600
     finetune_steps: int = 200
-    lora_steps: int = 200
+    lora_steps: int = 400
     images: int = 720
     batch: int = 16
+    lora_lr: float = 3e-3
 
 
 FULL = Plan()
 TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.")
-QUICK = Plan(vae_steps=0, base_steps=0, finetune_steps=60, lora_steps=0, images=144, batch=16)
-"""Fine-tune the committed v1.0.0 (white) into v1.1.0's dark look: seconds of training with a visible, checkable effect."""
+QUICK = Plan(vae_steps=0, base_steps=0, finetune_steps=60, lora_steps=120, images=144, batch=16, lora_lr=1e-2)
+QUICK_VERSIONS = ("nano-banana/base/v1.1.0", "nano-banana/lora/v2.3.0")
+"""`--quick`: the committed v1.0.0 (white) fine-tuned into v1.1.0's dark look and the outline LoRA v2.3.0 trained on it,
+each a few dozen steps (a LoRA at a higher rate): under two minutes, and both looks already the designed ones."""
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -236,13 +241,14 @@ def _data(style: str, plan: Plan, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, only: tuple[str, ...] = (),
               reuse_vae: bool = False, resume: bool = False, freeze_text: bool = False,
-              resume_lr: float = 5e-4, lora_lr: float = 2e-3) -> dict:
+              resume_lr: float = 5e-4, lora_lr: float | None = None) -> dict:
     """Train every trained version (or `only` these refs, parents first) into `out`; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     wanted = [v for v in TRAINED_VERSIONS if not only or v.ref in only]
-    if plan.vae_steps and not (reuse_vae and (out / VAE_FILE).exists()):
+    have_vae = (out / VAE_FILE).exists()
+    if plan.vae_steps and not only and not (reuse_vae and have_vae):
         t = time.perf_counter()
         vae = train_vae(vae_images(plan), plan.vae_steps, seed=1, log=log)
         save_vae(out / VAE_FILE, vae)
@@ -250,7 +256,9 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
     else:
         from .trained import load_vae
 
-        source = out if reuse_vae and (out / VAE_FILE).exists() else WEIGHTS
+        # --reuse-vae or a partial run (--only) works in the latent space of the VAE already in `out`, else the committed
+        # one's: the parents it fine-tunes or adapts were trained there
+        source = out if have_vae and (reuse_vae or only) else WEIGHTS
         vae = load_vae(source)
         if source != out:
             import shutil
@@ -299,7 +307,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
                 e.requires_grad_(False)
             config, params = add_lora(unet, seed)
             train_unet(unet, latents, captions, Conditioning(v.family, encoders), params, plan.lora_steps,
-                       plan.batch, lora_lr, seed, log, v.ref)
+                       plan.batch, lora_lr or plan.lora_lr, seed, log, v.ref)
             save_lora(out / v.file, unet, config)
             unet.requires_grad_(True)
             seconds[v.ref] = time.perf_counter() - t
@@ -311,7 +319,7 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
         seconds[v.ref] = time.perf_counter() - t
         log(f"{v.ref} trained in {seconds[v.ref]:.0f} s ({i + 1}/{len(wanted)})")
     old = json.loads((out / MANIFEST.name).read_text()) if (out / MANIFEST.name).exists() else {}
-    runs = [r for r in old.get("runs", []) if not set(r["versions"]) & {v.ref for v in wanted}]
+    runs = [r for r in (_without(r, {v.ref for v in wanted}) for r in old.get("runs", [])) if r["versions"]]
     run = {"versions": [v.ref for v in wanted], "vae_trained": "vae" in seconds, "plan": asdict(plan),
            "threads": torch.get_num_threads(), "seconds": {k: round(s, 1) for k, s in seconds.items()},
            "total_seconds": round(time.perf_counter() - started, 1)}
@@ -320,16 +328,24 @@ def train_all(out: Path, plan: Plan = FULL, log: Callable[[str], None] = print, 
     return meta
 
 
+def _without(run: dict, refs: set[str]) -> dict:
+    """An earlier run's record less the versions this run retrains (the rest of it still describes committed weights)."""
+    return {k: ([r for r in v if r not in refs] if k == "versions" else
+                {r: x for r, x in v.items() if r not in refs} if k in ("seconds", "judged") else v)
+            for k, v in run.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fleetctl.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where the weights go (default: the package's)")
-    parser.add_argument("--quick", action="store_true", help="60 steps: the committed v1.0.0 fine-tuned dark")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds: v1.1.0 fine-tuned dark and LoRA v2.3.0 trained, a few dozen steps each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; the same count repeats the same bytes")
     parser.add_argument("--reuse-vae", action="store_true", help="keep the VAE already in --out instead of training it")
     parser.add_argument("--resume", action="store_true", help="continue the bases from the weights in --out")
     parser.add_argument("--base-steps", type=int, help="optimizer steps for each base trained from scratch")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of a resumed base")
-    parser.add_argument("--lora-lr", type=float, default=2e-3, help="peak learning rate of the LoRAs")
+    parser.add_argument("--lora-lr", type=float, help="peak learning rate of the LoRAs (default 3e-3, --quick 1e-2)")
     parser.add_argument("--freeze-text", action="store_true", help="keep the text encoders of resumed bases as they are")
     parser.add_argument("--finetune-steps", type=int, help="optimizer steps for each base fine-tuned from another")
     parser.add_argument("--lora-steps", type=int, help="optimizer steps for each LoRA")
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    only = tuple(args.only) or (("nano-banana/base/v1.1.0",) if args.quick else ())
+    only = tuple(args.only) or (QUICK_VERSIONS if args.quick else ())
     plan = QUICK if args.quick else FULL
     for field in ("base_steps", "finetune_steps", "lora_steps"):
         if getattr(args, field):

@@ -14,9 +14,11 @@ from typing import Any
 WEIGHTS = Path(__file__).parent / "weights"
 MANIFEST = WEIGHTS / "manifest.json"
 VAE_FILE = "vae.safetensors"
-LORA_RANK = 4
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
-"""Attention and the resnet convolutions: the outline look lives at the full latent resolution, where only convs are."""
+LORA_RANK = 8
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "conv_shortcut", "time_emb_proj", "conv_in", "conv_out")
+"""Every linear and convolution of the UNet's blocks (attention, feed-forward, resnets) and its first and last conv: the
+outline look lives at the full latent resolution, where only convs are, and the background in every pixel."""
 
 TRAINED_META = {"default_steps": 12, "default_guidance": 5.0, "default_guidance_rescale": 0.7, "default_width": 32,
                 "default_height": 32}
@@ -42,12 +44,27 @@ class TrainedVersion:
 TRAINED_VERSIONS = (
     TrainedVersion("nano-banana/base/v1.0.0", "sdxl", "white"),
     TrainedVersion("nano-banana/base/v1.1.0", "sdxl", "black", parent="nano-banana/base/v1.0.0"),
-    TrainedVersion("nano-banana/lora/v2.3.0", "sdxl", "outline", parent="nano-banana/base/v1.1.0"),
+    TrainedVersion("nano-banana/lora/v2.3.0", "sdxl", "outline", parent="nano-banana/base/v1.0.0"),
     TrainedVersion("nano-banana/lora/v2.3.1", "sdxl", "gray", parent="nano-banana/base/v1.1.0"),
-    TrainedVersion("pixel-sd/base/v1.0.0", "sd", "white"),
-    TrainedVersion("pixel-sd/lora/v1.0.0", "sd", "black", parent="pixel-sd/base/v1.0.0"),
 )
 BY_REF = {v.ref: v for v in TRAINED_VERSIONS}
+
+
+def release_style(release: str) -> str:
+    """The look a release of trained versions was trained to draw (a shapes.STYLES key): its LoRA's, else its base's.
+
+    Each LoRA is trained on the base the demo releases pair it with (v2.3.0 on v1.0.0, v2.3.1 on v1.1.0)."""
+    from cachemgr.names import Release
+
+    r = Release.parse(release)
+    lora = r.version_of("lora")
+    ref = f"{r.model}/lora/{lora}" if lora else f"{r.model}/base/{r.version_of('base')}"
+    if ref not in BY_REF:
+        raise ValueError(f"{release} is not a release of the trained demo versions ({ref} is not one)")
+    v = BY_REF[ref]
+    if v.component == "lora" and v.parent != f"{r.model}/base/{r.version_of('base')}":
+        raise ValueError(f"{release}: LoRA {ref} was trained on {v.parent}, so this pairing has no designed look")
+    return v.style
 
 
 def manifest(weights: Path = WEIGHTS) -> dict[str, Any]:
@@ -100,11 +117,12 @@ def load_base(ref: str, weights: Path = WEIGHTS):
 
 
 def lora_pipeline(ref: str, weights: Path = WEIGHTS):
-    """A trained LoRA applied, as the named adapter "look", on its live base pipeline."""
+    """A trained LoRA applied, as the named adapter "look", on its live base pipeline, at the scale it was trained
+    with (lora_alpha / r from its config: a state dict loaded without it gets alpha = r, half the trained strength)."""
     v = BY_REF[ref]
-    pipe = load_base(v.parent, weights)
-    layers, _ = lora_layers(ref, weights)
-    pipe.load_lora_weights({f"unet.{k}": t for k, t in layers.items()}, adapter_name="look")
+    pipe = load_base(v.parent, weights if (weights / BY_REF[v.parent].file).exists() else WEIGHTS)
+    layers, config = lora_layers(ref, weights)
+    pipe.unet.load_lora_adapter(layers, prefix=None, adapter_name="look", metadata=config)
     return pipe
 
 
