@@ -1,0 +1,315 @@
+"""L2 → L1 at disk speed: modules built without weights, weights taken as they lie in L2.
+
+`from_pretrained` and `load_lora_weights` spend most of a build in Python walks over every module: diffusers and
+transformers load through generic machinery (configs re-read, dtype rules, hooks), and peft's adapter injection
+walks the whole model several times per adapter (match every module name against the targets, freeze every base
+parameter, a `load_state_dict` over the whole UNet). For the layouts a worker loads every day this module does the
+same work directly:
+
+- `build_pipeline`: each model of a diffusers folder built from its config with empty weights (accelerate's
+  `init_empty_weights`, as diffusers itself does: parameters on the meta device, buffers real), then its tensors
+  assigned straight from the memory-mapped safetensors files (`load_state_dict(assign=True)`): on CPU no byte is
+  copied (pages are read when first used), on a GPU the pipeline's `.to(device)` is the one host → device copy.
+  A tensor stored in another dtype than the one asked for is converted, as diffusers does.
+- `load_unet_lora`: a LoRA's UNet layers made with peft's own layer classes (`LoraModel._create_new_module`,
+  `LoraLayer.update_layer`) only at the modules its keys name, on the meta device, then given the file's tensors;
+  the adapter is registered (`peft_config`) exactly as peft registers it, so diffusers' adapter API
+  (`set_adapters`, `delete_adapters`, `disable_lora`, `get_list_adapters`) works on it unchanged.
+
+Either returns None for anything it does not cover (a key it cannot place, a weight file in a form the folder's
+loader would convert, DoRA, LoRA biases, …): the caller then takes the ordinary diffusers path, so the result is
+always the same pipeline. tests/test_mapped_load.py checks that both paths give the same tensors, the same adapter
+bookkeeping and the same image bytes for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .layouts import variant_of
+
+SKIP = object()
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path] | None:
+    """The safetensors files diffusers/transformers would load from `folder` for `variant`; None when unsure
+    (sharded indexes are fine: every shard of the variant is loaded)."""
+    files = [p for p in sorted(folder.glob("*.safetensors")) if variant_of(p.name) == variant]
+    return files or None
+
+
+def _tensors(files: list[Path]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for path in files:
+        out.update(load_file(str(path)))  # mmap: maps the file, reads its header; no weight byte is copied
+    return out
+
+
+def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
+    """The file's tensors become the model's parameters and persistent buffers (no copy when the dtype matches).
+    False, with the model untouched, when the names are not exactly the model's own."""
+    import torch
+
+    expected = model.state_dict(keep_vars=True)
+    non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+    extra = set(tensors) - set(expected) - non_persistent  # an old checkpoint may still carry e.g. position_ids
+    if set(expected) - set(tensors) or extra:
+        return False
+    state = {}
+    for name, current in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(current.shape):
+            return False
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        elif not tensor.is_floating_point() and tensor.dtype != current.dtype:
+            tensor = tensor.to(current.dtype)
+        state[name] = tensor
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True, assign=True)
+    return True
+
+
+def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    from accelerate import init_empty_weights
+
+    files = _weight_files(folder, variant)
+    if files is None:
+        return None
+    config = cls.load_config(folder)
+    with init_empty_weights():
+        model = cls.from_config(config)
+    if getattr(model, "_keep_in_fp32_modules", None) and dtype != model.dtype:
+        return None  # mixed precision by module name: left to diffusers' own rules
+    if not _assign(model, _tensors(files), dtype):
+        return None
+    model.register_to_config(_name_or_path=str(folder))
+    model.eval()
+    return model
+
+
+def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    from accelerate import init_empty_weights
+
+    files = _weight_files(folder, variant)
+    if files is None:
+        return None
+    config = cls.config_class.from_pretrained(folder)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(cls, "get_output_embeddings") and \
+            cls.__name__.endswith("LMHeadModel"):
+        return None  # tied weights: transformers ties them while loading
+    config.name_or_path = str(folder)
+    with init_empty_weights():
+        model = cls(config)
+    if not _assign(model, _tensors(files), dtype):
+        return None
+    model.config.dtype = dtype
+    model.eval()
+    return model
+
+
+def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | None = None) -> Any:
+    """A diffusers pipeline from its folder in L2, its weights mapped from the safetensors files; None when some
+    part of the folder is not one this builder covers (the caller loads it with `from_pretrained`)."""
+    import diffusers
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != pipeline_cls.__name__:
+        return None
+    expected = set(pipeline_cls._get_signature_keys(pipeline_cls)[0]) | set(
+        pipeline_cls._get_signature_keys(pipeline_cls)[1])
+    parts: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):
+            if name in expected:
+                parts[name] = spec  # a pipeline setting such as force_zeros_for_empty_prompt
+            continue
+        library, class_name = spec
+        if library is None:
+            parts[name] = None
+            continue
+        module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+        cls = getattr(module, class_name, None) if module else None
+        if cls is None:
+            return None
+        sub = folder / name
+        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
+            part = _diffusers_model(cls, sub, variant, dtype)
+        elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            part = _transformers_model(cls, sub, variant, dtype)
+        elif hasattr(cls, "from_pretrained"):  # schedulers, tokenizers, feature extractors: no weights
+            part = cls.from_pretrained(sub)
+        else:
+            return None
+        if part is None:
+            return None
+        parts[name] = part
+    pipe = pipeline_cls(**parts)
+    pipe.register_to_config(_name_or_path=str(folder))
+    return pipe
+
+
+# -- LoRA
+
+
+def _peft_unet_state(pipe: Any, path: Path, weight_name: str) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """(UNet part in peft's names, every other part as diffusers reads it, network alphas, metadata), read and
+    converted by diffusers' own `lora_state_dict` (kohya/A1111 and diffusers formats alike)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    state, alphas, metadata = pipe.lora_state_dict(str(path), weight_name=weight_name, unet_config=pipe.unet.config,
+                                                   return_lora_metadata=True, local_files_only=True)
+    if not all("lora" in key for key in state):
+        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+    prefix = "unet."
+    unet = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if unet and "lora_A" not in next(iter(unet)):
+        unet = convert_unet_state_dict_to_peft(unet)
+    return unet, rest, alphas, metadata
+
+
+def _unet_lora_config(unet: Any, state: dict[str, Any], alphas: Any, metadata: Any, name: str) -> Any:
+    """The LoraConfig diffusers' `load_lora_adapter` makes for this state (same function; the model's state dict
+    it also passes is not read by it)."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    rank = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
+    if alphas:
+        alphas = {k.removeprefix("unet."): v for k, v in alphas.items() if k.startswith("unet.")}
+    if metadata is not None:
+        metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")}
+    return _create_lora_config(state, alphas, metadata, rank, adapter_name=name)
+
+
+def _plain(config: Any) -> bool:
+    """A LoRA config this loader builds exactly as peft would: plain LoRA layers on Linear/Conv layers."""
+    return (config.peft_type.value == "LORA" and not config.use_dora and not getattr(config, "lora_bias", False)
+            and not config.modules_to_save and not getattr(config, "target_parameters", None)
+            and not getattr(config, "layers_to_transform", None) and config.bias == "none"
+            and not getattr(config, "trainable_token_indices", None) and not getattr(config, "alora_invocation_tokens",
+                                                                                       None))
+
+
+def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bool:
+    """Adapter `name` on `model` at exactly the modules `state` names (peft's key layout: `<module>.lora_A.weight`),
+    holding the state's tensors; what `inject_adapter_in_model` + `set_peft_model_state_dict(low_cpu_mem_usage=True)`
+    leave behind, without their walks over every module. False, with the model untouched, when some key has no
+    plain target."""
+    import torch
+    from accelerate import init_empty_weights
+    from peft.tuners.lora import LoraLayer, LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import get_pattern_key
+
+    if name in getattr(model, "peft_config", {}) or not _plain(config):
+        return False
+    tensors: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        module_name, sep, rest = key.rpartition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight"):
+            return False
+        tensors.setdefault(module_name, {})[rest[0]] = tensor
+    targets = []
+    for module_name, pair in tensors.items():
+        if set(pair) != {"A", "B"}:
+            return False
+        try:
+            target = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) or (
+                isinstance(target, BaseTunerLayer) and not isinstance(target, LoraLayer)):
+            return False
+        targets.append((module_name, target))
+    first = not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if not hasattr(model, "peft_config"):
+        model.peft_config = {}
+    model.peft_config[name] = config
+    try:
+        for module_name, target in targets:
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_name),
+                                             config.lora_alpha)
+            with init_empty_weights():
+                if isinstance(target, LoraLayer):
+                    target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=config)
+                    layer = target
+                else:
+                    layer = LoraModel._create_new_module(
+                        config, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
+                        loaded_in_4bit=False, ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
+                        parameter_name=None, tied_adapter={}, device_map=None)
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent_name), child, layer)
+            base_weight = layer.get_base_layer().weight
+            for side, tensor in tensors[module_name].items():
+                linear = getattr(layer, f"lora_{side}")[name]
+                if tuple(tensor.shape) != tuple(linear.weight.shape):
+                    raise ValueError(f"{module_name}.lora_{side}: {list(tensor.shape)} does not fit "
+                                     f"{list(linear.weight.shape)}")
+                linear.weight = torch.nn.Parameter(tensor, requires_grad=linear.weight.requires_grad)
+            if any(p.dtype != base_weight.dtype or p.device != base_weight.device
+                   for side in "AB" for p in getattr(layer, f"lora_{side}")[name].parameters()):
+                layer._move_adapter_to_device_of_base_layer(name)
+    except Exception:
+        _undo(model, name)
+        raise
+    # peft's housekeeping after an injection: the new adapter is every LoRA layer's active one, the base frozen at
+    # the first adapter, earlier adapters' parameters keep their trainability
+    frozen = {id(p): p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter([name], inference_mode=config.inference_mode)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            if first:
+                p.requires_grad = False
+        elif f".{name}." not in n and id(p) in frozen:
+            p.requires_grad = frozen[id(p)]
+    model._hf_peft_config_loaded = True
+    return True
+
+
+def _undo(model: Any, name: str) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+            module.delete_adapter(name)
+    model.peft_config.pop(name, None)
+
+
+def load_unet_lora(pipe: Any, path: Path, weight_name: str, name: str) -> bool:
+    """A LoRA file as adapter `name` of the pipeline: the UNet part injected here, any text-encoder part by
+    diffusers as before. False, with nothing loaded, when the UNet part is not one `inject_lora` covers."""
+    if not hasattr(pipe, "lora_state_dict") or not hasattr(pipe, "unet"):
+        return False
+    unet_state, rest, alphas, metadata = _peft_unet_state(pipe, Path(path), weight_name)
+    if not unet_state:
+        return False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        config = _unet_lora_config(pipe.unet, unet_state, alphas, metadata, name)
+        if not inject_lora(pipe.unet, config, name, unet_state):
+            return False
+    if rest:  # the text encoders' part: diffusers' loader, on the state already read
+        try:
+            for encoder, prefix in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2")):
+                if getattr(pipe, encoder, None) is not None and any(k.startswith(prefix + ".") for k in rest):
+                    pipe.load_lora_into_text_encoder(rest, network_alphas=alphas, text_encoder=getattr(pipe, encoder),
+                                                     prefix=prefix, lora_scale=pipe.lora_scale, adapter_name=name,
+                                                     metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
+        except Exception:
+            pipe.delete_adapters([name])
+            raise
+    return True
