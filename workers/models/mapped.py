@@ -255,8 +255,9 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
             for side, tensor in tensors[module_name].items():
                 linear = getattr(layer, f"lora_{side}")[name]
                 if tuple(tensor.shape) != tuple(linear.weight.shape):
-                    raise ValueError(f"{module_name}.lora_{side}: {list(tensor.shape)} does not fit "
-                                     f"{list(linear.weight.shape)}")
+                    raise ValueError(f"size mismatch for {module_name}.lora_{side}.weight: copying a param with "
+                                     f"shape {list(tensor.shape)} from the LoRA, the shape in the model is "
+                                     f"{list(linear.weight.shape)}: the LoRA was not trained on this base")
                 linear.weight = torch.nn.Parameter(tensor, requires_grad=linear.weight.requires_grad)
             if any(p.dtype != base_weight.dtype or p.device != base_weight.device
                    for side in "AB" for p in getattr(layer, f"lora_{side}")[name].parameters()):
