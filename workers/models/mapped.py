@@ -24,14 +24,27 @@ bookkeeping and the same image bytes for a seed.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .layouts import variant_of
 
-SKIP = object()
+
+@contextmanager
+def empty_modules() -> Iterator[None]:
+    """Modules built with no weights: parameters on the meta device, buffers real (accelerate's
+    `init_empty_weights`, as diffusers loads), and torch's initialisers skipped (transformers' `no_init_weights`,
+    as transformers loads) — on meta tensors they run as slow Python reference kernels and produce nothing."""
+    from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
+
+    with init_empty_weights(), no_init_weights():
+        yield
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path] | None:
@@ -41,12 +54,49 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path] | None:
     return files or None
 
 
-def _tensors(files: list[Path]) -> dict[str, Any]:
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+          "F8_E5M2": "float8_e5m2"}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, offset of the first data byte) of a safetensors file."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(size)), 8 + size
+
+
+def map_file(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file as a view of one private (copy-on-write) mapping of the file: no byte is
+    read until a tensor is used, none is ever written back to L2. (`safetensors.torch.load_file` copies each
+    tensor out of its mapping: ~50 ms per 0.5 GB, a whole extra pass over the bytes.) A file whose tensors are not
+    aligned to their element size, or of a dtype torch lacks, is read by `load_file` instead."""
+    import torch
     from safetensors.torch import load_file
 
+    header, start = read_header(path)
+    header.pop("__metadata__", None)
+    size = path.stat().st_size
+    views: dict[str, Any] = {}
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
+    for name, info in header.items():
+        dtype = getattr(torch, DTYPES.get(info["dtype"], ""), None)
+        begin, end = info["data_offsets"]
+        if dtype is None or (start + begin) % dtype.itemsize or start + end > size:
+            return load_file(str(path))
+        view = torch.empty(0, dtype=dtype)
+        if end > begin:
+            view.set_(storage, (start + begin) // dtype.itemsize, info["shape"])
+        else:
+            view = torch.empty(info["shape"], dtype=dtype)
+        views[name] = view
+    return views
+
+
+def _tensors(files: list[Path]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in files:
-        out.update(load_file(str(path)))  # mmap: maps the file, reads its header; no weight byte is copied
+        out.update(map_file(path))
     return out
 
 
@@ -76,13 +126,11 @@ def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
 
 
 def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
-    from accelerate import init_empty_weights
-
     files = _weight_files(folder, variant)
     if files is None:
         return None
     config = cls.load_config(folder)
-    with init_empty_weights():
+    with empty_modules():
         model = cls.from_config(config)
     if getattr(model, "_keep_in_fp32_modules", None) and dtype != model.dtype:
         return None  # mixed precision by module name: left to diffusers' own rules
@@ -94,8 +142,6 @@ def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) ->
 
 
 def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
-    from accelerate import init_empty_weights
-
     files = _weight_files(folder, variant)
     if files is None:
         return None
@@ -104,7 +150,7 @@ def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any)
             cls.__name__.endswith("LMHeadModel"):
         return None  # tied weights: transformers ties them while loading
     config.name_or_path = str(folder)
-    with init_empty_weights():
+    with empty_modules():
         model = cls(config)
     if not _assign(model, _tensors(files), dtype):
         return None
@@ -163,10 +209,14 @@ def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | N
 def _peft_unet_state(pipe: Any, path: Path, weight_name: str) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
     """(UNet part in peft's names, every other part as diffusers reads it, network alphas, metadata), read and
     converted by diffusers' own `lora_state_dict` (kohya/A1111 and diffusers formats alike)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    state, alphas, metadata = pipe.lora_state_dict(str(path), weight_name=weight_name, unet_config=pipe.unet.config,
-                                                   return_lora_metadata=True, local_files_only=True)
+    file = path / weight_name
+    raw = read_header(file)[0].get("__metadata__", {}).get(LORA_ADAPTER_METADATA_KEY)
+    # the file's tensors mapped, not copied; diffusers reads its adapter metadata from the header the same way
+    state, alphas, _ = pipe.lora_state_dict(map_file(file), unet_config=pipe.unet.config, return_lora_metadata=True)
+    metadata = json.loads(raw) if raw else None
     if not all("lora" in key for key in state):
         raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
     prefix = "unet."
@@ -195,7 +245,7 @@ def _plain(config: Any) -> bool:
     return (config.peft_type.value == "LORA" and not config.use_dora and not getattr(config, "lora_bias", False)
             and not config.modules_to_save and not getattr(config, "target_parameters", None)
             and not getattr(config, "layers_to_transform", None) and config.bias == "none"
-            and not getattr(config, "trainable_token_indices", None) and not getattr(config, "alora_invocation_tokens",
+            and config.init_lora_weights in (True, False) and not getattr(config, "trainable_token_indices", None) and not getattr(config, "alora_invocation_tokens",
                                                                                        None))
 
 
@@ -205,7 +255,6 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     leave behind, without their walks over every module. False, with the model untouched, when some key has no
     plain target."""
     import torch
-    from accelerate import init_empty_weights
     from peft.tuners.lora import LoraLayer, LoraModel
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import get_pattern_key
@@ -235,22 +284,27 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     if not hasattr(model, "peft_config"):
         model.peft_config = {}
     model.peft_config[name] = config
+    empty = copy.copy(config)  # the layers' A and B are the file's tensors: their random initialisation is skipped
+    empty.init_lora_weights = False
     try:
-        for module_name, target in targets:
-            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_name),
-                                             config.lora_alpha)
-            with init_empty_weights():
+        layers = []
+        with empty_modules():  # once for all layers: entering it patches torch's initialisers
+            for module_name, target in targets:
+                r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
+                alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_name),
+                                                 config.lora_alpha)
                 if isinstance(target, LoraLayer):
-                    target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=config)
+                    target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=empty)
                     layer = target
                 else:
                     layer = LoraModel._create_new_module(
-                        config, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
+                        empty, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
                         loaded_in_4bit=False, ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
                         parameter_name=None, tied_adapter={}, device_map=None)
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child, layer)
+                layers.append((module_name, layer))
+        for module_name, layer in layers:  # outside: a parameter set under empty_modules would go to meta
             base_weight = layer.get_base_layer().weight
             for side, tensor in tensors[module_name].items():
                 linear = getattr(layer, f"lora_{side}")[name]
