@@ -14,9 +14,9 @@ import torch
 
 from cachemgr import Cache, LocalArchive, Release
 from cachemgr.sync import sync_release
-from fleetctl.demo.builders import DEMO_MODEL, SHARED_BASE_RELEASES
+from fleetctl.demo.builders import DEMO_MODEL, SHARED_BASE_RELEASES, SINGLE_FILE_DEMO_RELEASE
 from tasks.requests import GenerateRequest
-from workers.models import StableDiffusionXL
+from workers.models import SingleFile, StableDiffusionXL
 from workers.models.base import LORA_WEIGHT_NAME, adapter_name
 from workers.models.mapped import build_pipeline
 
@@ -32,7 +32,7 @@ def _one_thread(one_torch_thread):
 @pytest.fixture(scope="module")
 def cache(demo_archive_dir, tmp_path_factory) -> Cache:
     cache = Cache.at(tmp_path_factory.mktemp("l2"))
-    for text in SHARED_BASE_RELEASES:
+    for text in (*SHARED_BASE_RELEASES, SINGLE_FILE_DEMO_RELEASE):
         sync_release(LocalArchive(demo_archive_dir), cache.store, Release.parse(text))
     return cache
 
@@ -156,3 +156,28 @@ def test_a_folder_it_does_not_cover_is_left_to_from_pretrained(cache, tmp_path):
     tensors["conv_in.weight_renamed"] = tensors.pop("conv_in.weight")
     save_file(tensors, str(unet))
     assert build_pipeline(StableDiffusionXLPipeline, folder, torch.float32) is None
+
+
+def test_a_single_file_base_is_converted_from_its_mapped_checkpoint(cache):
+    """`from_single_file` on the checkpoint mapped from L2 (not copied into memory) converts to the same modules as
+    on the checkpoint read by safetensors, and draws the same image."""
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline
+
+    from workers.models.single_file import CONFIG_FOLDER, checkpoint_file
+
+    ours = SingleFile.builder("pixel-single", SINGLE_FILE_DEMO_RELEASE).with_cache(cache).on("cpu").build()
+    root = cache.store.path(Release.parse(SINGLE_FILE_DEMO_RELEASE).base)
+    theirs = StableDiffusionPipeline.from_single_file(
+        str(checkpoint_file(root, {})), config=str(root / CONFIG_FOLDER), local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(ours.pipeline, name).state_dict(), getattr(theirs, name).state_dict()
+        assert list(sa) == list(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    conv_in = ours.pipeline.unet.conv_in.weight
+    assert conv_in.untyped_storage().nbytes() > conv_in.nbytes  # a view into the mapped checkpoint
+    assert theirs.unet.conv_in.weight.untyped_storage().nbytes() == theirs.unet.conv_in.weight.nbytes
+    request = GenerateRequest(prompt="a lighthouse", seed=5)
+    twin = dataclasses.replace(ours, pipeline=theirs, active=None)
+    assert ours.generate(request)[0] == twin.generate(request)[0]
