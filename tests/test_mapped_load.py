@@ -181,3 +181,62 @@ def test_a_single_file_base_is_converted_from_its_mapped_checkpoint(cache):
     request = GenerateRequest(prompt="a lighthouse", seed=5)
     twin = dataclasses.replace(ours, pipeline=theirs, active=None)
     assert ours.generate(request)[0] == twin.generate(request)[0]
+
+
+def kohya_lora(pipe, folder, seed: int) -> str:
+    """A kohya/A1111 LoRA (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`, `.lora_down/.lora_up/.alpha`) on every
+    attention projection of the UNet and both text encoders of `pipe`, alpha ≠ rank so the scaling shows."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for part, tag, targets in (("unet", "unet", ("to_q", "to_k", "to_v", "to_out.0")),
+                               ("text_encoder", "te1", ("q_proj", "k_proj", "v_proj", "out_proj")),
+                               ("text_encoder_2", "te2", ("q_proj", "k_proj", "v_proj", "out_proj"))):
+        for name, layer in getattr(pipe, part).named_modules():
+            name = name.removesuffix(".base_layer")  # a module that already holds adapters: its own Linear
+            if name.endswith(targets) and isinstance(layer, torch.nn.Linear):
+                if tag != "unet" and not name.startswith("text_model."):
+                    name = "text_model." + name  # kohya's names, whichever way transformers nests CLIP
+                stem = f"lora_{tag}_" + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=generator) * 0.05
+                tensors[f"{stem}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=generator) * 0.05
+                tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "style.safetensors"))
+    return "style.safetensors"
+
+
+def test_a_kohya_lora_on_unet_and_text_encoders_loads_as_diffusers_loads_it(cache, tmp_path):
+    """Both text encoders' parts too: the same layers, configs (inference mode for the encoders, as transformers
+    sets it), frozen parameters and image bytes as `load_lora_weights`, then the same after deleting it."""
+    import dataclasses
+
+    from workers.models.base import load_lora
+
+    ours = mapped(cache)
+    theirs = plain(cache)
+    weight = kohya_lora(theirs, tmp_path / "kohya", seed=11)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(ours.pipeline), "load_lora_weights", lambda *a, **k: pytest.fail("fell back to diffusers"))
+        load_lora(ours.pipeline, tmp_path / "kohya", {"weight_name": weight}, "kohya")
+    theirs.load_lora_weights(str(tmp_path / "kohya"), weight_name=weight, adapter_name="kohya",
+                             local_files_only=True)
+    assert ours.pipeline.get_list_adapters() == theirs.get_list_adapters()
+    assert ours.pipeline.get_list_adapters()["text_encoder_2"] == ["kohya"]
+    assert "kohya" in ours.pipeline.get_list_adapters()["unet"]
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        mine, yours = getattr(ours.pipeline, part).peft_config, getattr(theirs, part).peft_config
+        assert {k: c.to_dict() for k, c in mine.items()} == {k: c.to_dict() for k, c in yours.items()}, part
+    assert_same_models(ours.pipeline, theirs)
+    ours.adapters["kohya"] = ("kohya",)
+    twin = dataclasses.replace(ours, pipeline=theirs, active=None, lora_disabled=False)
+    request = GenerateRequest(prompt="Leather Jacket", seed=4)
+    styled = ours.generate(request, "kohya")[0]
+    assert styled == twin.generate(request, "kohya")[0]
+    assert styled != ours.generate(request, CURRENT)[0]
+    for pipe in (ours.pipeline, theirs):
+        pipe.delete_adapters(["kohya"])
+        pipe.set_adapters(["lora_v2_3_1"])  # the same active adapter on both (ours last drew CURRENT)
+    assert ours.pipeline.get_list_adapters() == theirs.get_list_adapters() == {"unet": ["lora_v2_3_0", "lora_v2_3_1"]}
+    assert_same_models(ours.pipeline, theirs)

@@ -11,7 +11,7 @@ same work directly:
   assigned straight from the memory-mapped safetensors files (`load_state_dict(assign=True)`): on CPU no byte is
   copied (pages are read when first used), on a GPU the pipeline's `.to(device)` is the one host → device copy.
   A tensor stored in another dtype than the one asked for is converted, as diffusers does.
-- `load_unet_lora`: a LoRA's UNet layers made with peft's own layer classes (`LoraModel._create_new_module`,
+- `load_unet_lora`: a LoRA's layers (UNet and text encoders) made with peft's own layer classes (`LoraModel._create_new_module`,
   `LoraLayer.update_layer`) only at the modules its keys name, on the meta device, then given the file's tensors;
   the adapter is registered (`peft_config`) exactly as peft registers it, so diffusers' adapter API
   (`set_adapters`, `delete_adapters`, `disable_lora`, `get_list_adapters`) works on it unchanged.
@@ -256,7 +256,8 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     plain target."""
     import torch
     from peft.tuners.lora import LoraLayer, LoraModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer, _find_minimal_target_modules
+    from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
     from peft.utils.other import get_pattern_key
 
     if name in getattr(model, "peft_config", {}) or not _plain(config):
@@ -280,7 +281,18 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
                 isinstance(target, BaseTunerLayer) and not isinstance(target, LoraLayer)):
             return False
         targets.append((module_name, target))
+    names = [n for n, _ in model.named_modules()]
     first = not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    before = [] if first else [(p, p.requires_grad) for p in model.parameters()]  # peft's snapshot, taken as it does
+    targets_in_config = config.target_modules
+    if isinstance(targets_in_config, (list, set)) and len(targets_in_config) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        # peft condenses a long list of module names into the shortest suffixes that match them and nothing else,
+        # and registers that: the same call here keeps the registered config peft's
+        suffixes = tuple("." + t for t in targets_in_config)
+        others = [n for n in names if n not in targets_in_config and not n.endswith(suffixes)]
+        condensed = _find_minimal_target_modules(targets_in_config, others)
+        if len(condensed) < len(targets_in_config):
+            config.target_modules = condensed
     if not hasattr(model, "peft_config"):
         model.peft_config = {}
     model.peft_config[name] = config
@@ -319,18 +331,16 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     except Exception:
         _undo(model, name)
         raise
-    # peft's housekeeping after an injection: the new adapter is every LoRA layer's active one, the base frozen at
-    # the first adapter, earlier adapters' parameters keep their trainability
-    frozen = {id(p): p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    # peft's housekeeping after an injection: the new adapter is every LoRA layer's active one, every parameter but
+    # the LoRA ones frozen, then (after a first adapter) every parameter that was there keeps its trainability
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.set_adapter([name], inference_mode=config.inference_mode)
     for n, p in model.named_parameters():
         if "lora_" not in n:
-            if first:
-                p.requires_grad = False
-        elif f".{name}." not in n and id(p) in frozen:
-            p.requires_grad = frozen[id(p)]
+            p.requires_grad = False
+    for p, requires_grad in before:
+        p.requires_grad = requires_grad
     model._hf_peft_config_loaded = True
     return True
 
@@ -345,8 +355,9 @@ def _undo(model: Any, name: str) -> None:
 
 
 def load_unet_lora(pipe: Any, path: Path, weight_name: str, name: str) -> bool:
-    """A LoRA file as adapter `name` of the pipeline: the UNet part injected here, any text-encoder part by
-    diffusers as before. False, with nothing loaded, when the UNet part is not one `inject_lora` covers."""
+    """A LoRA file as adapter `name` of the pipeline: its UNet and text-encoder parts injected here (a text-encoder
+    part `inject_lora` does not cover goes to diffusers' loader). False, with nothing loaded, when the UNet part is
+    not one `inject_lora` covers (the caller then uses `load_lora_weights`)."""
     if not hasattr(pipe, "lora_state_dict") or not hasattr(pipe, "unet"):
         return False
     unet_state, rest, alphas, metadata = _peft_unet_state(pipe, Path(path), weight_name)
@@ -357,16 +368,53 @@ def load_unet_lora(pipe: Any, path: Path, weight_name: str, name: str) -> bool:
         config = _unet_lora_config(pipe.unet, unet_state, alphas, metadata, name)
         if not inject_lora(pipe.unet, config, name, unet_state):
             return False
-    if rest:  # the text encoders' part: diffusers' loader, on the state already read
-        try:
-            for encoder, prefix in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2")):
-                if getattr(pipe, encoder, None) is not None and any(k.startswith(prefix + ".") for k in rest):
-                    pipe.load_lora_into_text_encoder(rest, network_alphas=alphas, text_encoder=getattr(pipe, encoder),
-                                                     prefix=prefix, lora_scale=pipe.lora_scale, adapter_name=name,
-                                                     metadata=metadata, _pipeline=pipe, low_cpu_mem_usage=True)
-        except Exception:
-            pipe.delete_adapters([name])
-            raise
+    try:
+        for prefix in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, prefix, None)
+            if encoder is None or not any(k.startswith(prefix + ".") for k in rest):
+                continue
+            if not load_text_encoder_lora(encoder, prefix, rest, alphas, metadata, name, pipe.lora_scale):
+                pipe.load_lora_into_text_encoder(rest, network_alphas=alphas, text_encoder=encoder, prefix=prefix,
+                                                 lora_scale=pipe.lora_scale, adapter_name=name, metadata=metadata,
+                                                 _pipeline=pipe, low_cpu_mem_usage=True)
+    except Exception:
+        pipe.delete_adapters([name])
+        raise
+    return True
+
+
+def load_text_encoder_lora(encoder: Any, prefix: str, state: dict[str, Any], alphas: Any, metadata: Any, name: str,
+                           scale: float) -> bool:
+    """A text encoder's part of a LoRA as adapter `name`: the keys, ranks, alphas and LoraConfig exactly as
+    diffusers' `_load_lora_into_text_encoder` derives them, then what transformers' `load_adapter` leaves behind
+    (the config in inference mode, the adapter frozen, the encoder in eval mode), with the layers made by
+    `inject_lora`. False, with nothing loaded, for what that does not cover."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if scale != 1.0 or name in (getattr(encoder, "peft_config", None) or {}):
+        return False
+    part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if metadata is not None:
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    if not hasattr(encoder, "text_model"):
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+    rank = {f"{n}.lora_B.weight": part[f"{n}.lora_B.weight"].shape[1] for n, _ in encoder.named_modules()
+            if n.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))
+            and f"{n}.lora_B.weight" in part}
+    if alphas is not None:
+        alphas = {k.removeprefix(f"{prefix}."): v for k, v in alphas.items()
+                  if k.startswith(prefix) and k.split(".")[0] == prefix}
+    config = _create_lora_config(part, alphas, metadata, rank, is_unet=False)
+    config.inference_mode = True  # transformers' load_adapter(is_trainable=False)
+    if not inject_lora(encoder, config, name, part):
+        return False
+    encoder.eval()
+    for module in encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.requires_grad_(False)
     return True
 
 
