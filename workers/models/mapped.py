@@ -423,6 +423,8 @@ def mapped_single_file() -> Iterator[None]:
     """Within it, diffusers' `from_single_file` reads a `.safetensors` checkpoint as `map_file` does (views of one
     private mapping) instead of `load_file` (a copy of every tensor: for a 6.9 GB SDXL file, 6.9 GB of process
     memory and a full pass over the bytes before any conversion). Same tensors, same conversion, same modules.
+    torch's and transformers' initialisers are skipped meanwhile, as transformers' own loading skips them: the
+    modules are built on the meta device, where initialising runs slow Python reference kernels for nothing.
     diffusers looks the function up on its module at each call, so the replacement is seen there and undone on
     exit; any other checkpoint form goes to diffusers' own function."""
     from diffusers.loaders import single_file
@@ -435,8 +437,11 @@ def mapped_single_file() -> Iterator[None]:
             return map_file(file)
         return original(path, *args, **kwargs)
 
+    from transformers.initialization import no_init_weights
+
     single_file.load_single_file_checkpoint = load
     try:
-        yield
+        with no_init_weights():  # diffusers builds the CLIP encoders empty but lets transformers initialise them
+            yield
     finally:
         single_file.load_single_file_checkpoint = original
