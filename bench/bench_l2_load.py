@@ -367,20 +367,36 @@ LARGE_NOTE = MAPPED + """
 
 On CPU the build leaves the weights mapped from L2: it reads the configs, headers and whatever pages module loading
 touches; the first image reads the rest. The `every page touched` rows make all weight bytes resident, as a GPU
-upload would, and so read the same bytes as the raw read. What bounds the build now (profile below): Python-level
-module construction — the UNet, VAE and both CLIP encoders built from their configs (several thousand
-`nn.Module.__init__`/`__setattr__` calls, the same count whatever the widths) — then the 96 peft LoRA layers
-(~0.5 ms each: every peft `Linear` holds a dozen ModuleDicts/ParameterDicts) and the tensor assignment; no step
-moves weight bytes."""
+upload would, and so read the same bytes as the raw read. What bounds the build now (profile below; CPU seconds per
+build measured apart, medians of 5 on a quiet moment: ~0.16 s in all): no step moves weight bytes; it is Python-level
+module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__` and ~10,000
+`__setattr__`, the same count whatever the widths), the tensors assigned (~23 ms, `load_state_dict(assign=True)`
+over ~900 tensors), the two CLIP encoders (~9 ms), the 96 peft LoRA layers (~53 ms: ~0.55 ms each, every peft
+`Linear` holds a dozen ModuleDicts/ParameterDicts) — and ~10 ms of manifest parsing (the base manifest is read
+twice, the LoRA's twice). Before this change the same release took ~0.6 s of CPU (`from_pretrained` ~0.2 s,
+`load_lora_weights` ~0.3 s: peft's walks over the whole UNet). The machine was loaded by other work during the
+run (load average in the stamp): Python-bound steps lose more to a crowded CPU than the kernel's raw read does, so
+the ratio measured here is above the quiet-machine one (~0.16 s ÷ ~0.12 s)."""
 
 XL_NOTE = MAPPED + """
 
-The base is a single file in the original (SGM) key layout, published with the packaged standard config: the build
-runs diffusers' `from_single_file` (key conversion to diffusers names, modules on the meta device, tensors put in
-with `load_model_dict_into_meta`) on the checkpoint mapped from L2 rather than copied into memory (workers/models/
-mapped.py `mapped_single_file`), in its own float16, so no weight byte is copied or converted on CPU either. The
-kohya LoRA's UNet part goes through the mapped LoRA path; its text-encoder parts through diffusers'
-`load_lora_into_text_encoder` (transformers' `load_adapter`), which is not replaced."""
+The base is a single file in the original (SGM) key layout, published as `warmfleet publish` publishes it: the
+checkpoint as it is plus the packaged standard config (`config/`). The build runs diffusers' `from_single_file`
+(key conversion to diffusers names, modules on the meta device, tensors put in with `load_model_dict_into_meta`)
+on the checkpoint mapped from L2 instead of a copy (mapped.py `mapped_single_file`; diffusers' own
+`load_single_file_checkpoint` calls `load_file`, which holds a 6.9 GB copy in process memory and makes a full extra
+pass over the bytes), with transformers' initialisers skipped on the empty CLIP encoders, in the checkpoint's own
+float16 — so no weight byte is copied or converted on CPU; on a GPU, `.to(device)` is the one copy. The kohya LoRA
+(UNet + both encoders, rank 324, 736 layers) goes through the mapped LoRA path. CPU seconds per build, measured
+apart (medians of 3): ~1.5 s in all — from_single_file ~0.6 s (UNet/VAE/encoders built on meta ~0.3 s,
+`load_model_dict_into_meta` over ~2,500 tensors, the two CLIP tokenizers rebuilt from vocab.json + merges.txt
+~0.18 s: the standard config has no `tokenizer.json`), the LoRA ~0.75 s (736 peft layers at ~1 ms each), the rest
+~0.1 s; before this change ~2.6 s (of which the encoders' LoRA through transformers' `load_adapter` ~1.0 s, with
+real random initialisation of every LoRA matrix before it is overwritten). A converted-at-publish layout (a
+diffusers folder: the key conversion done once at publish, `tokenizer.json` written) would let the base take the
+mapped path of a diffusers folder (no conversion, no `load_model_dict_into_meta`); the conversion itself costs
+little here (~10 ms of key renaming), the module construction stays. The wall-clock ratio in the table is bounded
+by the same Python work on a machine shared with other jobs (load average in the stamp)."""
 
 
 if __name__ == "__main__":
