@@ -100,12 +100,41 @@ def _tensors(files: list[Path]) -> dict[str, Any]:
     return out
 
 
-def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
-    """The file's tensors become the model's parameters and persistent buffers (no copy when the dtype matches).
-    False, with the model untouched, when the names are not exactly the model's own."""
+def _plain_modules(model: Any) -> dict[str, Any] | None:
+    """name → module when no module changes how its state is saved or loaded (hooks, extra state, its own
+    `_load_from_state_dict`): then a module's state is exactly its parameters and persistent buffers."""
     import torch
 
-    expected = model.state_dict(keep_vars=True)
+    base = torch.nn.Module
+    modules = dict(model.named_modules())
+    for module in modules.values():
+        kind = type(module)
+        if (module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
+                or module._load_state_dict_post_hooks or kind._load_from_state_dict is not base._load_from_state_dict
+                or kind.get_extra_state is not base.get_extra_state or kind.state_dict is not base.state_dict):
+            return None
+    return modules
+
+
+def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
+    """The file's tensors become the model's parameters and persistent buffers (no copy when the dtype matches).
+    False, with the model untouched, when the names are not exactly the model's own. What
+    `load_state_dict(assign=True)` does, without its per-module walk, when no module customises loading."""
+    import torch
+
+    modules = _plain_modules(model)
+    if modules is None:
+        expected = model.state_dict(keep_vars=True)
+    else:
+        expected = {}
+        for prefix, module in modules.items():
+            head = f"{prefix}." if prefix else ""
+            for name, value in module._parameters.items():
+                if value is not None:
+                    expected.setdefault(head + name, value)
+            for name, value in module._buffers.items():
+                if value is not None and name not in module._non_persistent_buffers_set:
+                    expected.setdefault(head + name, value)
     non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
     extra = set(tensors) - set(expected) - non_persistent  # an old checkpoint may still carry e.g. position_ids
     if set(expected) - set(tensors) or extra:
@@ -120,8 +149,17 @@ def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
         elif not tensor.is_floating_point() and tensor.dtype != current.dtype:
             tensor = tensor.to(current.dtype)
         state[name] = tensor
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True, assign=True)
+    if modules is None:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True, assign=True)
+        return True
+    for key, tensor in state.items():
+        prefix, _, name = key.rpartition(".")
+        module = modules[prefix]
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+        else:
+            module._buffers[name] = tensor
     return True
 
 
