@@ -368,15 +368,17 @@ LARGE_NOTE = MAPPED + """
 On CPU the build leaves the weights mapped from L2: it reads the configs, headers and whatever pages module loading
 touches; the first image reads the rest. The `every page touched` rows make all weight bytes resident, as a GPU
 upload would, and so read the same bytes as the raw read. What bounds the build now (profile below; CPU seconds per
-build measured apart, medians of 5 on a quiet moment: ~0.16 s in all): no step moves weight bytes; it is Python-level
-module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__` and ~10,000
-`__setattr__`, the same count whatever the widths), the tensors assigned (~23 ms, `load_state_dict(assign=True)`
-over ~900 tensors), the two CLIP encoders (~9 ms), the 96 peft LoRA layers (~53 ms: ~0.55 ms each, every peft
-`Linear` holds a dozen ModuleDicts/ParameterDicts) — and ~10 ms of manifest parsing (the base manifest is read
-twice, the LoRA's twice). Before this change the same release took ~0.6 s of CPU (`from_pretrained` ~0.2 s,
-`load_lora_weights` ~0.3 s: peft's walks over the whole UNet). The machine was loaded by other work during the
-run (load average in the stamp): Python-bound steps lose more to a crowded CPU than the kernel's raw read does, so
-the ratio measured here is above the quiet-machine one (~0.16 s ÷ ~0.12 s)."""
+build measured apart, medians of 5: ~0.14 s in all, against ~0.6 s before this change, when `from_pretrained` took
+~0.2 s and `load_lora_weights` ~0.3 s with peft's walks over the whole UNet): no step moves weight bytes; it is
+Python-level module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__`
+and ~10,000 `__setattr__`, the same count whatever the widths), the two CLIP encoders (~9 ms), the 96 peft LoRA
+layers (~48 ms: ~0.5 ms each, every peft `Linear` holds a dozen ModuleDicts/ParameterDicts), the tensors assigned
+(~8 ms: set straight into each module's parameters), manifests parsed (~10 ms: the base's and the LoRA's, each
+read twice), tokenizers, tuning and the adapter activation. The raw read it is divided by is a memory copy out of
+the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 38–69 ms (8.6–15
+GB/s) in the runs on this host today — against the first, ~0.14 s of CPU is ~1.1×, against the second 2–3.6×,
+before the load of other jobs (stamp) slows the Python-bound build more than the kernel's copy. The `diffusers` row
+(what the build cost before, near enough) is the comparison that does not move with the host."""
 
 XL_NOTE = MAPPED + """
 
