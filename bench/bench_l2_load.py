@@ -375,8 +375,8 @@ and ~10,000 `__setattr__`, the same count whatever the widths), the two CLIP enc
 layers (~48 ms: ~0.5 ms each, every peft `Linear` holds a dozen ModuleDicts/ParameterDicts), the tensors assigned
 (~8 ms: set straight into each module's parameters), manifests parsed (~10 ms: the base's and the LoRA's, each
 read twice), tokenizers, tuning and the adapter activation. The raw read it is divided by is a memory copy out of
-the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 38–69 ms (8.6–15
-GB/s) in the runs on this host today — against the first, ~0.14 s of CPU is ~1.1×, against the second 2–3.6×,
+the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 29–69 ms (8.6–20
+GB/s) in the runs on this host today — against the first, ~0.14 s of CPU is ~1.1×, against the second 2–4.8×,
 before the load of other jobs (stamp) slows the Python-bound build more than the kernel's copy. The `diffusers` row
 (what the build cost before, near enough) is the comparison that does not move with the host."""
 
