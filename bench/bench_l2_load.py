@@ -368,15 +368,16 @@ LARGE_NOTE = MAPPED + """
 On CPU the build leaves the weights mapped from L2: it reads the configs, headers and whatever pages module loading
 touches; the first image reads the rest. The `every page touched` rows make all weight bytes resident, as a GPU
 upload would, and so read the same bytes as the raw read. What bounds the build now (profile below; CPU seconds per
-build measured apart, medians of 5: ~0.14 s in all, against ~0.6 s before this change, when `from_pretrained` took
-~0.2 s and `load_lora_weights` ~0.3 s with peft's walks over the whole UNet): no step moves weight bytes; it is
+build measured apart, medians of 5: ~0.11–0.14 s in all by load, against 0.25 s for the previous path —
+`from_pretrained` + `load_lora_weights`, peft walking the whole UNet — measured the same way at the same moment;
+~0.6 s of wall in the run before this change): no step moves weight bytes; it is
 Python-level module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__`
 and ~10,000 `__setattr__`, the same count whatever the widths), the two CLIP encoders (~9 ms), the 96 peft LoRA
 layers (~48 ms: ~0.5 ms each, every peft `Linear` holds a dozen ModuleDicts/ParameterDicts), the tensors assigned
 (~8 ms: set straight into each module's parameters), manifests parsed (~10 ms: the base's and the LoRA's, each
 read twice), tokenizers, tuning and the adapter activation. The raw read it is divided by is a memory copy out of
 the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 29–69 ms (8.6–20
-GB/s) in the runs on this host today — against the first, ~0.14 s of CPU is ~1.1×, against the second 2–4.8×,
+GB/s) in the runs on this host today — against the first, ~0.11 s of CPU is ~0.9×, against the second 1.6–4×,
 before the load of other jobs (stamp) slows the Python-bound build more than the kernel's copy. The `diffusers` row
 (what the build cost before, near enough) is the comparison that does not move with the host."""
 
