@@ -22,6 +22,7 @@ from ..gpu import resident_bytes
 from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
+from .mapped import build_pipeline, load_unet_lora
 from .vae import VAE_FAMILIES, load_vae
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -67,6 +68,8 @@ def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
     and diffusers files load as they are; a PEFT folder's keys are the UNet's own module names)."""
     weight_name = str(meta.get("weight_name") or LORA_WEIGHT_NAME)
     if meta.get("lora_format") != "peft":
+        if load_unet_lora(pipe, path, weight_name, name):  # peft's layers at the LoRA's modules only: see mapped.py
+            return
         pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True)
         return
     import json
@@ -269,10 +272,14 @@ class ModelBuilder:
         return meta.get("family") == cls.family and meta.get("layout", "diffusers") in ("diffusers", cls.family)
 
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
-        """The base version, a diffusers folder in L2, loaded offline from safetensors only."""
+        """The base version, a diffusers folder in L2, loaded offline from safetensors only: its weights mapped
+        from the files (mapped.py), or by `from_pretrained` for a folder that builder does not cover."""
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class_name)
+        pipe = build_pipeline(cls, store.path(base), torch_dtype, self.variant)
+        if pipe is not None:
+            return pipe
         return cls.from_pretrained(
             str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype, variant=self.variant
         )

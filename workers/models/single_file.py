@@ -21,6 +21,7 @@ from cachemgr import SnapshotStore
 from cachemgr.names import ComponentRef
 
 from .base import LoadError, ModelBuilder
+from .mapped import mapped_single_file
 
 CONFIG_FOLDER = "config"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -69,6 +70,7 @@ class SingleFile(ModelBuilder):
         if not config.is_dir():
             raise LoadError(f"{base} has no {CONFIG_FOLDER}/ folder: single-file bases are published with one")
         checkpoint = checkpoint_file(root, store.manifest(base).meta)
-        return pipeline_class(config).from_single_file(
-            str(checkpoint), config=str(config), local_files_only=True, dtype=torch_dtype
-        )
+        with mapped_single_file():  # the checkpoint's tensors mapped from L2, not copied (mapped.py)
+            return pipeline_class(config).from_single_file(
+                str(checkpoint), config=str(config), local_files_only=True, dtype=torch_dtype
+            )

@@ -1,0 +1,242 @@
+"""The mapped L1 build (workers/models/mapped.py) against plain diffusers on the same L2 folders.
+
+The builder constructs modules with empty weights and assigns the safetensors tensors as they lie in L2, and injects
+a LoRA's UNet layers itself; plain diffusers is `from_pretrained` + `load_lora_weights`. Both must leave the same
+pipeline: the same tensors (names, dtypes, values, trainability), the same adapter bookkeeping, and for a seed the
+same image bytes. The mapped path must really be the one taken: with diffusers' loaders made to fail, the demo
+release still builds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachemgr import Cache, LocalArchive, Release
+from cachemgr.sync import sync_release
+from fleetctl.demo.builders import DEMO_MODEL, SHARED_BASE_RELEASES, SINGLE_FILE_DEMO_RELEASE
+from tasks.requests import GenerateRequest
+from workers.models import SingleFile, StableDiffusionXL
+from workers.models.base import LORA_WEIGHT_NAME, adapter_name
+from workers.models.mapped import build_pipeline
+
+PREVIOUS, CURRENT = SHARED_BASE_RELEASES
+MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Same thread count on both sides: what makes image bytes comparable."""
+
+
+@pytest.fixture(scope="module")
+def cache(demo_archive_dir, tmp_path_factory) -> Cache:
+    cache = Cache.at(tmp_path_factory.mktemp("l2"))
+    for text in (*SHARED_BASE_RELEASES, SINGLE_FILE_DEMO_RELEASE):
+        sync_release(LocalArchive(demo_archive_dir), cache.store, Release.parse(text))
+    return cache
+
+
+def mapped(cache: Cache, dtype: str | None = None):
+    """The builder's pipeline serving both releases (two adapters on one base), with diffusers' own loaders made
+    to fail: whatever builds here was built by the mapped path."""
+    from diffusers import StableDiffusionXLPipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the mapped build fell back to diffusers' loader")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StableDiffusionXLPipeline, "from_pretrained", refuse)
+        mp.setattr(StableDiffusionXLPipeline, "load_lora_weights", refuse)
+        return StableDiffusionXL.builder(DEMO_MODEL, PREVIOUS).also_serving(CURRENT).with_cache(cache).on(
+            "cpu", dtype).build()
+
+
+def plain(cache: Cache, dtype: torch.dtype = torch.float32):
+    """What any diffusers user gets for the same folders: `from_pretrained`, then one `load_lora_weights` per LoRA."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = Release.parse(PREVIOUS).base
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(cache.store.path(base)), local_files_only=True,
+                                                     use_safetensors=True, dtype=dtype)
+    for text in SHARED_BASE_RELEASES:
+        lora = Release.parse(text).refs()[1]
+        pipe.load_lora_weights(str(cache.store.path(lora)), weight_name=LORA_WEIGHT_NAME,
+                               adapter_name=adapter_name(lora.version), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_adapters([adapter_name("v2.3.0")])  # the builder activates its first release's adapter
+    return pipe
+
+
+def assert_same_models(a, b) -> None:
+    for name in MODELS:
+        ma, mb = getattr(a, name), getattr(b, name)
+        assert type(ma) is type(mb)
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert list(sa) == list(sb), name
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, (name, key)
+            assert torch.equal(sa[key], sb[key]), (name, key)
+        assert {k: p.requires_grad for k, p in ma.named_parameters()} == \
+               {k: p.requires_grad for k, p in mb.named_parameters()}, name
+        buffers_a, buffers_b = dict(ma.named_buffers()), dict(mb.named_buffers())
+        assert list(buffers_a) == list(buffers_b) and all(torch.equal(buffers_a[k], buffers_b[k]) for k in buffers_a)
+        assert ma.training == mb.training
+    config_a, config_b = dict(a.config), dict(b.config)
+    assert config_a == config_b, {k: (config_a.get(k), config_b.get(k)) for k in {*config_a, *config_b}
+                                  if config_a.get(k) != config_b.get(k)}
+    assert dict(a.unet.config) == dict(b.unet.config)
+    assert a.text_encoder_2.config.to_dict() == b.text_encoder_2.config.to_dict()
+
+
+def test_the_mapped_build_holds_what_plain_diffusers_holds(cache):
+    ours, theirs = mapped(cache).pipeline, plain(cache)
+    assert_same_models(ours, theirs)
+    assert ours.get_list_adapters() == theirs.get_list_adapters() == {"unet": ["lora_v2_3_0", "lora_v2_3_1"]}
+    assert {k: c.to_dict() for k, c in ours.unet.peft_config.items()} == \
+           {k: c.to_dict() for k, c in theirs.unet.peft_config.items()}
+    lora = "lora_v2_3_1"  # a LoRA layer's scaling and active adapter, as peft set them
+    layer = next(m for n, m in ours.unet.named_modules() if n.endswith("attn1.to_q"))
+    twin = next(m for n, m in theirs.unet.named_modules() if n.endswith("attn1.to_q"))
+    assert layer.scaling == twin.scaling and layer.r == twin.r and layer.lora_alpha == twin.lora_alpha
+    assert set(layer.lora_A) == set(twin.lora_A) == {"lora_v2_3_0", lora}
+
+
+def test_the_weights_stay_mapped_from_l2(cache):
+    """No copy on CPU: a UNet parameter's storage is the file's bytes (it changes if the file is read into memory)."""
+    from safetensors import safe_open
+
+    pipe = mapped(cache).pipeline
+    folder = cache.store.path(Release.parse(PREVIOUS).base) / "unet"
+    name, param = next(iter(pipe.unet.state_dict().items()))
+    with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert torch.equal(fh.get_tensor(name), param)
+    assert param.untyped_storage().nbytes() > param.nbytes  # a view into the whole mapped file, not its own copy
+
+
+def test_same_image_bytes_for_the_same_seed(cache):
+    ours = mapped(cache)
+    theirs = plain(cache)
+    import dataclasses
+
+    twin = dataclasses.replace(ours, pipeline=theirs, active=None, lora_disabled=False)
+    for release, seed in ((CURRENT, 1), (PREVIOUS, 2), (CURRENT, 3)):
+        request = GenerateRequest(prompt="Leather Jacket", seed=seed)
+        assert ours.generate(request, release)[0] == twin.generate(request, release)[0], (release, seed)
+    assert ours.generate(GenerateRequest(prompt="x", seed=1), CURRENT)[0] != \
+           ours.generate(GenerateRequest(prompt="x", seed=1), PREVIOUS)[0]
+
+
+def test_a_dtype_asked_converts_as_diffusers_converts(cache):
+    """float16 from float32 files: the mapped build converts each tensor, as `from_pretrained(dtype=…)` does."""
+    ours, theirs = mapped(cache, "float16").pipeline, plain(cache, torch.float16)
+    assert ours.unet.dtype == torch.float16
+    assert_same_models(ours, theirs)
+
+
+def test_deleting_an_adapter_leaves_the_other_as_diffusers_leaves_it(cache):
+    ours, theirs = mapped(cache).pipeline, plain(cache)
+    for pipe in (ours, theirs):
+        pipe.delete_adapters(["lora_v2_3_0"])
+        pipe.set_adapters(["lora_v2_3_1"])
+    assert ours.get_list_adapters() == theirs.get_list_adapters() == {"unet": ["lora_v2_3_1"]}
+    assert_same_models(ours, theirs)
+
+
+def test_a_folder_it_does_not_cover_is_left_to_from_pretrained(cache, tmp_path):
+    """A weight the config does not name: the mapped builder declines (None) instead of loading half a model."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(cache.store.path(Release.parse(PREVIOUS).base), tmp_path / "base")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(unet))
+    tensors["conv_in.weight_renamed"] = tensors.pop("conv_in.weight")
+    save_file(tensors, str(unet))
+    assert build_pipeline(StableDiffusionXLPipeline, folder, torch.float32) is None
+
+
+def test_a_single_file_base_is_converted_from_its_mapped_checkpoint(cache):
+    """`from_single_file` on the checkpoint mapped from L2 (not copied into memory) converts to the same modules as
+    on the checkpoint read by safetensors, and draws the same image."""
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline
+
+    from workers.models.single_file import CONFIG_FOLDER, checkpoint_file
+
+    ours = SingleFile.builder("pixel-single", SINGLE_FILE_DEMO_RELEASE).with_cache(cache).on("cpu").build()
+    root = cache.store.path(Release.parse(SINGLE_FILE_DEMO_RELEASE).base)
+    theirs = StableDiffusionPipeline.from_single_file(
+        str(checkpoint_file(root, {})), config=str(root / CONFIG_FOLDER), local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(ours.pipeline, name).state_dict(), getattr(theirs, name).state_dict()
+        assert list(sa) == list(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    conv_in = ours.pipeline.unet.conv_in.weight
+    assert conv_in.untyped_storage().nbytes() > conv_in.nbytes  # a view into the mapped checkpoint
+    assert theirs.unet.conv_in.weight.untyped_storage().nbytes() == theirs.unet.conv_in.weight.nbytes
+    request = GenerateRequest(prompt="a lighthouse", seed=5)
+    twin = dataclasses.replace(ours, pipeline=theirs, active=None)
+    assert ours.generate(request)[0] == twin.generate(request)[0]
+
+
+def kohya_lora(pipe, folder, seed: int) -> str:
+    """A kohya/A1111 LoRA (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`, `.lora_down/.lora_up/.alpha`) on every
+    attention projection of the UNet and both text encoders of `pipe`, alpha ≠ rank so the scaling shows."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for part, tag, targets in (("unet", "unet", ("to_q", "to_k", "to_v", "to_out.0")),
+                               ("text_encoder", "te1", ("q_proj", "k_proj", "v_proj", "out_proj")),
+                               ("text_encoder_2", "te2", ("q_proj", "k_proj", "v_proj", "out_proj"))):
+        for name, layer in getattr(pipe, part).named_modules():
+            name = name.removesuffix(".base_layer")  # a module that already holds adapters: its own Linear
+            if name.endswith(targets) and isinstance(layer, torch.nn.Linear):
+                if tag != "unet" and not name.startswith("text_model."):
+                    name = "text_model." + name  # kohya's names, whichever way transformers nests CLIP
+                stem = f"lora_{tag}_" + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=generator) * 0.05
+                tensors[f"{stem}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=generator) * 0.05
+                tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "style.safetensors"))
+    return "style.safetensors"
+
+
+def test_a_kohya_lora_on_unet_and_text_encoders_loads_as_diffusers_loads_it(cache, tmp_path):
+    """Both text encoders' parts too: the same layers, configs (inference mode for the encoders, as transformers
+    sets it), frozen parameters and image bytes as `load_lora_weights`, then the same after deleting it."""
+    import dataclasses
+
+    from workers.models.base import load_lora
+
+    ours = mapped(cache)
+    theirs = plain(cache)
+    weight = kohya_lora(theirs, tmp_path / "kohya", seed=11)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(ours.pipeline), "load_lora_weights", lambda *a, **k: pytest.fail("fell back to diffusers"))
+        load_lora(ours.pipeline, tmp_path / "kohya", {"weight_name": weight}, "kohya")
+    theirs.load_lora_weights(str(tmp_path / "kohya"), weight_name=weight, adapter_name="kohya",
+                             local_files_only=True)
+    assert ours.pipeline.get_list_adapters() == theirs.get_list_adapters()
+    assert ours.pipeline.get_list_adapters()["text_encoder_2"] == ["kohya"]
+    assert "kohya" in ours.pipeline.get_list_adapters()["unet"]
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        mine, yours = getattr(ours.pipeline, part).peft_config, getattr(theirs, part).peft_config
+        assert {k: c.to_dict() for k, c in mine.items()} == {k: c.to_dict() for k, c in yours.items()}, part
+    assert_same_models(ours.pipeline, theirs)
+    ours.adapters["kohya"] = ("kohya",)
+    twin = dataclasses.replace(ours, pipeline=theirs, active=None, lora_disabled=False)
+    request = GenerateRequest(prompt="Leather Jacket", seed=4)
+    styled = ours.generate(request, "kohya")[0]
+    assert styled == twin.generate(request, "kohya")[0]
+    assert styled != ours.generate(request, CURRENT)[0]
+    for pipe in (ours.pipeline, theirs):
+        pipe.delete_adapters(["kohya"])
+        pipe.set_adapters(["lora_v2_3_1"])  # the same active adapter on both (ours last drew CURRENT)
+    assert ours.pipeline.get_list_adapters() == theirs.get_list_adapters() == {"unet": ["lora_v2_3_0", "lora_v2_3_1"]}
+    assert_same_models(ours.pipeline, theirs)

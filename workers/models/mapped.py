@@ -1,0 +1,485 @@
+"""L2 → L1 at disk speed: modules built without weights, weights taken as they lie in L2.
+
+`from_pretrained` and `load_lora_weights` spend most of a build in Python walks over every module: diffusers and
+transformers load through generic machinery (configs re-read, dtype rules, hooks), and peft's adapter injection
+walks the whole model several times per adapter (match every module name against the targets, freeze every base
+parameter, a `load_state_dict` over the whole UNet). For the layouts a worker loads every day this module does the
+same work directly:
+
+- `build_pipeline`: each model of a diffusers folder built from its config with empty weights (accelerate's
+  `init_empty_weights`, as diffusers itself does: parameters on the meta device, buffers real), then its tensors
+  assigned straight from the memory-mapped safetensors files (`load_state_dict(assign=True)`): on CPU no byte is
+  copied (pages are read when first used), on a GPU the pipeline's `.to(device)` is the one host → device copy.
+  A tensor stored in another dtype than the one asked for is converted, as diffusers does.
+- `load_unet_lora`: a LoRA's layers (UNet and text encoders) made with peft's own layer classes (`LoraModel._create_new_module`,
+  `LoraLayer.update_layer`) only at the modules its keys name, on the meta device, then given the file's tensors;
+  the adapter is registered (`peft_config`) exactly as peft registers it, so diffusers' adapter API
+  (`set_adapters`, `delete_adapters`, `disable_lora`, `get_list_adapters`) works on it unchanged.
+
+Either returns None for anything it does not cover (a key it cannot place, a weight file in a form the folder's
+loader would convert, DoRA, LoRA biases, …): the caller then takes the ordinary diffusers path, so the result is
+always the same pipeline. tests/test_mapped_load.py checks that both paths give the same tensors, the same adapter
+bookkeeping and the same image bytes for a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .layouts import variant_of
+
+
+@contextmanager
+def empty_modules() -> Iterator[None]:
+    """Modules built with no weights: parameters on the meta device, buffers real (accelerate's
+    `init_empty_weights`, as diffusers loads), and torch's initialisers skipped (transformers' `no_init_weights`,
+    as transformers loads) — on meta tensors they run as slow Python reference kernels and produce nothing."""
+    from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
+
+    with init_empty_weights(), no_init_weights():
+        yield
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path] | None:
+    """The safetensors files diffusers/transformers would load from `folder` for `variant`; None when unsure
+    (sharded indexes are fine: every shard of the variant is loaded)."""
+    files = [p for p in sorted(folder.glob("*.safetensors")) if variant_of(p.name) == variant]
+    return files or None
+
+
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+          "F8_E5M2": "float8_e5m2"}
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, offset of the first data byte) of a safetensors file."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        return json.loads(fh.read(size)), 8 + size
+
+
+def map_file(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file as a view of one private (copy-on-write) mapping of the file: no byte is
+    read until a tensor is used, none is ever written back to L2. (`safetensors.torch.load_file` copies each
+    tensor out of its mapping: ~50 ms per 0.5 GB, a whole extra pass over the bytes.) A file whose tensors are not
+    aligned to their element size, or of a dtype torch lacks, is read by `load_file` instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    header, start = read_header(path)
+    header.pop("__metadata__", None)
+    size = path.stat().st_size
+    views: dict[str, Any] = {}
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
+    for name, info in header.items():
+        dtype = getattr(torch, DTYPES.get(info["dtype"], ""), None)
+        begin, end = info["data_offsets"]
+        if dtype is None or (start + begin) % dtype.itemsize or start + end > size:
+            return load_file(str(path))
+        view = torch.empty(0, dtype=dtype)
+        if end > begin:
+            view.set_(storage, (start + begin) // dtype.itemsize, info["shape"])
+        else:
+            view = torch.empty(info["shape"], dtype=dtype)
+        views[name] = view
+    return views
+
+
+def _tensors(files: list[Path]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in files:
+        out.update(map_file(path))
+    return out
+
+
+def _plain_modules(model: Any) -> dict[str, Any] | None:
+    """name → module when no module changes how its state is saved or loaded (hooks, extra state, its own
+    `_load_from_state_dict`): then a module's state is exactly its parameters and persistent buffers."""
+    import torch
+
+    base = torch.nn.Module
+    modules = dict(model.named_modules())
+    for module in modules.values():
+        kind = type(module)
+        if (module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
+                or module._load_state_dict_post_hooks or kind._load_from_state_dict is not base._load_from_state_dict
+                or kind.get_extra_state is not base.get_extra_state or kind.state_dict is not base.state_dict):
+            return None
+    return modules
+
+
+def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
+    """The file's tensors become the model's parameters and persistent buffers (no copy when the dtype matches).
+    False, with the model untouched, when the names are not exactly the model's own. What
+    `load_state_dict(assign=True)` does, without its per-module walk, when no module customises loading."""
+    import torch
+
+    modules = _plain_modules(model)
+    if modules is None:
+        expected = model.state_dict(keep_vars=True)
+    else:
+        expected = {}
+        for prefix, module in modules.items():
+            head = f"{prefix}." if prefix else ""
+            for name, value in module._parameters.items():
+                if value is not None:
+                    expected.setdefault(head + name, value)
+            for name, value in module._buffers.items():
+                if value is not None and name not in module._non_persistent_buffers_set:
+                    expected.setdefault(head + name, value)
+    non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+    extra = set(tensors) - set(expected) - non_persistent  # an old checkpoint may still carry e.g. position_ids
+    if set(expected) - set(tensors) or extra:
+        return False
+    state = {}
+    for name, current in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(current.shape):
+            return False
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        elif not tensor.is_floating_point() and tensor.dtype != current.dtype:
+            tensor = tensor.to(current.dtype)
+        state[name] = tensor
+    if modules is None:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True, assign=True)
+        return True
+    for key, tensor in state.items():
+        prefix, _, name = key.rpartition(".")
+        module = modules[prefix]
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+        else:
+            module._buffers[name] = tensor
+    return True
+
+
+def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    files = _weight_files(folder, variant)
+    if files is None:
+        return None
+    config = cls.load_config(folder)
+    with empty_modules():
+        model = cls.from_config(config)
+    if getattr(model, "_keep_in_fp32_modules", None) and dtype != model.dtype:
+        return None  # mixed precision by module name: left to diffusers' own rules
+    if not _assign(model, _tensors(files), dtype):
+        return None
+    model.register_to_config(_name_or_path=str(folder))
+    model.eval()
+    return model
+
+
+def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    files = _weight_files(folder, variant)
+    if files is None:
+        return None
+    config = cls.config_class.from_pretrained(folder)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(cls, "get_output_embeddings") and \
+            cls.__name__.endswith("LMHeadModel"):
+        return None  # tied weights: transformers ties them while loading
+    config.name_or_path = str(folder)
+    with empty_modules():
+        model = cls(config)
+    if not _assign(model, _tensors(files), dtype):
+        return None
+    model.config.dtype = dtype
+    model.eval()
+    return model
+
+
+def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | None = None) -> Any:
+    """A diffusers pipeline from its folder in L2, its weights mapped from the safetensors files; None when some
+    part of the folder is not one this builder covers (the caller loads it with `from_pretrained`)."""
+    import diffusers
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != pipeline_cls.__name__:
+        return None
+    expected = set(pipeline_cls._get_signature_keys(pipeline_cls)[0]) | set(
+        pipeline_cls._get_signature_keys(pipeline_cls)[1])
+    parts: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):
+            if name in expected:
+                parts[name] = spec  # a pipeline setting such as force_zeros_for_empty_prompt
+            continue
+        library, class_name = spec
+        if library is None:
+            parts[name] = None
+            continue
+        module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+        cls = getattr(module, class_name, None) if module else None
+        if cls is None:
+            return None
+        sub = folder / name
+        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
+            part = _diffusers_model(cls, sub, variant, dtype)
+        elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            part = _transformers_model(cls, sub, variant, dtype)
+        elif hasattr(cls, "from_pretrained"):  # schedulers, tokenizers, feature extractors: no weights
+            part = cls.from_pretrained(sub)
+        else:
+            return None
+        if part is None:
+            return None
+        parts[name] = part
+    pipe = pipeline_cls(**parts)
+    pipe.register_to_config(_name_or_path=str(folder))
+    return pipe
+
+
+# -- LoRA
+
+
+def _peft_unet_state(pipe: Any, path: Path, weight_name: str) -> tuple[dict[str, Any], dict[str, Any], Any, Any]:
+    """(UNet part in peft's names, every other part as diffusers reads it, network alphas, metadata), read and
+    converted by diffusers' own `lora_state_dict` (kohya/A1111 and diffusers formats alike)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    file = path / weight_name
+    raw = read_header(file)[0].get("__metadata__", {}).get(LORA_ADAPTER_METADATA_KEY)
+    # the file's tensors mapped, not copied; diffusers reads its adapter metadata from the header the same way
+    state, alphas, _ = pipe.lora_state_dict(map_file(file), unet_config=pipe.unet.config, return_lora_metadata=True)
+    metadata = json.loads(raw) if raw else None
+    if not all("lora" in key for key in state):
+        raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
+    prefix = "unet."
+    unet = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if unet and "lora_A" not in next(iter(unet)):
+        unet = convert_unet_state_dict_to_peft(unet)
+    return unet, rest, alphas, metadata
+
+
+def _unet_lora_config(unet: Any, state: dict[str, Any], alphas: Any, metadata: Any, name: str) -> Any:
+    """The LoraConfig diffusers' `load_lora_adapter` makes for this state (same function; the model's state dict
+    it also passes is not read by it)."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    rank = {f"^{k}": v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
+    if alphas:
+        alphas = {k.removeprefix("unet."): v for k, v in alphas.items() if k.startswith("unet.")}
+    if metadata is not None:
+        metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")}
+    return _create_lora_config(state, alphas, metadata, rank, adapter_name=name)
+
+
+def _plain(config: Any) -> bool:
+    """A LoRA config this loader builds exactly as peft would: plain LoRA layers on Linear/Conv layers."""
+    return (config.peft_type.value == "LORA" and not config.use_dora and not getattr(config, "lora_bias", False)
+            and not config.modules_to_save and not getattr(config, "target_parameters", None)
+            and not getattr(config, "layers_to_transform", None) and config.bias == "none"
+            and config.init_lora_weights in (True, False) and not getattr(config, "trainable_token_indices", None) and not getattr(config, "alora_invocation_tokens",
+                                                                                       None))
+
+
+def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bool:
+    """Adapter `name` on `model` at exactly the modules `state` names (peft's key layout: `<module>.lora_A.weight`),
+    holding the state's tensors; what `inject_adapter_in_model` + `set_peft_model_state_dict(low_cpu_mem_usage=True)`
+    leave behind, without their walks over every module. False, with the model untouched, when some key has no
+    plain target."""
+    import torch
+    from peft.tuners.lora import LoraLayer, LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer, _find_minimal_target_modules
+    from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
+    from peft.utils.other import get_pattern_key
+
+    if name in getattr(model, "peft_config", {}) or not _plain(config):
+        return False
+    tensors: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        module_name, sep, rest = key.rpartition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight"):
+            return False
+        tensors.setdefault(module_name, {})[rest[0]] = tensor
+    targets = []
+    for module_name, pair in tensors.items():
+        if set(pair) != {"A", "B"}:
+            return False
+        try:
+            target = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) or (
+                isinstance(target, BaseTunerLayer) and not isinstance(target, LoraLayer)):
+            return False
+        targets.append((module_name, target))
+    names = [n for n, _ in model.named_modules()]
+    first = not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    before = [] if first else [(p, p.requires_grad) for p in model.parameters()]  # peft's snapshot, taken as it does
+    targets_in_config = config.target_modules
+    if isinstance(targets_in_config, (list, set)) and len(targets_in_config) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        # peft condenses a long list of module names into the shortest suffixes that match them and nothing else,
+        # and registers that: the same call here keeps the registered config peft's
+        suffixes = tuple("." + t for t in targets_in_config)
+        others = [n for n in names if n not in targets_in_config and not n.endswith(suffixes)]
+        condensed = _find_minimal_target_modules(targets_in_config, others)
+        if len(condensed) < len(targets_in_config):
+            config.target_modules = condensed
+    if not hasattr(model, "peft_config"):
+        model.peft_config = {}
+    model.peft_config[name] = config
+    empty = copy.copy(config)  # the layers' A and B are the file's tensors: their random initialisation is skipped
+    empty.init_lora_weights = False
+    try:
+        layers = []
+        with empty_modules():  # once for all layers: entering it patches torch's initialisers
+            for module_name, target in targets:
+                r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
+                alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_name),
+                                                 config.lora_alpha)
+                if isinstance(target, LoraLayer):
+                    target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=empty)
+                    layer = target
+                else:
+                    layer = LoraModel._create_new_module(
+                        empty, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
+                        loaded_in_4bit=False, ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
+                        parameter_name=None, tied_adapter={}, device_map=None)
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent_name), child, layer)
+                layers.append((module_name, layer))
+        for module_name, layer in layers:  # outside: a parameter set under empty_modules would go to meta
+            base_weight = layer.get_base_layer().weight
+            for side, tensor in tensors[module_name].items():
+                linear = getattr(layer, f"lora_{side}")[name]
+                if tuple(tensor.shape) != tuple(linear.weight.shape):
+                    raise ValueError(f"size mismatch for {module_name}.lora_{side}.weight: copying a param with "
+                                     f"shape {list(tensor.shape)} from the LoRA, the shape in the model is "
+                                     f"{list(linear.weight.shape)}: the LoRA was not trained on this base")
+                linear.weight = torch.nn.Parameter(tensor, requires_grad=linear.weight.requires_grad)
+            if any(p.dtype != base_weight.dtype or p.device != base_weight.device
+                   for side in "AB" for p in getattr(layer, f"lora_{side}")[name].parameters()):
+                layer._move_adapter_to_device_of_base_layer(name)
+    except Exception:
+        _undo(model, name)
+        raise
+    # peft's housekeeping after an injection: the new adapter is every LoRA layer's active one, every parameter but
+    # the LoRA ones frozen, then (after a first adapter) every parameter that was there keeps its trainability
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter([name], inference_mode=config.inference_mode)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            p.requires_grad = False
+    for p, requires_grad in before:
+        p.requires_grad = requires_grad
+    model._hf_peft_config_loaded = True
+    return True
+
+
+def _undo(model: Any, name: str) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+            module.delete_adapter(name)
+    model.peft_config.pop(name, None)
+
+
+def load_unet_lora(pipe: Any, path: Path, weight_name: str, name: str) -> bool:
+    """A LoRA file as adapter `name` of the pipeline: its UNet and text-encoder parts injected here (a text-encoder
+    part `inject_lora` does not cover goes to diffusers' loader). False, with nothing loaded, when the UNet part is
+    not one `inject_lora` covers (the caller then uses `load_lora_weights`)."""
+    if not hasattr(pipe, "lora_state_dict") or not hasattr(pipe, "unet"):
+        return False
+    unet_state, rest, alphas, metadata = _peft_unet_state(pipe, Path(path), weight_name)
+    if not unet_state:
+        return False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        config = _unet_lora_config(pipe.unet, unet_state, alphas, metadata, name)
+        if not inject_lora(pipe.unet, config, name, unet_state):
+            return False
+    try:
+        for prefix in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, prefix, None)
+            if encoder is None or not any(k.startswith(prefix + ".") for k in rest):
+                continue
+            if not load_text_encoder_lora(encoder, prefix, rest, alphas, metadata, name, pipe.lora_scale):
+                pipe.load_lora_into_text_encoder(rest, network_alphas=alphas, text_encoder=encoder, prefix=prefix,
+                                                 lora_scale=pipe.lora_scale, adapter_name=name, metadata=metadata,
+                                                 _pipeline=pipe, low_cpu_mem_usage=True)
+    except Exception:
+        pipe.delete_adapters([name])
+        raise
+    return True
+
+
+def load_text_encoder_lora(encoder: Any, prefix: str, state: dict[str, Any], alphas: Any, metadata: Any, name: str,
+                           scale: float) -> bool:
+    """A text encoder's part of a LoRA as adapter `name`: the keys, ranks, alphas and LoraConfig exactly as
+    diffusers' `_load_lora_into_text_encoder` derives them, then what transformers' `load_adapter` leaves behind
+    (the config in inference mode, the adapter frozen, the encoder in eval mode), with the layers made by
+    `inject_lora`. False, with nothing loaded, for what that does not cover."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if scale != 1.0 or name in (getattr(encoder, "peft_config", None) or {}):
+        return False
+    part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    if metadata is not None:
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    if not hasattr(encoder, "text_model"):
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+    rank = {f"{n}.lora_B.weight": part[f"{n}.lora_B.weight"].shape[1] for n, _ in encoder.named_modules()
+            if n.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))
+            and f"{n}.lora_B.weight" in part}
+    if alphas is not None:
+        alphas = {k.removeprefix(f"{prefix}."): v for k, v in alphas.items()
+                  if k.startswith(prefix) and k.split(".")[0] == prefix}
+    config = _create_lora_config(part, alphas, metadata, rank, is_unet=False)
+    config.inference_mode = True  # transformers' load_adapter(is_trainable=False)
+    if not inject_lora(encoder, config, name, part):
+        return False
+    encoder.eval()
+    for module in encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.requires_grad_(False)
+    return True
+
+
+@contextmanager
+def mapped_single_file() -> Iterator[None]:
+    """Within it, diffusers' `from_single_file` reads a `.safetensors` checkpoint as `map_file` does (views of one
+    private mapping) instead of `load_file` (a copy of every tensor: for a 6.9 GB SDXL file, 6.9 GB of process
+    memory and a full pass over the bytes before any conversion). Same tensors, same conversion, same modules.
+    torch's and transformers' initialisers are skipped meanwhile, as transformers' own loading skips them: the
+    modules are built on the meta device, where initialising runs slow Python reference kernels for nothing.
+    diffusers looks the function up on its module at each call, so the replacement is seen there and undone on
+    exit; any other checkpoint form goes to diffusers' own function."""
+    from diffusers.loaders import single_file
+
+    original = single_file.load_single_file_checkpoint
+
+    def load(path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        file = Path(str(path))
+        if file.suffix == ".safetensors" and file.is_file() and not kwargs.get("disable_mmap"):
+            return map_file(file)
+        return original(path, *args, **kwargs)
+
+    from transformers.initialization import no_init_weights
+
+    single_file.load_single_file_checkpoint = load
+    try:
+        with no_init_weights():  # diffusers builds the CLIP encoders empty but lets transformers initialise them
+            yield
+    finally:
+        single_file.load_single_file_checkpoint = original
