@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 
 from tasks.settings import FleetSettings, offline_environment
 
@@ -16,6 +17,39 @@ def worker_name(settings: FleetSettings, releases: list[str], name: str | None) 
     if name:
         return name if "@" in name else f"{name}@{settings.node_name}"
     return f"gpu-{os.getpid()}@{settings.node_name or socket.gethostname()}"
+
+
+def build_verified(build, verify):
+    """`build()` while `verify()` re-hashes the same L2 files in a thread beside it (hashlib releases the GIL: the
+    check costs no time of its own where the build leaves a core free). Nothing is returned, so nothing serves, before
+    both have ended. `verify()` returns the paths it repaired or raises when L2 stays corrupt; a build that may have
+    read bytes being repaired is discarded and done again from the repaired snapshot."""
+    outcome: dict = {}
+
+    def check() -> None:
+        try:
+            outcome["repaired"] = verify()
+        except BaseException as exc:  # handed to the boot thread below
+            outcome["error"] = exc
+
+    checker = threading.Thread(target=check, name="warmfleet-verify-l2", daemon=True)
+    checker.start()
+    try:
+        resident = build()
+    except Exception:
+        checker.join()
+        if "error" in outcome:
+            raise outcome["error"] from None  # the corrupt L2 is the cause, not what the build made of it
+        if outcome.get("repaired"):
+            return build()  # it read files while they were being replaced
+        raise
+    checker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if outcome["repaired"]:
+        del resident  # built from the bytes the check found corrupt
+        return build()
+    return resident
 
 
 def run_worker(settings: FleetSettings, releases: list[str], name: str | None = None, loglevel: str = "INFO") -> int:
@@ -76,15 +110,18 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
             for release in group:  # a node fetches only the precision it computes in, from its peers first
                 sync_release(archive, cache.store, release, events=events, select=files_for(dtype),
                              peers=peer_source(settings, registry.redis))
-                if settings.verify_l2_at_boot:  # bit rot on disk: quarantine and fetch again, or refuse to load
-                    for ref in release.refs():
-                        verify_ref(archive, cache.store, ref, events=events)
                 events.emit("L2_WARMUP", release=str(release), outcome="READY")
             first = group[0]
-            resident = (
-                builder_for(family_of(cache.store, first)).builder(first.model, first).also_serving(*group[1:])
-                .with_cache(cache).on(device, dtype).with_events(events).build()
-            )
+
+            def build(first=first, group=group, dtype=dtype):
+                return (builder_for(family_of(cache.store, first)).builder(first.model, first)
+                        .also_serving(*group[1:]).with_cache(cache).on(device, dtype).with_events(events).build())
+
+            def verify(refs=tuple(dict.fromkeys(ref for release in group for ref in release.refs()))):
+                return [path for ref in refs for path in verify_ref(archive, cache.store, ref, events=events)]
+
+            # bit rot on disk: quarantine and fetch again, or refuse to load; re-hashed beside the build
+            resident = build_verified(build, verify) if settings.verify_l2_at_boot else build()
             pipelines.update(dict.fromkeys(resident.releases, resident))
             state.l1_bytes += resident.nbytes
             state.loads += 1  # releases that differ only in their LoRA share one pipeline: one load
