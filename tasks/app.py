@@ -14,6 +14,7 @@ import beat_schedule
 from fleetstate.client import is_sentinel_url
 
 from . import sentinel
+from . import transport as transport_module
 from .router import FleetRouter
 from .settings import FleetSettings, load_settings
 
@@ -47,7 +48,7 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
                                       "unacked_restore_interval": 5, "unacked_restore_throttle": 0}
     result_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
-    transport = None
+    transport = transport_module.TRANSPORT if broker and broker.startswith(("redis://", "rediss://")) else None
     if is_sentinel_url(broker):  # the current primary, asked of the sentinels on every (re)connection
         broker_options["master_name"] = settings.sentinel_master
         transport = sentinel.TRANSPORT  # … and again when a demoted primary refuses a write (tasks/sentinel.py)

@@ -26,6 +26,8 @@ class SentinelSet:
     data_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    data_procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    data_argv: dict[int, list[str]] = field(default_factory=dict)
     write_guard: list[str] = field(default_factory=lambda: list(WRITE_GUARD))
     """Data-server options; the default refuses writes without an in-sync replica (docs/reliability.md)."""
 
@@ -33,9 +35,11 @@ class SentinelSet:
     def url(self) -> str:
         return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports) + "/0"
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")
-        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
     def start(self, timeout: float = 60) -> SentinelSet:
         exe = shutil.which("redis-server")
@@ -48,9 +52,10 @@ class SentinelSet:
             folder.mkdir(exist_ok=True)
             argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
                     "--appendonly", "yes", "--appendfsync", "always", *self.write_guard]
+            self.data_argv[port] = list(argv)
             if i:
                 argv += ["--replicaof", "127.0.0.1", str(primary)]
-            self._spawn(f"data{i}", argv)
+            self.data_procs[port] = self._spawn(f"data{i}", argv)
             wait_port(port)
         self.sentinel_ports = [free_port() for _ in range(3)]
         for i, port in enumerate(self.sentinel_ports):
@@ -102,6 +107,19 @@ class SentinelSet:
                     return old, new
             time.sleep(0.1)
         raise AssertionError("failover did not complete")
+
+    def restart_data(self, port: int) -> None:
+        """Stop one data server (SIGTERM: its append-only file is fsynced on every write) and start it again on its
+        port, as a replica of the primary the sentinels name unless it is that primary itself."""
+        primary = self.primary_port()
+        proc = self.data_procs[port]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        argv = list(self.data_argv[port])
+        if port != primary:
+            argv += ["--replicaof", "127.0.0.1", str(primary)]
+        self.data_procs[port] = self._spawn(f"data{self.data_ports.index(port)}", argv)
+        wait_port(port)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

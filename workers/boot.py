@@ -116,7 +116,8 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store,
                           refresh=lambda current: sample_into(current, device))
     heartbeat.start()
-    sweeper = Sweeper(registry.redis)  # jobs of dead peers back in their queue within the heartbeat TTL
+    # jobs of dead peers back in their queue within the heartbeat TTL; lost sends sent again (fleetstate/outbox.py)
+    sweeper = Sweeper(registry.redis, outbox_grace=settings.outbox_grace_seconds)
     sweeper.start()
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
     try:
@@ -184,7 +185,8 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
                 return
 
     threading.Thread(target=beat, name="warmfleet-node", daemon=True).start()
-    sweeper = Sweeper(nodes.redis)  # jobs of dead GPU workers back in their queue, even with no GPU worker idle
+    # jobs of dead GPU workers back in their queue, and lost sends sent again, even with no GPU worker idle
+    sweeper = Sweeper(nodes.redis, outbox_grace=settings.outbox_grace_seconds)
     sweeper.start()
     try:
         app.worker_main(
