@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -91,7 +92,8 @@ class Broker:
 
 
 class OssSyncs:
-    """The OSS archive, and `warmfleet sync` runs that it walks out on in the middle of their download."""
+    """The OSS archive (the project's server, as its own process), and `warmfleet sync` runs that it walks out on in
+    the middle of their download."""
 
     def __init__(self, workdir: Path) -> None:
         import numpy as np
@@ -99,15 +101,11 @@ class OssSyncs:
 
         from cachemgr.archive.oss import OssArchive
         from cachemgr.names import Release
-        from ossserver import OssServer
-        from ossserver.link import Link
+        from fleetctl.localfleet import free_port
 
         self.workdir, self.root = workdir, workdir / "oss"
-        self.link = Link(rate_bps=SYNC_LINE_BPS)
-        self.server = OssServer(self.root, access_key_id=OSS_KEY_ID, access_key_secret=OSS_SECRET,
-                                log_requests=False, link=self.link).start()
-        self.server.create_bucket(OSS_BUCKET)
-        self.port = self.server.port
+        self.port = free_port()
+        self.proc = self._serve()
         folder = workdir / "syncsrc"
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"w": np.random.default_rng(11).integers(0, 256, SYNC_BYTES - 128, dtype=np.uint8)},
@@ -119,6 +117,21 @@ class OssSyncs:
         self.runs = 0
         self.outcomes: Counter = Counter()
         self.busy = threading.Lock()
+
+    def _serve(self):  # noqa: ANN202 - subprocess.Popen
+        import os
+        import subprocess
+
+        from fleetctl.localfleet import wait_port
+
+        env = {**os.environ, "OSS_SERVER_ACCESS_KEY_SECRET": OSS_SECRET}
+        proc = subprocess.Popen([sys.executable, "-m", "ossserver", "--root", str(self.root), "--port", str(self.port),
+                                 "--access-key-id", OSS_KEY_ID, "--bucket", OSS_BUCKET,
+                                 "--link-rate", f"{int(SYNC_LINE_BPS / 1e6)}mbit"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "oss.log", "ab"),
+                                start_new_session=True)
+        wait_port(self.port, timeout=120)
+        return proc
 
     @property
     def endpoint(self) -> str:
@@ -142,7 +155,6 @@ class OssSyncs:
         import shutil
         import subprocess
 
-        from ossserver import OssServer
         from tests.support import REPO
 
         with self.busy:
@@ -159,16 +171,17 @@ class OssSyncs:
                     break
                 time.sleep(0.1)
             during = proc.poll() is None
-            self.server.stop()
+            self.proc.kill()  # the archive gone at once, connections and all
+            self.proc.wait(timeout=60)
             time.sleep(seconds)
-            self.server = OssServer(self.root, port=self.port, access_key_id=OSS_KEY_ID, access_key_secret=OSS_SECRET,
-                                    log_requests=False, link=self.link).start()
+            self.proc = self._serve()
             try:
                 _, err = proc.communicate(timeout=600)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
-            lines = [line for line in err.splitlines() if line.strip()]
+            lines = [line for line in err.replace("\r", "\n").splitlines()
+                     if line.strip() and not line.startswith("sync:")]  # the progress bar aside
             if not during:
                 outcome = "sync done before the outage"
             elif proc.returncode == 0:
@@ -186,7 +199,8 @@ class OssSyncs:
             shutil.rmtree(l2, ignore_errors=True)
 
     def stop(self) -> None:
-        self.server.stop()
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
 
 
 class Supervisor:
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor(settings, workdir / "logs")
     supervisor.start()
     sent, refused, faults = [], Counter(), Counter()
+    examples: dict[str, str] = {}
     hung: set[str] = set()
     lock = threading.Lock()
     stop = threading.Event()
@@ -276,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 with lock:
                     sent.append(r)
             except Exception as exc:
-                refused[type(exc).__name__] += 1
+                with lock:
+                    refused[type(exc).__name__] += 1
+                    if type(exc).__name__ not in examples:
+                        examples[type(exc).__name__] = "".join(traceback.format_exception(exc))[-3000:]
             stop.wait(rng.uniform(3.0, 7.0))
 
     kinds = ["kill9", "sigterm", "redis_restart", "oss_outage", "hang"]
@@ -358,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{dict(oss.outcomes)}", flush=True)
     for line in (lost + failed_other)[:20]:
         print("  lost/failed:", line)
+    for name, text in examples.items():
+        print(f"  first refused send ({name}):\n{text}")
     merge_results([
         entry("chaos.jobs", len(sent), "jobs"), entry("chaos.faults", sum(faults.values()), "faults"),
         entry("chaos.lost", lost_total, "jobs", "0"), entry("chaos.duplicated", duplicated, "jobs", "0"),
