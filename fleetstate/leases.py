@@ -49,8 +49,15 @@ log = logging.getLogger("warmfleet.lease")
 RECORD_TTL_SECONDS = 24 * 3600
 """A job record lives as long as Celery keeps results (`result_expires`)."""
 
+# Renew our lease; one that expired while Redis refused writes (a restart, a failover) and that nobody took
+# meanwhile is taken back (2), so a copy delivered after the outage still finds the job held.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -232,8 +239,11 @@ class JobLease:
     def beat(self) -> None:
         """Renew the lease while held, and keep this delivery's message from being redelivered while it runs."""
         try:
-            if self.held and not _script(self.redis, _RENEW, [self.lease_key], [self.token, self.ttl_ms]):
-                log.warning("job %s: lease lost (expired while Redis was unreachable?)", self.task_id)
+            renewed = _script(self.redis, _RENEW, [self.lease_key], [self.token, self.ttl_ms]) if self.held else 1
+            if renewed == 2:
+                log.warning("job %s: lease expired while Redis was unreachable; taken back", self.task_id)
+            elif not renewed:
+                log.warning("job %s: lease lost (expired while Redis was unreachable, and taken)", self.task_id)
             if self.extend_visibility:
                 self.redis.zadd(KOMBU_UNACKED_INDEX, {self.delivery_tag: time.time()}, xx=True)
         except redis.RedisError:

@@ -126,8 +126,10 @@ def restore(client: redis.Redis, tag: str, raw: bytes, holder: str | None, queue
                            OUTBOX_AT_KEY, tag, raw, payload, guard, entry))
 
 
-def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None) -> list[Delivery]:
-    """Restore every indexed delivery whose holder's heartbeat has expired; returns what was put back."""
+def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None,
+          restore_now: bool = True) -> list[Delivery]:
+    """Restore every indexed delivery whose holder's heartbeat has expired; returns what was put back.
+    `restore_now=False` only tidies the index (a sweeper settling after it could not reach Redis)."""
     found = deliveries(client)
     if not found:
         return []
@@ -139,7 +141,7 @@ def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = N
     restored = []
     for i, d in enumerate(found):
         alive, raw = answers[2 * i], answers[2 * i + 1]
-        if alive:
+        if alive or not restore_now:
             continue
         if raw is None:  # acknowledged already (the ack and the unindexing are not one step)
             unindex_delivery(client, d.tag)
@@ -153,21 +155,29 @@ def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = N
     return restored
 
 
-def sweep_once(client: redis.Redis, period: float = SWEEP_SECONDS) -> list[Delivery]:
+def sweep_once(client: redis.Redis, period: float = SWEEP_SECONDS, restore_now: bool = True) -> list[Delivery]:
     """One sweep by whoever takes this period's lock (the others skip): at most one sweep per period fleet-wide."""
     with run_lock(client, "orphan-sweep", period, release=False) as held:
-        return sweep(client) if held else []
+        return sweep(client, restore_now=restore_now) if held else []
 
 
 class Sweeper(threading.Thread):
     """Runs `sweep_once` every `period` seconds in a live worker (or the maintenance worker) until stopped, and the
-    outbox sweep (outbox.py) every `outbox.sweep_period(outbox_grace)` seconds when `outbox_grace` is given."""
+    outbox sweep (outbox.py) every `outbox.sweep_period(outbox_grace)` seconds when `outbox_grace` is given.
 
-    def __init__(self, client: redis.Redis, period: float = SWEEP_SECONDS, outbox_grace: float | None = None) -> None:
+    A sweeper that could not sweep for a while (Redis down or refusing writes: a restart, a failover) restores
+    nothing for `settle` seconds once it can again, nor in its first `settle` seconds: during a fleet-wide outage
+    every heartbeat lapses, live holders' too, and a live holder re-publishes its heartbeat within one heartbeat
+    period of Redis taking writes again. Without the pause the first sweep after an outage would hand every running
+    job to a peer."""
+
+    def __init__(self, client: redis.Redis, period: float = SWEEP_SECONDS, outbox_grace: float | None = None,
+                 settle: float = 0.0) -> None:
         super().__init__(name="warmfleet-orphan-sweep", daemon=True)
         self.client = client
         self.period = period
         self.outbox_grace = outbox_grace
+        self.settle = settle
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -175,9 +185,15 @@ class Sweeper(threading.Thread):
 
         outbox_period = outbox.sweep_period(self.outbox_grace) if self.outbox_grace is not None else None
         outbox_due = time.monotonic() + (outbox_period or 0)
+        last_ok = time.monotonic()
+        restore_from = last_ok + self.settle
         while not self._stop_event.wait(self.period):
+            now = time.monotonic()
+            if now - last_ok > 3 * self.period:  # this sweeper was cut off: let live holders speak up first
+                restore_from = max(restore_from, now + self.settle)
             try:
-                sweep_once(self.client, self.period)
+                sweep_once(self.client, self.period, restore_now=now >= restore_from)
+                last_ok = time.monotonic()
                 if outbox_period is not None and time.monotonic() >= outbox_due:
                     outbox_due = time.monotonic() + outbox_period
                     outbox.sweep_once(self.client, self.outbox_grace, outbox_period)

@@ -13,6 +13,8 @@ from typing import Any
 from celery.backends.redis import SentinelBackend
 from kombu.transport.redis import SentinelChannel, SentinelTransport
 from kombu.utils.json import dumps
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from fleetstate.client import FailoverAwareConnection, push_replicated
 
@@ -32,6 +34,18 @@ class FleetSentinelChannel(OutboxPut, SentinelChannel):
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
             push_replicated(client, key, dumps(message))
+
+
+    def _queue_bind(self, *args: Any, **kwargs: Any) -> Any:
+        """kombu binds a queue in a MULTI pipeline, whose NOREPLICAS comes back inside EXEC's reply rather than
+        through the connection (FailoverAwareConnection never sees it): turn it into the ConnectionError it means,
+        so the send's publish retry waits out the failover instead of failing the send."""
+        try:
+            return super()._queue_bind(*args, **kwargs)
+        except ResponseError as exc:
+            if "NOREPLICAS" not in str(exc):
+                raise
+            raise RedisConnectionError(f"the primary refused a write without an in-sync replica: {exc}") from exc
 
 
 class FleetSentinelTransport(SentinelTransport):
