@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 import beat_schedule
 from fleetstate.client import is_sentinel_url
@@ -22,6 +23,13 @@ UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
 SENTINEL_RESULT_RETRY_S = 60.0
 
 app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
+
+# kombu reads a `;`-separated broker URL (every Sentinel URL is one) as failover alternates, and on a connection
+# error it switches to the next one by re-parsing it, which sets the transport from the URL's scheme again: the plain
+# kombu transport, without the outbox, the replicated push or the failover-aware connection. The schemes name the
+# project's transports instead, so a switched or re-created connection keeps them.
+TRANSPORT_ALIASES.update(redis=transport_module.TRANSPORT, rediss=transport_module.TRANSPORT,
+                         sentinel=sentinel.TRANSPORT)
 
 
 def _drop_connections(target: Celery) -> None:
