@@ -116,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-run", action="store_true", help="render rows already in --results, run nothing")
     parser.add_argument("--file", action="append", help="only these test files (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="pytest processes at once (default 1)")
+    parser.add_argument("--summary", help="with --no-run: what produced the rows (the pytest summaries), for the footer")
     args = parser.parse_args(argv)
     results = args.results or Path(tempfile.mkdtemp(prefix="reliability-"))
-    status, summary = 0, "not run (rendered from earlier rows)"
+    status, summary = 0, args.summary or "not run (rendered from earlier rows)"
     if not args.no_run:
         status, summary = run_tests(results, tuple(args.file or TEST_FILES), args.jobs)
     rows = load_rows(results)
