@@ -41,9 +41,12 @@ def run_tests(results: Path, files: tuple[str, ...], jobs: int = 1) -> tuple[int
     out in turn); returns the worst exit status and the summary lines."""
     env = {TRIALS_ENV: REPORT_TRIALS, **os.environ, RESULTS_ENV: str(results)}
     groups = [files[i::jobs] for i in range(max(1, jobs))]
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest", *group, "-q", "-p", "no:cacheprovider"], cwd=REPO,
+    # each process its own --basetemp next to the results: a run lasts long, and pytest's default numbered folders
+    # under the user's temp folder are pruned to the newest three by any other pytest session on the machine
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", *group, "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={results.parent / f'{results.name}-tmp{i}'}"], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for group in groups if group]
+             for i, group in enumerate(groups) if group]
     status, summaries = 0, []
     for proc in procs:
         out, _ = proc.communicate()
