@@ -158,31 +158,33 @@ def test_a_resend_of_a_running_job_does_not_run_it_twice(fleet_settings, produce
     """Given a job running on one worker, when the outbox holds a stale entry for it and its message is not in the
     unacked hash (a worker that popped it but had not recorded it yet), the sweep sends it again; the copy reaches
     the peer, which waits on the running holder's lease and returns its result: one pipeline run, one duplicate."""
-    r = producer.generate.delay("running while it is sent again", seed=77, release=NEW, **long_job)
-    holder = started_on(producer, r.id)
-    tag = raw = None
-    for t, v in client.hgetall(KOMBU_UNACKED).items():
-        if json.loads(v)[0]["headers"]["id"] == r.id:
-            tag, raw = t, v
-    assert tag is not None, "the running job's message is not unacknowledged"
-    payload = json.loads(raw)[0]
-    entry = outbox.Entry(tag.decode(), r.id, queue_for(NEW), json.dumps(payload))
-    before = resent_count(client)
-    with client.pipeline() as pipe:  # the state a worker stalled between its pop and its unacked record leaves
-        pipe.hdel(KOMBU_UNACKED, tag)
-        pipe.zrem(KOMBU_UNACKED_INDEX, tag)
-        pipe.hset(OUTBOX_KEY, entry.tag, entry.to_json())
-        pipe.zadd(OUTBOX_AT_KEY, {entry.tag: 0})
-        pipe.execute()
-    wait_for(lambda: resent_count(client) == before + 1, timeout=LOAD_TIMEOUT, what="the outbox re-send")
-    result = r.get(timeout=LOAD_TIMEOUT)
-    assert result["worker"] == holder
-    wait_for(lambda: job_record(client, r.id).get("duplicates") == "1", timeout=LOAD_TIMEOUT,
-             what="the re-sent copy answered from the job record")
-    record = job_record(client, r.id)
-    assert (record["runs"], record["completed"]) == ("1", "1"), record
-    assert f"DUPLICATE delivery of job {r.id}" in pool.logs_text()
-    wait_for(outbox_empty(client), timeout=LOAD_TIMEOUT, what="an empty outbox")
-    assert len(sorted((fleet_settings.home / "outputs").rglob(f"*{r.id}*"))) == 1
-    record_result("outbox re-send of a running job", trials=1, sent=1, completed=1, lost=0, duplicated=0,
+    for trial in range(TRIALS):
+        r = producer.generate.delay(f"running while it is sent again {trial}", seed=77 + trial, release=NEW, **long_job)
+        holder = started_on(producer, r.id)
+        tag = raw = None
+        for t, v in client.hgetall(KOMBU_UNACKED).items():
+            if json.loads(v)[0]["headers"]["id"] == r.id:
+                tag, raw = t, v
+        assert tag is not None, "the running job's message is not unacknowledged"
+        payload = json.loads(raw)[0]
+        entry = outbox.Entry(tag.decode(), r.id, queue_for(NEW), json.dumps(payload))
+        before = resent_count(client)
+        with client.pipeline() as pipe:  # the state a worker stalled between its pop and its unacked record leaves
+            pipe.hdel(KOMBU_UNACKED, tag)
+            pipe.zrem(KOMBU_UNACKED_INDEX, tag)
+            pipe.hset(OUTBOX_KEY, entry.tag, entry.to_json())
+            pipe.zadd(OUTBOX_AT_KEY, {entry.tag: 0})
+            pipe.execute()
+        wait_for(lambda n=before: resent_count(client) == n + 1, timeout=LOAD_TIMEOUT, what="the outbox re-send")
+        result = r.get(timeout=LOAD_TIMEOUT)
+        assert result["worker"] == holder
+        wait_for(lambda t=r.id: job_record(client, t).get("duplicates") == "1", timeout=LOAD_TIMEOUT,
+                 what="the re-sent copy answered from the job record")
+        record = job_record(client, r.id)
+        assert (record["runs"], record["completed"]) == ("1", "1"), record
+        assert f"DUPLICATE delivery of job {r.id}" in pool.logs_text()
+        wait_for(outbox_empty(client), timeout=LOAD_TIMEOUT, what="an empty outbox")
+        assert len(sorted((fleet_settings.home / "outputs").rglob(f"*{r.id}*"))) == 1
+    record_result("outbox re-send of a running job", trials=TRIALS, sent=TRIALS, completed=TRIALS, lost=0,
+                  duplicated=0,
                   notes="the copy waited on the holder's lease and returned its result: 1 pipeline run, 1 duplicate")
