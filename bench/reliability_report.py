@@ -2,8 +2,10 @@
 the table of docs/reliability.md (between its markers). Nothing in that table is typed by hand.
 
 The tests write one JSON row per scenario when WARMFLEET_RELIABILITY_RESULTS names a folder
-(tests/support.py: record_result); this script sets it, runs pytest on the reliability files, and renders the rows.
-`--no-run --results DIR` renders rows collected earlier.
+(tests/support.py: record_result); this script sets it, runs pytest on the reliability files (`--jobs N`: in N
+pytest processes at once, each with its own servers), and renders the rows. `--no-run --results DIR` renders rows
+collected earlier. It also writes the report's metrics into bench/results.json: reliability.min_trials_per_scenario,
+reliability.lost, reliability.duplicated and reliability.kill9_recovery_s_p50 (kill -9 at the operator defaults).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench._results import machine, today
+from bench._results import entry, machine, merge_results, today
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "reliability.md"
@@ -27,22 +29,33 @@ START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->
 RESULTS_ENV = "WARMFLEET_RELIABILITY_RESULTS"
 TEST_FILES = ("tests/test_reliability.py", "tests/test_reliability_redis.py", "tests/test_reliability_cache.py",
               "tests/test_reliability_disk.py", "tests/test_reliability_boot.py", "tests/test_reliability_prod.py",
-              "tests/test_time_limits.py", "tests/test_sentinel.py")
+              "tests/test_time_limits.py", "tests/test_sentinel.py", "tests/test_reliability_outbox.py")
+PROD_KILL9 = "kill -9 mid-generation (default settings)"
 TRIALS_ENV = "WARMFLEET_RELIABILITY_TRIALS"
 REPORT_TRIALS = "10"
 """Trials per scenario of the modules that read TRIALS_ENV (CI keeps their fast default); set it to override."""
 
 
-def run_tests(results: Path, files: tuple[str, ...]) -> tuple[int, str]:
-    """pytest on the reliability files with the results folder set; returns its exit status and summary line."""
+def run_tests(results: Path, files: tuple[str, ...], jobs: int = 1) -> tuple[int, str]:
+    """pytest on the reliability files with the results folder set, in `jobs` processes at once (the files dealt
+    out in turn); returns the worst exit status and the summary lines."""
     env = {TRIALS_ENV: REPORT_TRIALS, **os.environ, RESULTS_ENV: str(results)}
-    done = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
-    summary = lines[-1].strip("= ") if lines else f"pytest exited {done.returncode}"
-    if done.returncode:
-        sys.stderr.write(done.stdout[-4000:])
-    return done.returncode, summary
+    groups = [files[i::jobs] for i in range(max(1, jobs))]
+    # each process its own --basetemp next to the results: a run lasts long, and pytest's default numbered folders
+    # under the user's temp folder are pruned to the newest three by any other pytest session on the machine
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", *group, "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={results.parent / f'{results.name}-tmp{i}'}"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, group in enumerate(groups) if group]
+    status, summaries = 0, []
+    for proc in procs:
+        out, _ = proc.communicate()
+        lines = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+        summaries.append(lines[-1].strip("= ") if lines else f"pytest exited {proc.returncode}")
+        if proc.returncode:
+            status = proc.returncode
+            sys.stderr.write(out[-6000:])
+    return status, "; ".join(summaries)
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
@@ -79,6 +92,18 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
     return "\n".join([head, *body]) + "\n" + foot
 
 
+def metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's figures for bench/results.json."""
+    out = [entry("reliability.min_trials_per_scenario", min(r["trials"] for r in rows), "trials", ">= 10"),
+           entry("reliability.lost", sum(r["lost"] for r in rows), "jobs", "0"),
+           entry("reliability.duplicated", sum(r["duplicated"] for r in rows), "jobs", "0")]
+    prod = next((r for r in rows if r["scenario"] == PROD_KILL9), None)
+    if prod and prod.get("recovery_s"):
+        out.append(entry("reliability.kill9_recovery_s_p50", round(statistics.median(prod["recovery_s"]), 1), "s",
+                         "<= 20"))
+    return out
+
+
 def write_table(table: str, doc: Path = DOC) -> None:
     text = doc.read_text()
     if START not in text or END not in text:
@@ -93,17 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="folder for the rows (default: a fresh temporary folder)")
     parser.add_argument("--no-run", action="store_true", help="render rows already in --results, run nothing")
     parser.add_argument("--file", action="append", help="only these test files (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="pytest processes at once (default 1)")
+    parser.add_argument("--summary", help="with --no-run: what produced the rows (the pytest summaries), for the footer")
     args = parser.parse_args(argv)
     results = args.results or Path(tempfile.mkdtemp(prefix="reliability-"))
-    status, summary = 0, "not run (rendered from earlier rows)"
+    status, summary = 0, args.summary or "not run (rendered from earlier rows)"
     if not args.no_run:
-        status, summary = run_tests(results, tuple(args.file or TEST_FILES))
+        status, summary = run_tests(results, tuple(args.file or TEST_FILES), args.jobs)
     rows = load_rows(results)
     if not rows:
         print(f"no rows in {results}", file=sys.stderr)
         return 1
     table = render(rows, summary)
     write_table(table)
+    merge_results(metrics(rows))
     print(table)
     return status
 

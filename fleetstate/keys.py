@@ -35,6 +35,8 @@ RUN_LOCK_KEY = "fleet:lock:{name}"  # SET NX PX: one run of a maintenance job at
 JOB_KEY = "fleet:job:{task_id}"  # hash with TTL: one job's executions (runs, completed, duplicates, result, dead)
 LEASE_KEY = "fleet:lease:{task_id}"  # SET NX PX: the worker executing a job now, renewed while it runs
 RELEASE_META_KEY = "fleet:release-meta:{release}"  # hash: a release's own settings (job_time_limit_s)
+OUTBOX_KEY = "fleet:outbox"  # hash: delivery tag → JSON {task_id, list, message, resends} of sent, unclaimed jobs
+OUTBOX_AT_KEY = "fleet:outbox:at"  # sorted set: delivery tag → when its message was sent (or last found queued)
 DELIVERIES_KEY = "fleet:deliveries"  # hash: delivery tag → JSON {worker, task_id} of messages in a worker's hands
 
 # kombu's Redis transport keeps every unacknowledged message in a hash and a sorted set scored by delivery time;

@@ -15,8 +15,8 @@ job but died (or lost Redis) before its ack. Three mechanisms keep that from los
    returns that result without running the pipeline. Such deliveries are counted as duplicates (the record's
    `duplicates`, the fleet counter `duplicate_deliveries`) and logged as DUPLICATE.
 
-A job costs the worker two Redis round trips of its own: one script to claim it (delivery index, record, lease,
-run count) and one to complete it (result record, lease release, unindexing, the served-jobs counter and the
+A job costs the worker two Redis round trips of its own: one script to claim it (delivery index, outbox entry
+removed, record, lease, run count) and one to complete it (result record, lease release, unindexing, the served-jobs counter and the
 worker's job count in the registry).
 """
 
@@ -33,24 +33,45 @@ from typing import Any
 
 import redis
 
-from .keys import DELIVERIES_KEY, JOB_KEY, KOMBU_UNACKED_INDEX, LEASE_KEY, STATS_KEY, WORKER_KEY
+from .keys import (
+    DELIVERIES_KEY,
+    JOB_KEY,
+    KOMBU_UNACKED_INDEX,
+    LEASE_KEY,
+    OUTBOX_AT_KEY,
+    OUTBOX_KEY,
+    STATS_KEY,
+    WORKER_KEY,
+)
 
 log = logging.getLogger("warmfleet.lease")
 
 RECORD_TTL_SECONDS = 24 * 3600
 """A job record lives as long as Celery keeps results (`result_expires`)."""
 
+# Renew our lease; one that expired while Redis refused writes (a restart, a failover) and that nobody took
+# meanwhile is taken back (2), so a copy delivered after the outage still finds the job held.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
-# One round trip per claim: index the delivery (orphans.py), read the job record, take the lease (or find it ours
-# from a retried call), count the run. KEYS: record, lease, deliveries. ARGV: token, ttl ms, worker, tag ('' for
-# none), index entry, record ttl s. Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run'}.
+# One round trip per claim: index the delivery (orphans.py) and take it out of the outbox (outbox.py), read the job
+# record, take the lease (or find it ours from a retried call), count the run. KEYS: record, lease, deliveries,
+# outbox, outbox at. ARGV: token, ttl ms, worker, tag ('' for none), index entry, record ttl s.
+# Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run'}.
 _CLAIM = """
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('HDEL', KEYS[4], ARGV[4])
+  redis.call('ZREM', KEYS[5], ARGV[4])
+end
 local found = redis.call('HMGET', KEYS[1], 'result', 'dead')
 if found[1] and found[1] ~= '' then return {'result', found[1]} end
 if found[2] and found[2] ~= '' then return {'dead', found[2]} end
@@ -194,7 +215,8 @@ class JobLease:
     # -- internals
     def _claim_once(self) -> tuple[str, str]:
         entry = json.dumps({"worker": self.worker, "task_id": self.task_id}) if self.delivery_tag else ""
-        answer = _script(self.redis, _CLAIM, [self.record_key, self.lease_key, DELIVERIES_KEY],
+        answer = _script(self.redis, _CLAIM,
+                         [self.record_key, self.lease_key, DELIVERIES_KEY, OUTBOX_KEY, OUTBOX_AT_KEY],
                          [self.token, self.ttl_ms, self.worker, self.delivery_tag or "", entry, RECORD_TTL_SECONDS])
         self.indexed = bool(self.delivery_tag)
         kind = _text(answer[0])
@@ -217,8 +239,11 @@ class JobLease:
     def beat(self) -> None:
         """Renew the lease while held, and keep this delivery's message from being redelivered while it runs."""
         try:
-            if self.held and not _script(self.redis, _RENEW, [self.lease_key], [self.token, self.ttl_ms]):
-                log.warning("job %s: lease lost (expired while Redis was unreachable?)", self.task_id)
+            renewed = _script(self.redis, _RENEW, [self.lease_key], [self.token, self.ttl_ms]) if self.held else 1
+            if renewed == 2:
+                log.warning("job %s: lease expired while Redis was unreachable; taken back", self.task_id)
+            elif not renewed:
+                log.warning("job %s: lease lost (expired while Redis was unreachable, and taken)", self.task_id)
             if self.extend_visibility:
                 self.redis.zadd(KOMBU_UNACKED_INDEX, {self.delivery_tag: time.time()}, xx=True)
         except redis.RedisError:

@@ -15,13 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from .keys import DELIVERIES_KEY, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, PRIORITY_SEP, QUEUE_PRIORITY_STEPS, WORKER_KEY
+from .keys import (
+    DELIVERIES_KEY,
+    KOMBU_UNACKED,
+    KOMBU_UNACKED_INDEX,
+    OUTBOX_AT_KEY,
+    OUTBOX_KEY,
+    PRIORITY_SEP,
+    QUEUE_PRIORITY_STEPS,
+    WORKER_KEY,
+)
 from .locks import run_lock
 
 log = logging.getLogger("warmfleet.orphans")
@@ -30,7 +40,8 @@ SWEEP_SECONDS = 1.0
 """How often the fleet looks for deliveries of dead workers (one sweeper per period, whoever gets the lock)."""
 
 # Back in a queue only if the message is still unacknowledged exactly as read and its holder is still silent:
-# a concurrent ack, restore or sweep makes this a no-op, so nothing is pushed twice and nothing is dropped.
+# a concurrent ack, restore or sweep makes this a no-op, so nothing is pushed twice and nothing is dropped. The
+# message put back is recorded in the outbox (outbox.py) again, as a sent one is, until a worker claims it.
 _RESTORE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -41,6 +52,11 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('RPUSH', KEYS[4], ARGV[3])
+if ARGV[5] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
+  redis.call('ZADD', KEYS[6], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+end
 return 1
 """
 
@@ -100,14 +116,20 @@ def routing_key_of(raw: bytes) -> str | None:
 def restore(client: redis.Redis, tag: str, raw: bytes, holder: str | None, queue: str | None = None) -> int:
     """Put one unacked message back (1), unless it was acknowledged or taken meanwhile (0) or its holder is alive
     after all (-1). `holder=None` restores whoever holds it (the holder itself, giving a job up)."""
+    from .outbox import entry_for
+
     name, payload = restored_payload(raw, queue)
     guard = WORKER_KEY.format(worker=holder) if holder else ""
-    return int(client.eval(_RESTORE, 4, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, DELIVERIES_KEY, name,
-                           tag, raw, payload, guard))
+    task_id = (json.loads(payload).get("headers") or {}).get("id")
+    entry = entry_for(tag, name, payload, str(task_id)).to_json() if task_id else ""
+    return int(client.eval(_RESTORE, 6, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, DELIVERIES_KEY, name, OUTBOX_KEY,
+                           OUTBOX_AT_KEY, tag, raw, payload, guard, entry))
 
 
-def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None) -> list[Delivery]:
-    """Restore every indexed delivery whose holder's heartbeat has expired; returns what was put back."""
+def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None,
+          restore_now: bool = True) -> list[Delivery]:
+    """Restore every indexed delivery whose holder's heartbeat has expired; returns what was put back.
+    `restore_now=False` only tidies the index (a sweeper settling after it could not reach Redis)."""
     found = deliveries(client)
     if not found:
         return []
@@ -119,7 +141,7 @@ def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = N
     restored = []
     for i, d in enumerate(found):
         alive, raw = answers[2 * i], answers[2 * i + 1]
-        if alive:
+        if alive or not restore_now:
             continue
         if raw is None:  # acknowledged already (the ack and the unindexing are not one step)
             unindex_delivery(client, d.tag)
@@ -133,25 +155,48 @@ def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = N
     return restored
 
 
-def sweep_once(client: redis.Redis, period: float = SWEEP_SECONDS) -> list[Delivery]:
+def sweep_once(client: redis.Redis, period: float = SWEEP_SECONDS, restore_now: bool = True) -> list[Delivery]:
     """One sweep by whoever takes this period's lock (the others skip): at most one sweep per period fleet-wide."""
     with run_lock(client, "orphan-sweep", period, release=False) as held:
-        return sweep(client) if held else []
+        return sweep(client, restore_now=restore_now) if held else []
 
 
 class Sweeper(threading.Thread):
-    """Runs `sweep_once` every `period` seconds in a live worker (or the maintenance worker) until stopped."""
+    """Runs `sweep_once` every `period` seconds in a live worker (or the maintenance worker) until stopped, and the
+    outbox sweep (outbox.py) every `outbox.sweep_period(outbox_grace)` seconds when `outbox_grace` is given.
 
-    def __init__(self, client: redis.Redis, period: float = SWEEP_SECONDS) -> None:
+    A sweeper that could not sweep for a while (Redis down or refusing writes: a restart, a failover) restores
+    nothing for `settle` seconds once it can again, nor in its first `settle` seconds: during a fleet-wide outage
+    every heartbeat lapses, live holders' too, and a live holder re-publishes its heartbeat within one heartbeat
+    period of Redis taking writes again. Without the pause the first sweep after an outage would hand every running
+    job to a peer."""
+
+    def __init__(self, client: redis.Redis, period: float = SWEEP_SECONDS, outbox_grace: float | None = None,
+                 settle: float = 0.0) -> None:
         super().__init__(name="warmfleet-orphan-sweep", daemon=True)
         self.client = client
         self.period = period
+        self.outbox_grace = outbox_grace
+        self.settle = settle
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        from . import outbox
+
+        outbox_period = outbox.sweep_period(self.outbox_grace) if self.outbox_grace is not None else None
+        outbox_due = time.monotonic() + (outbox_period or 0)
+        last_ok = time.monotonic()
+        restore_from = last_ok + self.settle
         while not self._stop_event.wait(self.period):
+            now = time.monotonic()
+            if now - last_ok > 3 * self.period:  # this sweeper was cut off: let live holders speak up first
+                restore_from = max(restore_from, now + self.settle)
             try:
-                sweep_once(self.client, self.period)
+                sweep_once(self.client, self.period, restore_now=now >= restore_from)
+                last_ok = time.monotonic()
+                if outbox_period is not None and time.monotonic() >= outbox_due:
+                    outbox_due = time.monotonic() + outbox_period
+                    outbox.sweep_once(self.client, self.outbox_grace, outbox_period)
             except redis.RedisError:
                 continue  # Redis restarting: the next period tries again
             except Exception:  # never let a malformed entry stop the sweeps

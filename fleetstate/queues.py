@@ -17,11 +17,12 @@ import redis
 
 from cachemgr.names import QUEUE_PREFIX, InvalidName, queue_for, release_of_queue, validate_name
 
-from .keys import PRIORITY_SEP, queue_lists
+from .keys import OUTBOX_KEY, PRIORITY_SEP, queue_lists
 
 # One walk of the source list, atomically: every element named in ARGV (payload, rewritten payload pairs) goes to the
 # consuming end of the destination in list order, the others stay in order. An element a worker took between the
 # caller's read and this script is simply not found: no loss, no duplicate. O(N) for N elements, however many move.
+# A moved message's outbox entry (fleetstate/outbox.py; same delivery tag) follows it: its new list and text.
 _MOVE_LIST = """
 local wanted = {}
 for i = 1, #ARGV, 2 do
@@ -43,6 +44,17 @@ if #move == 0 then return 0 end
 redis.call('DEL', KEYS[1])
 for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep))) end
 for i = 1, #move, 1000 do redis.call('RPUSH', KEYS[2], unpack(move, i, math.min(i + 999, #move))) end
+for _, item in ipairs(move) do
+  local ok, message = pcall(cjson.decode, item)
+  local tag = ok and type(message) == 'table' and type(message.properties) == 'table' and message.properties.delivery_tag
+  local raw = tag and redis.call('HGET', KEYS[3], tag)
+  if raw then
+    local entry = cjson.decode(raw)
+    entry.list = KEYS[2]
+    entry.message = item
+    redis.call('HSET', KEYS[3], tag, cjson.encode(entry))
+  end
+end
 return #move
 """
 
@@ -154,7 +166,7 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, i
                     pairs += [raw, json.dumps(readdress(json.loads(raw), source, target))]
                     ids.append(task_id)
             if pairs:
-                moved = int(move_list(keys=[src_list, dst_list], args=pairs))
+                moved = int(move_list(keys=[src_list, dst_list, OUTBOX_KEY], args=pairs))
                 report.moved += ids[:moved] if moved == len(ids) else _moved_ids(client, dst_list, ids)
                 report.taken_meanwhile += len(ids) - moved
         report.moved += _move_orphans(client, source, target, is_pinned, report)

@@ -9,11 +9,13 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 from kombu import Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 import beat_schedule
 from fleetstate.client import is_sentinel_url
 
 from . import sentinel
+from . import transport as transport_module
 from .router import FleetRouter
 from .settings import FleetSettings, load_settings
 
@@ -21,6 +23,13 @@ UNCONFIGURED_BROKER = "redis://broker-not-configured.invalid:6379/0"
 SENTINEL_RESULT_RETRY_S = 60.0
 
 app = Celery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
+
+# kombu reads a `;`-separated broker URL (every Sentinel URL is one) as failover alternates, and on a connection
+# error it switches to the next one by re-parsing it, which sets the transport from the URL's scheme again: the plain
+# kombu transport, without the outbox, the replicated push or the failover-aware connection. The schemes name the
+# project's transports instead, so a switched or re-created connection keeps them.
+TRANSPORT_ALIASES.update(redis=transport_module.TRANSPORT, rediss=transport_module.TRANSPORT,
+                         sentinel=sentinel.TRANSPORT)
 
 
 def _drop_connections(target: Celery) -> None:
@@ -47,10 +56,14 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     broker_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout,
                                       "unacked_restore_interval": 5, "unacked_restore_throttle": 0}
     result_options: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
-    transport = None
+    transport = transport_module.TRANSPORT if broker and broker.startswith(("redis://", "rediss://")) else None
+    publish_retry: dict[str, Any] = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
     if is_sentinel_url(broker):  # the current primary, asked of the sentinels on every (re)connection
         broker_options["master_name"] = settings.sentinel_master
         transport = sentinel.TRANSPORT  # … and again when a demoted primary refuses a write (tasks/sentinel.py)
+        # a send retries through a failover (writes refused until the promoted primary has its replica: ~10 s)
+        # instead of failing in the producer after Celery's default 0.6 s
+        publish_retry = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 1.0}
     if is_sentinel_url(result):
         result_options["master_name"] = settings.sentinel_master
         # a failover refuses writes until the promoted primary has its replica back (~10 s): outlast it
@@ -59,6 +72,7 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
     target.conf.update(
         broker_url=broker or UNCONFIGURED_BROKER,
         broker_transport=transport,
+        task_publish_retry_policy=publish_retry,
         result_backend=result or UNCONFIGURED_BROKER,
         task_serializer="json",
         result_serializer="json",

@@ -85,6 +85,10 @@ class FleetSettings(BaseSettings):
         600.0, ge=0, description="a job running longer is stopped (its worker recycled) and retried on a peer; dead"
         " after job_max_retries more timeouts; a release's own limit (release metadata job_time_limit_s) wins; 0: none"
     )
+    outbox_grace_seconds: float = Field(
+        60.0, gt=0, description="a sent job in no queue and no worker's hands this long after its send (a pop whose "
+        "reply was lost) is sent again by the outbox sweep"
+    )
     job_extend_visibility: bool = Field(
         True, description="while a job runs, keep its unacked message fresh so Redis never redelivers a live job"
     )

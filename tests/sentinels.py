@@ -26,6 +26,8 @@ class SentinelSet:
     data_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    data_procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    data_argv: dict[int, list[str]] = field(default_factory=dict)
     write_guard: list[str] = field(default_factory=lambda: list(WRITE_GUARD))
     """Data-server options; the default refuses writes without an in-sync replica (docs/reliability.md)."""
 
@@ -33,9 +35,11 @@ class SentinelSet:
     def url(self) -> str:
         return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports) + "/0"
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")
-        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
     def start(self, timeout: float = 60) -> SentinelSet:
         exe = shutil.which("redis-server")
@@ -48,9 +52,10 @@ class SentinelSet:
             folder.mkdir(exist_ok=True)
             argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
                     "--appendonly", "yes", "--appendfsync", "always", *self.write_guard]
+            self.data_argv[port] = list(argv)
             if i:
                 argv += ["--replicaof", "127.0.0.1", str(primary)]
-            self._spawn(f"data{i}", argv)
+            self.data_procs[port] = self._spawn(f"data{i}", argv)
             wait_port(port)
         self.sentinel_ports = [free_port() for _ in range(3)]
         for i, port in enumerate(self.sentinel_ports):
@@ -58,7 +63,7 @@ class SentinelSet:
             conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
                             f"sentinel monitor {self.master} 127.0.0.1 {primary} 2\n"
                             f"sentinel down-after-milliseconds {self.master} 1000\n"
-                            f"sentinel failover-timeout {self.master} 5000\n"
+                            f"sentinel failover-timeout {self.master} 15000\n"
                             f"sentinel parallel-syncs {self.master} 1\n")
             self._spawn(f"sentinel{i}", [exe, str(conf), "--sentinel"])
             wait_port(port)
@@ -89,19 +94,41 @@ class SentinelSet:
             time.sleep(0.2)
         raise AssertionError(f"sentinel set not ready after {timeout}s (see {self.dir})")
 
-    def failover(self, timeout: float = 60) -> tuple[int, int]:
-        """SENTINEL FAILOVER: the replica becomes primary; returns (old, new) primary ports once all agree."""
+    def failover(self, timeout: float = 120) -> tuple[int, int]:
+        """SENTINEL FAILOVER: the replica becomes primary; returns (old, new) primary ports once all agree. On a
+        loaded machine a failover can abort (the replica slow to confirm its promotion): it is asked for again."""
         old = self.primary_port()
-        self.sentinel().execute_command("SENTINEL", "FAILOVER", self.master)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ports = {int(self.sentinel(i).sentinel_get_master_addr_by_name(self.master)[1]) for i in range(3)}
-            if len(ports) == 1 and old not in ports:
-                new = ports.pop()
-                if redis.Redis(port=new).info("replication")["role"] == "master":
-                    return old, new
-            time.sleep(0.1)
+            try:
+                self.sentinel().execute_command("SENTINEL", "FAILOVER", self.master)
+            except redis.ResponseError as exc:  # refused while the last one settles (INPROG, NOGOODSLAVE)
+                if not str(exc).startswith(("INPROG", "NOGOODSLAVE")):
+                    raise
+                time.sleep(0.5)
+                continue
+            attempt_ends = min(deadline, time.monotonic() + 30)
+            while time.monotonic() < attempt_ends:
+                ports = {int(self.sentinel(i).sentinel_get_master_addr_by_name(self.master)[1]) for i in range(3)}
+                if len(ports) == 1 and old not in ports:
+                    new = ports.pop()
+                    if redis.Redis(port=new).info("replication")["role"] == "master":
+                        return old, new
+                time.sleep(0.1)
         raise AssertionError("failover did not complete")
+
+    def restart_data(self, port: int) -> None:
+        """Stop one data server (SIGTERM: its append-only file is fsynced on every write) and start it again on its
+        port, as a replica of the primary the sentinels name unless it is that primary itself."""
+        primary = self.primary_port()
+        proc = self.data_procs[port]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        argv = list(self.data_argv[port])
+        if port != primary:
+            argv += ["--replicaof", "127.0.0.1", str(primary)]
+        self.data_procs[port] = self._spawn(f"data{self.data_ports.index(port)}", argv)
+        wait_port(port)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -294,6 +294,14 @@ def tree(root: Path, skip: tuple[str, ...] = ("locks",)) -> dict[str, tuple[int,
 # an operator's configuration.)
 
 RESULTS_ENV = "WARMFLEET_RELIABILITY_RESULTS"
+TRIALS_ENV = "WARMFLEET_RELIABILITY_TRIALS"
+
+
+def trial_count(default: int) -> int:
+    """Trials of one reliability scenario: WARMFLEET_RELIABILITY_TRIALS when set (the report runs 10), else the
+    scenario's own small default, which is what CI runs."""
+    value = os.environ.get(TRIALS_ENV)
+    return max(1, int(value)) if value else default
 
 
 def record_result(scenario: str, *, trials: int, sent: int, completed: int, lost: int, duplicated: int,

@@ -12,6 +12,7 @@ import redis
 
 from cachemgr.names import queue_for
 from fleetctl.demo.builders import DEMO_RELEASES
+from fleetstate import outbox
 from fleetstate.keys import KOMBU_UNACKED, WORKER_KEY
 from fleetstate.orphans import index_delivery
 from fleetstate.queues import move_queued
@@ -61,6 +62,11 @@ def test_a_move_of_thousands_walks_each_list_once(client, producer):
     assert ids_in(client, queue_for(B)) == sent and client.llen(queue_for(A)) == 0
     assert "lrem" not in used  # no per-message search of the list
     assert used.get("evalsha", 0) + used.get("eval", 0) <= 4  # one walk per non-empty list, per pass
+    # each moved job's outbox entry follows it: the sweep finds it queued where it is now, word for word
+    queued = set(client.lrange(queue_for(B), 0, -1))
+    entries = outbox.pending(client)
+    assert sorted(e.task_id for e in entries) == sorted(sent)
+    assert all(e.list == queue_for(B) and e.message.encode() in queued for e in entries)
 
 
 def take(client: redis.Redis, worker: str, tag: str, alive: bool) -> str:

@@ -38,6 +38,7 @@ from .support import (
     run_sync,
     start_worker,
     tree,
+    trial_count,
     wait_for,
 )
 
@@ -145,7 +146,8 @@ def test_a_sync_killed_mid_download_leaves_nothing_visible_and_the_next_one_resu
     cuts transfers at an offset, so the process is caught between parts): no partial file ever appears among the
     blobs or snapshots; the next sync fetches only what is missing and verifies the whole file."""
     size, sha = big_version["size"], big_version["sha"]
-    trials, resumed = [40 << 20, 72 << 20, 104 << 20], []
+    cuts = [40 << 20, 72 << 20, 104 << 20]
+    trials, resumed = [cuts[i % len(cuts)] for i in range(trial_count(2))], []
     for n, cut in enumerate(trials):
         root = tmp_path / f"l2-{n}"
         store = SnapshotStore(root)
@@ -192,7 +194,7 @@ def test_two_syncs_of_one_version_at_once_download_it_once(oss, big_version, tmp
     """Two `warmfleet sync` processes on one L2 (two containers sharing a volume) reach the same version together:
     one downloads it, the other waits for the blob's lock and finds it there; both see the same verified files."""
     size, sha = big_version["size"], big_version["sha"]
-    trials, manifest_key = 3, f"{BIG.key}/manifest.json"
+    trials, manifest_key = trial_count(1), f"{BIG.key}/manifest.json"
     for n in range(trials):
         root = tmp_path / f"shared-l2-{n}"
         store = SnapshotStore(root)
@@ -255,7 +257,7 @@ def test_the_archive_unreachable_during_a_sync_leaves_l2_untouched_and_serving_g
     retries = oss.archive().retries
     stats = FleetStats(redis.Redis.from_url(settings.broker_url))
     served, outages = 0, 0
-    for trial in range(2):
+    for trial in range((trial_count(2) + 1) // 2):  # two outages a round: stopped, then 503
         for fault in ("stopped", "503"):
             before, failed_runs = tree(root), stats.snapshot().get("sync_runs_failed", 0)
             job = producer.generate.delay(f"during the outage {trial} {fault}", seed=trial, release=NEW)

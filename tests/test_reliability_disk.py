@@ -19,7 +19,7 @@ from cachemgr.sync import sync_release
 from fleetctl.demo.builders import DEMO_RELEASES
 from tasks.settings import FleetSettings
 
-from .support import NEXT, child_env, fleet_settings_for, record_result, run_sync, start_worker, tree
+from .support import NEXT, child_env, fleet_settings_for, record_result, run_sync, start_worker, tree, trial_count
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_a_full_disk_fails_the_sync_clearly_and_the_previous_version_is_still_se
         try:
             publish_next_with_a_big_file(LocalArchive(archive_dir), demo_archive_dir, tmp_path / "next", 32)
             SnapshotStore(root).tmp.mkdir(exist_ok=True)
-            trials = 3
+            trials = trial_count(2)
             for trial in range(trials):
                 before = tree(root)
                 done = run_sync(child_env(settings), NEXT)

@@ -28,6 +28,7 @@ from .support import (
     fleet_settings_for,
     meta,
     record_result,
+    trial_count,
     wait_for,
     wait_port,
 )
@@ -89,7 +90,7 @@ def test_redis_restarted_with_jobs_queued_and_running_loses_none(fleet_settings,
     calibration = Calibration(producer)
     wait_for(lambda: client.llen(BEAT_QUEUE) > 2, what="beat's first ticks")
     registry = WarmRegistry(client)
-    trials, sent, done, duplicated, recoveries = 3, 0, 0, 0, []
+    trials, sent, done, duplicated, recoveries = trial_count(2), 0, 0, 0, []
     for trial in range(trials):
         jobs = [producer.generate.delay(f"redis restart {trial}-{i}", seed=400 + 10 * trial + i, release=NEW,
                                         **calibration.job(2.5)) for i in range(6)]

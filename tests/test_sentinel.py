@@ -72,6 +72,7 @@ def test_the_app_and_the_fleet_state_reach_the_primary_through_the_sentinels(fle
     assert int(client.info("server")["tcp_port"]) == sentinels.primary_port()
 
 
+@pytest.mark.timeout(600 + 120 * TRIALS)  # a failover and its settling take a minute or two on a loaded machine
 def test_a_failover_under_load_loses_no_acknowledged_job(fleet_settings, sentinels, producer, workers):
     """Given producers sending without pause to two workers through Sentinel, when the primary fails over (the
     replica promoted, the old primary demoted), every job whose send returned completes, and none runs twice."""

@@ -60,7 +60,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
     from cachemgr.sync import sync_release, verify_ref
-    from fleetstate.orphans import Sweeper
+    from fleetstate.orphans import SWEEP_SECONDS, Sweeper
     from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
     from fleetstate.stats import FleetStats
     from tasks import app, configure
@@ -153,7 +153,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     heartbeat = Heartbeat(registry, state, settings.heartbeat_seconds, l2=cache.store,
                           refresh=lambda current: sample_into(current, device))
     heartbeat.start()
-    sweeper = Sweeper(registry.redis)  # jobs of dead peers back in their queue within the heartbeat TTL
+    # jobs of dead peers back in their queue within the heartbeat TTL; lost sends sent again (fleetstate/outbox.py)
+    sweeper = Sweeper(registry.redis, outbox_grace=settings.outbox_grace_seconds,
+                      settle=settings.heartbeat_seconds + SWEEP_SECONDS)
     sweeper.start()
     log.info("worker %s warm on %s; consuming %s", hostname, ", ".join(releases), queues)
     try:
@@ -189,7 +191,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     from beat_schedule import MAINTENANCE_QUEUE
     from cachemgr.names import node_queue
     from fleetstate.nodes import NodeRegistry
-    from fleetstate.orphans import Sweeper
+    from fleetstate.orphans import SWEEP_SECONDS, Sweeper
     from tasks import app, configure
 
     configure(settings)
@@ -221,7 +223,9 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
                 return
 
     threading.Thread(target=beat, name="warmfleet-node", daemon=True).start()
-    sweeper = Sweeper(nodes.redis)  # jobs of dead GPU workers back in their queue, even with no GPU worker idle
+    # jobs of dead GPU workers back in their queue, and lost sends sent again, even with no GPU worker idle
+    sweeper = Sweeper(nodes.redis, outbox_grace=settings.outbox_grace_seconds,
+                      settle=settings.heartbeat_seconds + SWEEP_SECONDS)
     sweeper.start()
     try:
         app.worker_main(
