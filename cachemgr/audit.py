@@ -59,12 +59,15 @@ class AuditResult:
 
 def plan_audit(store: SnapshotStore, keep: int | None = None,
                protected: Mapping[ComponentRef, str] | Iterable[ComponentRef] = (),
-               stale_after: float = STALE_AFTER, verify: bool = True, now: float | None = None) -> AuditPlan:
+               stale_after: float = STALE_AFTER, verify: bool = True, now: float | None = None,
+               stamp: bool = False) -> AuditPlan:
+    """What an audit would do; `stamp`: blobs that pass the re-hash are stamped verified (the nightly audit, not a
+    dry run), so a worker's boot within the trust window need not read them again (SnapshotStore.check)."""
     now = time.time() if now is None else now
     checks: list[BlobCheck] = []
     if verify:
         for ref in store.refs():
-            checks.extend(store.check(ref))
+            checks.extend(store.check(ref, stamp=stamp))
     stale = []
     if store.tmp.is_dir():
         for p in store.tmp.iterdir():

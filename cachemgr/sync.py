@@ -308,13 +308,13 @@ def sync_ref(
 
 
 def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
-               events: EventLog | None = None) -> list[str]:
+               events: EventLog | None = None, trust_seconds: float = 0.0) -> list[str]:
     """Re-hash a snapshot against its manifest before anything loads it. Corrupt or missing blobs are quarantined
     (kept for inspection), the snapshot is unlinked and fetched again from the archive, then checked again.
 
     Returns the paths that were repaired; raises ChecksumMismatch when the snapshot is still bad (or there is no
     archive to repair it from), so a worker refuses to load bytes that are not the published ones."""
-    bad = [c for c in store.check(ref) if not c.ok]
+    bad = [c for c in store.check(ref, trust_seconds) if not c.ok]  # `trust_seconds`: SnapshotStore.check
     if not bad:
         return []
     for check in bad:

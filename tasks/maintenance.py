@@ -112,7 +112,8 @@ def run_audit(settings: FleetSettings, dry_run: bool = False) -> dict[str, Any]:
     client = redis_client(settings)
     events = event_log(settings, client)
     store = Cache.at(settings.resolved_cache_root).store
-    plan = plan_audit(store, keep=settings.retention_keep, protected=protected_refs(client, settings.worker_releases))
+    plan = plan_audit(store, keep=settings.retention_keep, protected=protected_refs(client, settings.worker_releases),
+                      stamp=not dry_run)
     result = None
     if not dry_run:
         archive = settings.open_archive()

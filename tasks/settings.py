@@ -108,6 +108,9 @@ class FleetSettings(BaseSettings):
     )
     auto_warm_seconds: float = Field(60.0, ge=5, description="beat's auto-warm tick, when auto_warm is on")
     verify_l2_at_boot: bool = Field(True, description="re-hash a release's L2 files against their manifests at boot")
+    verify_l2_trust_seconds: float = Field(
+        86400.0, ge=0, description="at boot, a file re-hashed (at a boot or by the nightly audit) less than this long "
+        "ago and unchanged on disk since (size, inode, mtime, ctime) is not re-hashed; 0 = re-hash every file")
 
     peer_enabled: bool = Field(True, description="fill L2 from the site's other nodes before L3 (needs peer_secret)")
     peer_secret: str | None = Field(None, description="the fleet's shared secret that signs peer requests; unset = off")

@@ -118,7 +118,8 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
                         .also_serving(*group[1:]).with_cache(cache).on(device, dtype).with_events(events).build())
 
             def verify(refs=tuple(dict.fromkeys(ref for release in group for ref in release.refs()))):
-                return [path for ref in refs for path in verify_ref(archive, cache.store, ref, events=events)]
+                return [path for ref in refs for path in verify_ref(archive, cache.store, ref, events=events,
+                                                                     trust_seconds=settings.verify_l2_trust_seconds)]
 
             # bit rot on disk: quarantine and fetch again, or refuse to load; re-hashed beside the build
             resident = build_verified(build, verify) if settings.verify_l2_at_boot else build()
