@@ -176,6 +176,7 @@ def main() -> None:
 
     from cachemgr import Cache, LocalArchive, Release
     from cachemgr.names import ComponentRef
+    from cachemgr.store import forget_manifests
     from cachemgr.sync import sync_release
     from workers.models import builder_for, family_of
     from workers.models.base import LORA_WEIGHT_NAME
@@ -210,6 +211,7 @@ def main() -> None:
         weight_bytes = sum(p.stat().st_size for p in weights)
 
         def load() -> object:
+            forget_manifests()  # each build parses its manifests, as a worker's first build of a release does
             return builder.builder(model, release_text).with_cache(cache).on("cpu", dtype).build()
 
         def build() -> float:
@@ -374,8 +376,12 @@ build measured apart, medians of 5: ~0.11–0.14 s in all by load, against 0.25 
 Python-level module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__`
 and ~10,000 `__setattr__`, the same count whatever the widths), the two CLIP encoders (~9 ms), the 96 peft LoRA
 layers (~48 ms: ~0.5 ms each, every peft `Linear` holds a dozen ModuleDicts/ParameterDicts), the tensors assigned
-(~8 ms: set straight into each module's parameters), manifests parsed (~10 ms: the base's and the LoRA's, each
-read twice), tokenizers, tuning and the adapter activation. The raw read it is divided by is a memory copy out of
+(~8 ms: set straight into each module's parameters), manifests parsed (the base's and the LoRA's, once each per
+build now, where they were parsed twice; the bench drops parsed manifests before each build, so every build here
+parses them as a worker's first build does), tokenizers, tuning and the adapter activation. Python's cyclic garbage
+collector is held off for the build (mapped.py `gc_paused`): with it running, a median build costs about the same
+here, but one build in three or four took ~0.35 s instead of ~0.1 s — a full collection walking every object the
+process holds, triggered by the objects the build adds. The raw read it is divided by is a memory copy out of
 the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 29–69 ms (8.6–20
 GB/s) in the runs on this host today — against the first, ~0.11 s of CPU is ~0.9×, against the second 1.6–4×,
 before the load of other jobs (stamp) slows the Python-bound build more than the kernel's copy. The `diffusers` row
@@ -391,12 +397,22 @@ on the checkpoint mapped from L2 instead of a copy (mapped.py `mapped_single_fil
 pass over the bytes), with transformers' initialisers skipped on the empty CLIP encoders, in the checkpoint's own
 float16 — so no weight byte is copied or converted on CPU; on a GPU, `.to(device)` is the one copy. The kohya LoRA
 (UNet + both encoders, rank 324, 736 layers) goes through the mapped LoRA path. CPU seconds per build, measured
-apart (medians of 3): ~1.5 s in all — from_single_file ~0.6 s (UNet/VAE/encoders built on meta ~0.3 s,
-`load_model_dict_into_meta` over ~2,500 tensors, the two CLIP tokenizers rebuilt from vocab.json + merges.txt
-~0.18 s: the standard config has no `tokenizer.json`), the LoRA ~0.75 s (736 peft layers at ~1 ms each), the rest
-~0.1 s; before this change ~2.6 s (of which the encoders' LoRA through transformers' `load_adapter` ~1.0 s, with
+apart (medians of 3, both ways alternating in one process): ~1.0 s with Python's cyclic garbage collector held off
+for the build (mapped.py `gc_paused`), ~1.45 s with it running — a build only adds objects (~11 modules and ~34
+attribute sets per peft LoRA layer, ~10,000 modules in all), so the collector's thresholds trip again and again and
+each older-generation pass walks the ~0.5 million objects the imported libraries hold, freeing nothing; it cost
+~0.4 ms of each LoRA layer's ~0.7 ms. What is left: from_single_file ~0.55 s (UNet/VAE/encoders built on meta,
+`load_model_dict_into_meta` over ~2,500 tensors, 192 tensor `clone`s in diffusers' conversion of the open-CLIP
+encoder, ~0.08 s under the profiler — and the two CLIP tokenizers built from vocab.json + merges.txt, ~0.05 s each), the LoRA ~0.35 s
+(736 peft layers at ~0.3 ms: a dozen ModuleDicts, two `nn.Linear`, `set_adapter` and the device check per layer,
+all peft's own code), the rest ~0.1 s (L2 checks; the base's and the LoRA's manifests — a range and hash per
+tensor — are now parsed once per file and reused, where they were parsed 5 times per build, tens of ms each). A
+`tokenizer.json` written at publish would not help with this transformers (5.x): loading the CLIP tokenizer from
+its tokenizer.json took 0.35–0.5 s against ~0.12 s from vocab.json + merges.txt (the same ids; measured apart),
+so publish keeps writing only vocab.json + merges.txt. Before the mapped LoRA path the build took ~2.6 s of CPU (of
+which the encoders' LoRA through transformers' `load_adapter` ~1.0 s, with
 real random initialisation of every LoRA matrix before it is overwritten). A converted-at-publish layout (a
-diffusers folder: the key conversion done once at publish, `tokenizer.json` written) would let the base take the
+diffusers folder: the key conversion done once at publish) would let the base take the
 mapped path of a diffusers folder (no conversion, no `load_model_dict_into_meta`); the conversion itself costs
 little here (~10 ms of key renaming), the module construction stays. The wall-clock ratio in the table is bounded
 by the same Python work on a machine shared with other jobs (load average in the stamp)."""

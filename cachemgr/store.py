@@ -15,13 +15,16 @@ sees a partial file, and correctness never depends on the locks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,17 @@ from filelock import FileLock, Timeout
 
 from .manifest import Manifest, ManifestError
 from .names import ComponentRef, validate_relpath, version_sort_key
+
+_PARSED: OrderedDict[tuple[str, int, int, int], Manifest] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+_PARSED_KEPT = 16
+"""Manifests parsed from L2 files, by (path, inode, size, mtime_ns): see `SnapshotStore.manifest`."""
+
+
+def forget_manifests() -> None:
+    """Drop every parsed manifest kept (a benchmark timing a process's first build of a release)."""
+    with _PARSED_LOCK:
+        _PARSED.clear()
 
 
 class ChecksumMismatch(ValueError):
@@ -136,10 +150,29 @@ class SnapshotStore:
         return self.snapshot_path(ref)
 
     def manifest(self, ref: ComponentRef) -> Manifest:
+        """The version's manifest. A parsed one is reused while its file is the same file (inode, size, mtime: a
+        manifest is only ever replaced by a rename): a build reads the base's and each LoRA's several times, and
+        a full-size checkpoint's manifest (a range and hash per tensor) takes ~40 ms to parse. Each caller gets its
+        own copy of `meta`, the one mutable part."""
+        path = self.manifest_path(ref)
         try:
-            return Manifest.from_json(self.manifest_path(ref).read_text())
+            st = path.stat()
+            key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+            with _PARSED_LOCK:
+                parsed = _PARSED.get(key)
+                if parsed is not None:
+                    _PARSED.move_to_end(key)
+            if parsed is None:
+                parsed = Manifest.from_json(path.read_text())
+                with _PARSED_LOCK:
+                    _PARSED[key] = parsed
+                    while len(_PARSED) > _PARSED_KEPT:
+                        _PARSED.popitem(last=False)
         except FileNotFoundError:
             raise SnapshotMissing(f"{ref} is not in the L2 store at {self.root}") from None
+        mine = copy.copy(parsed)
+        object.__setattr__(mine, "meta", copy.deepcopy(parsed.meta))
+        return mine
 
     def has_blob(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()

@@ -240,3 +240,27 @@ def test_a_kohya_lora_on_unet_and_text_encoders_loads_as_diffusers_loads_it(cach
         pipe.set_adapters(["lora_v2_3_1"])  # the same active adapter on both (ours last drew CURRENT)
     assert ours.pipeline.get_list_adapters() == theirs.get_list_adapters() == {"unet": ["lora_v2_3_0", "lora_v2_3_1"]}
     assert_same_models(ours.pipeline, theirs)
+
+
+def test_gc_paused_holds_the_collector_off_and_restores_what_it_found():
+    import gc
+
+    from workers.models.mapped import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: the inner one leaves it off
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # off before, off after
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a failed build")
+    assert gc.isenabled()

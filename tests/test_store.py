@@ -147,3 +147,22 @@ def test_manifest_meta_survives_into_l2(tmp_path):
     sync_ref(archive, store, REF)
     assert store.manifest(REF).meta == {"family": "sdxl"}
     assert [f.sha256 for f in store.manifest(REF).files] == [f.sha256 for f in manifest.files]
+
+
+def test_a_parsed_manifest_is_reused_only_while_its_file_is_the_same(tmp_path):
+    archive = MemoryArchive()
+    archive.publish(REF, make_version(tmp_path), meta={"family": "sdxl", "tags": ["a"]})
+    store = Cache.at(tmp_path / "l2").store
+    sync_ref(archive, store, REF)
+    first = store.manifest(REF)
+    first.meta["tags"].append("changed by one caller")  # each caller's meta is its own
+    assert store.manifest(REF).meta == {"family": "sdxl", "tags": ["a"]}
+    # the manifest replaced as the store replaces it (a new file renamed over the old one): read again
+    path = store.manifest_path(REF)
+    replaced = path.with_suffix(".new")
+    replaced.write_text(path.read_text().replace('"sdxl"', '"sd15"'))
+    os.replace(replaced, path)
+    assert store.manifest(REF).meta["family"] == "sd15"
+    path.unlink()
+    with pytest.raises(SnapshotMissing):
+        store.manifest(REF)

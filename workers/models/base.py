@@ -22,7 +22,7 @@ from ..gpu import resident_bytes
 from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
-from .mapped import build_pipeline, load_unet_lora
+from .mapped import build_pipeline, gc_paused, load_unet_lora
 from .vae import VAE_FAMILIES, load_vae
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -193,6 +193,10 @@ class ModelBuilder:
         return releases
 
     def build(self) -> ResidentPipeline:
+        with gc_paused():  # a build only adds objects: the collector's passes over the process find nothing (mapped.py)
+            return self._build()
+
+    def _build(self) -> ResidentPipeline:
         import torch
 
         releases = self.check_releases()
