@@ -118,7 +118,7 @@ def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None
     still_referenced = {f.sha256 for r in store.refs() for f in store.manifest(r).files}
     for sha in plan.orphan_blobs:
         if sha not in still_referenced and store.has_blob(sha):
-            store.blob_path(sha).unlink(missing_ok=True)
+            store.remove_blob(sha)
             result.collected_blobs += 1
     if archive is not None:
         for ref in sorted(broken - set(plan.retire)):

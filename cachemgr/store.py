@@ -378,10 +378,7 @@ class SnapshotStore:
         if not versions:
             ref.unlink(missing_ok=True)
             return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".latest.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(versions[-1] + "\n")
-        os.replace(tmp, ref)
+        _write_text_atomic(ref, versions[-1] + "\n")
 
     # -- checking
     def check(self, ref: ComponentRef, trust_seconds: float = 0.0, stamp: bool = True) -> list[BlobCheck]:
@@ -420,11 +417,7 @@ class SnapshotStore:
         return self.root / "verified" / sha256
 
     def _stamp(self, sha256: str, identity: str) -> None:
-        path = self._stamp_path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{sha256}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(f"{time.time():.3f} {identity}\n")
-        os.replace(tmp, path)
+        _write_text_atomic(self._stamp_path(sha256), f"{time.time():.3f} {identity}\n")
 
     def _stamped(self, sha256: str, blob: Path, trust_seconds: float) -> bool:
         try:
@@ -432,6 +425,11 @@ class SnapshotStore:
             return time.time() - float(at) < trust_seconds and identity.strip() == _identity(blob)
         except (OSError, ValueError):
             return False
+
+    def remove_blob(self, sha256: str) -> None:
+        """A blob no snapshot refers to any more goes, and its verified stamp with it."""
+        self.blob_path(sha256).unlink(missing_ok=True)
+        self._stamp_path(sha256).unlink(missing_ok=True)
 
     def quarantine_blob(self, sha256: str) -> Path | None:
         """Move a corrupt blob aside so the next sync fetches it again; kept for inspection."""
@@ -443,6 +441,14 @@ class SnapshotStore:
         dest = qdir / f"{sha256}.{uuid.uuid4().hex[:8]}"
         os.replace(blob, dest)
         return dest
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """A small file replaced whole by a rename: a reader sees the old text or the new, never part of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _identity(path: Path) -> str:

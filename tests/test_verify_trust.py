@@ -72,3 +72,13 @@ def test_a_stamp_older_than_the_trust_window_means_a_full_check(tmp_path):
     store.check(REF)
     checks, read = check_reading(store, 1e-6)
     assert all(c.ok for c in checks) and read >= SIZE
+
+
+def test_a_removed_blob_takes_its_stamp_with_it(tmp_path):
+    store = synced(tmp_path)
+    store.check(REF)
+    sha = store.manifest(REF).file("unet/w.safetensors").sha256
+    stamps = store.root / "verified"
+    assert (stamps / sha).is_file()
+    store.remove_blob(sha)
+    assert not store.blob_path(sha).exists() and not (stamps / sha).exists()
