@@ -89,6 +89,67 @@ def assert_same_models(a, b) -> None:
     assert a.text_encoder_2.config.to_dict() == b.text_encoder_2.config.to_dict()
 
 
+def assert_same_module(a, b, path: str) -> None:
+    """Two modules alike attribute by attribute, all the way down: class, every attribute's value, every tensor's
+    class, dtype, shape, trainability and values."""
+    assert type(a) is type(b), path
+    assert set(a.__dict__) == set(b.__dict__), (path, set(a.__dict__) ^ set(b.__dict__))
+    for key, x in a.__dict__.items():
+        y = b.__dict__[key]
+        if key == "_modules":
+            assert list(x) == list(y), path
+            for k in x:
+                assert_same_module(x[k], y[k], f"{path}.{k}")
+        elif key in ("_parameters", "_buffers"):
+            assert list(x) == list(y), path
+            for k, p in x.items():
+                q = y[k]
+                assert (p is None) == (q is None), (path, k)
+                if p is not None:
+                    assert type(p) is type(q) and p.dtype == q.dtype and p.requires_grad == q.requires_grad, (path, k)
+                    assert torch.equal(p, q), (path, k)
+        elif key == "kwargs":  # peft keeps the tied-adapter dict it was given: one per call there, per layer here
+            assert x == y, path
+        else:
+            assert x == y, (path, key, x, y)
+
+
+def test_every_lora_layer_is_the_layer_peft_makes(cache):
+    """The UNet's LoRA layers are mostly copies of the first one peft made (mapped._LinearCloner): each must equal,
+    attribute by attribute, the layer diffusers' own loader makes at the same module."""
+    from peft.tuners.lora import LoraLayer, LoraModel
+
+    made = []
+    create = LoraModel._create_new_module
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LoraModel, "_create_new_module", staticmethod(lambda *a, **k: made.append(1) or create(*a, **k)))
+        ours = mapped(cache).pipeline
+    theirs = plain(cache)
+    mine = {n: m for n, m in ours.unet.named_modules() if isinstance(m, LoraLayer)}
+    yours = {n: m for n, m in theirs.unet.named_modules() if isinstance(m, LoraLayer)}
+    assert list(mine) == list(yours) and len(mine) > 6
+    assert len(made) <= 3, "the copies were not taken: peft made every layer"  # the second adapter: update_layer
+    for name, layer in mine.items():
+        assert_same_module(layer, yours[name], name)
+
+
+def test_a_copy_that_differs_from_peft_s_layer_makes_peft_make_them_all(cache):
+    """The check each build runs: when the copy of a layer is not what peft makes, no copy is used."""
+    from peft.tuners.lora import LoraLayer, LoraModel
+
+    from workers.models import mapped as mapped_module
+
+    made = []
+    create = LoraModel._create_new_module
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LoraModel, "_create_new_module", staticmethod(lambda *a, **k: made.append(1) or create(*a, **k)))
+        mp.setattr(mapped_module, "_same_layer", lambda *a: False)
+        ours = mapped(cache).pipeline
+    layers = [m for m in ours.unet.modules() if isinstance(m, LoraLayer)]
+    assert len(made) == len(layers)  # every layer (the second adapter is added to them by peft's update_layer)
+    assert_same_models(ours, plain(cache))
+
+
 def test_the_mapped_build_holds_what_plain_diffusers_holds(cache):
     ours, theirs = mapped(cache).pipeline, plain(cache)
     assert_same_models(ours, theirs)

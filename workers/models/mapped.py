@@ -313,7 +313,7 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     plain target."""
     import torch
     from peft.tuners.lora import LoraLayer, LoraModel
-    from peft.tuners.tuners_utils import BaseTunerLayer, _find_minimal_target_modules
+    from peft.tuners.tuners_utils import BaseTunerLayer, _find_minimal_target_modules, get_device_map
     from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
     from peft.utils.other import get_pattern_key
 
@@ -325,27 +325,27 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
         if not sep or rest not in ("A.weight", "B.weight"):
             return False
         tensors.setdefault(module_name, {})[rest[0]] = tensor
+    modules = dict(model.named_modules())  # one walk, for the targets, the first-adapter check and the condensing
     targets = []
     for module_name, pair in tensors.items():
         if set(pair) != {"A", "B"}:
             return False
-        try:
-            target = model.get_submodule(module_name)
-        except AttributeError:
+        target = modules.get(module_name)
+        if target is None:
             return False
         base = target.get_base_layer() if isinstance(target, LoraLayer) else target
         if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)) or (
                 isinstance(target, BaseTunerLayer) and not isinstance(target, LoraLayer)):
             return False
         targets.append((module_name, target))
-    first = not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    first = not any(isinstance(m, BaseTunerLayer) for m in modules.values())
     before = [] if first else [(p, p.requires_grad) for p in model.parameters()]  # peft's snapshot, taken as it does
     targets_in_config = config.target_modules
     if isinstance(targets_in_config, (list, set)) and len(targets_in_config) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
         # peft condenses a long list of module names into the shortest suffixes that match them and nothing else,
         # and registers that: the same call here keeps the registered config peft's
         suffixes = tuple("." + t for t in targets_in_config)
-        others = [n for n, _ in model.named_modules() if n not in targets_in_config and not n.endswith(suffixes)]
+        others = [n for n in modules if n not in targets_in_config and not n.endswith(suffixes)]
         condensed = _find_minimal_target_modules(targets_in_config, others)
         if len(condensed) < len(targets_in_config):
             config.target_modules = condensed
@@ -354,6 +354,15 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     model.peft_config[name] = config
     empty = copy.copy(config)  # the layers' A and B are the file's tensors: their random initialisation is skipped
     empty.init_lora_weights = False
+    device_map = get_device_map(model)  # what peft's own injection passes each layer (kept in its kwargs)
+
+    def peft_layer(target: Any, module_name: str, r: int, alpha: Any) -> Any:
+        return LoraModel._create_new_module(
+            empty, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
+            loaded_in_4bit=False, ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
+            parameter_name=None, tied_adapter={}, device_map=dict(device_map))
+
+    cloner = _LinearCloner(name, peft_layer)
     try:
         layers = []
         with empty_modules():  # once for all layers: entering it patches torch's initialisers
@@ -365,12 +374,9 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
                     target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=empty)
                     layer = target
                 else:
-                    layer = LoraModel._create_new_module(
-                        empty, name, target, r=r, lora_alpha=alpha, target_name=module_name, loaded_in_8bit=False,
-                        loaded_in_4bit=False, ephemeral_gpu_offload=config.runtime_config.ephemeral_gpu_offload,
-                        parameter_name=None, tied_adapter={}, device_map=None)
+                    layer = cloner.layer(target, module_name, r, alpha)
                     parent_name, _, child = module_name.rpartition(".")
-                    setattr(model.get_submodule(parent_name), child, layer)
+                    setattr(modules[parent_name], child, layer)
                 layers.append((module_name, layer))
         for module_name, layer in layers:  # outside: a parameter set under empty_modules would go to meta
             base_weight = layer.get_base_layer().weight
@@ -395,15 +401,180 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     for prefix, module in model.named_modules():
         if isinstance(module, LoraLayer):
             module.set_adapter([name], inference_mode=config.inference_mode)
+        in_lora = "lora_" in prefix  # "lora_" cannot straddle the "." that joins prefix and name
         for n, p in module._parameters.items():
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
-            if "lora_" not in (f"{prefix}.{n}" if prefix else n):
+            if not in_lora and "lora_" not in n:
                 p.requires_grad = False
     for p, requires_grad in before:
         p.requires_grad = requires_grad
     model._hf_peft_config_loaded = True
+    return True
+
+
+class _LinearCloner:
+    """peft's LoRA `Linear` layers for many `nn.Linear` targets of one adapter, most of them copied from one that
+    peft made instead of made by peft. peft's constructor costs ~0.3 ms a layer (a dozen ModuleDicts set through
+    `nn.Module.__setattr__`, a walk of the config's fields, `set_adapter`, the device check); a copy takes the first
+    layer's attributes and changes only what depends on the target: the base layer, the feature counts, the rank,
+    alpha and scaling, the target name, and lora_A/lora_B's shapes (their weights, on the meta device like peft's,
+    are set from the file afterwards, for every layer alike).
+
+    Each build proves the copy on the installed peft: the second layer, and the first whose shape differs from the
+    first layer's, are made by peft and by copying, and compared attribute by attribute (`_same_layer`). Any
+    difference, any attribute outside the ones known here, or a target that is not exactly an `nn.Linear`, and
+    every layer is made by peft."""
+
+    def __init__(self, adapter: str, make: Any) -> None:
+        self.adapter, self.make = adapter, make
+        self.template: Any = None
+        self.proved: set[str] = set()  # "same shape", "other shape": the checks passed
+        self.off = False
+
+    def layer(self, target: Any, module_name: str, r: int, alpha: Any) -> Any:
+        import torch
+
+        if self.off or type(target) is not torch.nn.Linear:
+            return self.make(target, module_name, r, alpha)
+        if self.template is None:
+            self.template = self.make(target, module_name, r, alpha)
+            self.off = not _clonable(self.template, self.adapter)
+            return self.template
+        kind = "same shape" if (target.in_features, target.out_features, r) == (
+            self.template.in_features, self.template.out_features, self.template.r[self.adapter]) else "other shape"
+        if kind in self.proved:
+            return self._copy(target, module_name, r, alpha)
+        made = self.make(target, module_name, r, alpha)
+        if _same_layer(self._copy(target, module_name, r, alpha), made):
+            self.proved.add(kind)
+        else:
+            self.off = True
+        return made
+
+    def _copy(self, target: Any, module_name: str, r: int, alpha: Any) -> Any:
+        import math
+
+        import torch
+
+        template, name = self.template, self.adapter
+        layer = _copy_module(template)
+        modules = layer.__dict__["_modules"]
+        for key, child in template._modules.items():
+            if key == "base_layer":
+                modules[key] = target
+                continue
+            copied = modules[key] = _copy_module(child)
+            copied._modules.update({k: _copy_module(v) for k, v in child._modules.items()})
+        d = layer.__dict__
+        d["in_features"], d["out_features"] = target.in_features, target.out_features
+        d["r"][name] = r
+        d["lora_alpha"][name] = alpha
+        d["scaling"][name] = alpha / math.sqrt(r) if template.use_rslora[name] else alpha / r
+        d["kwargs"]["target_name"] = module_name
+        d["kwargs"]["tied_adapter"], d["kwargs"]["device_map"] = {}, dict(template.kwargs["device_map"])
+        a, b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+        a.__dict__["in_features"], a.__dict__["out_features"] = target.in_features, r
+        b.__dict__["in_features"], b.__dict__["out_features"] = r, target.out_features
+        for linear, shape in ((a, (r, target.in_features)), (b, (target.out_features, r))):
+            weight = linear._parameters["weight"]
+            linear._parameters["weight"] = torch.nn.Parameter(
+                torch.empty(shape, dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad)
+        return layer
+
+
+_LORA_LINEAR_ATTRS = {
+    "r", "lora_alpha", "scaling", "_disable_adapters", "merged_adapters", "use_dora", "use_rslora", "lora_bias",
+    "_caches", "ephemeral_gpu_offload", "cast_input_dtype_enabled", "lora_variant", "kwargs", "in_features",
+    "out_features", "fan_in_fan_out", "_active_adapter", "is_target_conv_1d_layer"}
+"""A peft LoRA `Linear`'s own attributes (beyond nn.Module's) that `_LinearCloner` knows how to copy."""
+
+
+def _clonable(layer: Any, adapter: str) -> bool:
+    """A plain LoRA layer of one adapter: known attributes only, no hooks, no variant, one bias-free Linear in
+    lora_A and lora_B, nothing in the other adapter dicts but a parameterless dropout."""
+    import torch
+
+    base = set(torch.nn.Module().__dict__)
+    own = set(layer.__dict__) - base
+    modules = layer._modules
+    if any(isinstance(v, (dict, list, set)) and any(isinstance(x, (dict, list, set)) for x in (
+            v.values() if isinstance(v, dict) else v)) for k, v in layer.__dict__.items() if k in own - {"kwargs"}):
+        return False  # containers in containers: a one-level copy would share them
+    if own != _LORA_LINEAR_ATTRS or set(modules) != {
+            "base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+            "lora_magnitude_vector"} or layer.lora_variant or layer._caches or layer.merged_adapters:
+        return False
+    for key, child in modules.items():
+        if key == "base_layer":
+            continue
+        if _hooked(child) or child._parameters or child._buffers or set(child._modules) != (
+                {adapter} if key in ("lora_dropout", "lora_A", "lora_B") else set()):
+            return False
+        for sub in child._modules.values():
+            if _hooked(sub) or sub._modules or sub._buffers:
+                return False
+    a, b = modules["lora_A"][adapter], modules["lora_B"][adapter]
+    return (type(a) is type(b) is torch.nn.Linear and a._parameters.get("bias") is None
+            and b._parameters.get("bias") is None and not modules["lora_dropout"][adapter]._parameters
+            and not _hooked(layer))
+
+
+def _hooked(module: Any) -> bool:
+    return any(isinstance(v, dict) and v for k, v in module.__dict__.items() if k.endswith("_hooks") or k in (
+        "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"))
+
+
+def _copy_module(module: Any) -> Any:
+    """A new module of the same class whose attributes are the original's, containers copied one level deep
+    (parameters and submodules are shared until the caller replaces them)."""
+    copied = object.__new__(type(module))
+    d = copied.__dict__
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)):
+            d[key] = type(value)(value)
+        else:
+            d[key] = value
+    return copied
+
+
+def _same_layer(a: Any, b: Any, path: str = "") -> bool:
+    """Two modules alike attribute by attribute, the submodules too (a base layer only by its shape: each is its
+    own target); tensors by class, shape, dtype, device and trainability."""
+    import torch
+
+    if type(a) is not type(b) or set(a.__dict__) != set(b.__dict__):
+        return False
+    for key, x in a.__dict__.items():
+        y = b.__dict__[key]
+        if key == "_modules":
+            if list(x) != list(y):
+                return False
+            for k in x:
+                if k == "base_layer" and not path:
+                    if x[k] is not y[k]:  # both made for the same target
+                        return False
+                elif not _same_layer(x[k], y[k], f"{path}.{k}"):
+                    return False
+        elif key in ("_parameters", "_buffers"):
+            if list(x) != list(y):
+                return False
+            for k in x:
+                p, q = x[k], y[k]
+                if (p is None) != (q is None):
+                    return False
+                if p is not None and (type(p) is not type(q) or p.shape != q.shape or p.dtype != q.dtype
+                                      or p.device != q.device or p.requires_grad != q.requires_grad):
+                    return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+        else:
+            try:
+                if x != y:
+                    return False
+            except Exception:
+                return False
     return True
 
 
