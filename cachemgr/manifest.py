@@ -26,6 +26,15 @@ class ManifestError(ValueError):
     """A manifest that is malformed, lies about its files, or points outside its version folder."""
 
 
+def _frozen(cls: type, **fields: Any) -> Any:
+    """An instance of a frozen dataclass with these fields, without its generated `__init__` (one
+    `object.__setattr__` per field: most of the time a large manifest takes to parse, ~2,000 tensor ranges and
+    pieces for an SDXL release)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
 @dataclass(frozen=True)
 class TensorRange:
     name: str
@@ -120,18 +129,14 @@ class Manifest:
                     size=int(f["size"]),
                     sha256=str(f["sha256"]),
                     tensors=tuple(
-                        TensorRange(
-                            name=str(t["name"]),
-                            dtype=str(t["dtype"]),
-                            shape=tuple(int(x) for x in t["shape"]),
-                            start=int(t["start"]),
-                            end=int(t["end"]),
-                            sha256=str(t["sha256"]),
-                        )
+                        _frozen(TensorRange, name=str(t["name"]), dtype=str(t["dtype"]),
+                                shape=tuple(map(int, t["shape"])), start=int(t["start"]), end=int(t["end"]),
+                                sha256=str(t["sha256"]))
                         for t in f.get("tensors", ())
                     ),
                     pieces=tuple(
-                        Piece(int(p["start"]), int(p["end"]), str(p["sha256"])) for p in f.get("pieces", ())
+                        _frozen(Piece, start=int(p["start"]), end=int(p["end"]), sha256=str(p["sha256"]))
+                        for p in f.get("pieces", ())
                     ),
                 )
                 for f in data["files"]

@@ -374,18 +374,18 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
                     target.update_layer(name, r, lora_alpha=alpha, target_name=module_name, config=empty)
                     layer = target
                 else:
-                    layer = cloner.layer(target, module_name, r, alpha)
+                    layer, filled = cloner.layer(target, module_name, r, alpha, tensors[module_name])
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(modules[parent_name], child, layer)
+                    if filled:  # a copy already holding the file's tensors, in the base weight's dtype and device
+                        continue
                 layers.append((module_name, layer))
         for module_name, layer in layers:  # outside: a parameter set under empty_modules would go to meta
             base_weight = layer.get_base_layer().weight
             for side, tensor in tensors[module_name].items():
                 linear = getattr(layer, f"lora_{side}")[name]
                 if tuple(tensor.shape) != tuple(linear.weight.shape):
-                    raise ValueError(f"size mismatch for {module_name}.lora_{side}.weight: copying a param with "
-                                     f"shape {list(tensor.shape)} from the LoRA, the shape in the model is "
-                                     f"{list(linear.weight.shape)}: the LoRA was not trained on this base")
+                    raise _size_mismatch(f"{module_name}.lora_{side}.weight", tensor.shape, linear.weight.shape)
                 linear.weight = torch.nn.Parameter(tensor, requires_grad=linear.weight.requires_grad)
             if any(p.dtype != base_weight.dtype or p.device != base_weight.device
                    for side in "AB" for p in getattr(layer, f"lora_{side}")[name].parameters()):
@@ -397,9 +397,12 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     # the LoRA ones frozen, then (after a first adapter) every parameter that was there keeps its trainability
     # (one walk for both: `set_adapter` sets only the LoRA parameters' flags, the freeze only the others'; each
     # parameter is named as `named_parameters` names it, by its first path)
+    # (a first adapter: every LoRA layer is one made here, peft's or a copy of peft's, and each was left active on
+    # it by peft's `update_layer` with this inference mode, so only the freeze walks the model, over the modules
+    # as they were before the injection: the new layers hold LoRA parameters only)
     seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+    for prefix, module in (modules.items() if first else model.named_modules()):
+        if not first and isinstance(module, LoraLayer):
             module.set_adapter([name], inference_mode=config.inference_mode)
         in_lora = "lora_" in prefix  # "lora_" cannot straddle the "." that joins prefix and name
         for n, p in module._parameters.items():
@@ -418,9 +421,9 @@ class _LinearCloner:
     """peft's LoRA `Linear` layers for many `nn.Linear` targets of one adapter, most of them copied from one that
     peft made instead of made by peft. peft's constructor costs ~0.3 ms a layer (a dozen ModuleDicts set through
     `nn.Module.__setattr__`, a walk of the config's fields, `set_adapter`, the device check); a copy takes the first
-    layer's attributes and changes only what depends on the target: the base layer, the feature counts, the rank,
-    alpha and scaling, the target name, and lora_A/lora_B's shapes (their weights, on the meta device like peft's,
-    are set from the file afterwards, for every layer alike).
+    layer's attributes (containers copied, so no two layers share a dict or a hook table) and changes only what
+    depends on the target: the base layer, the feature counts, the rank, alpha and scaling, the target name, and
+    lora_A/lora_B's shapes and weights.
 
     Each build proves the copy on the installed peft: the second layer, and the first whose shape differs from the
     first layer's, are made by peft and by copying, and compared attribute by attribute (`_same_layer`). Any
@@ -430,58 +433,79 @@ class _LinearCloner:
     def __init__(self, adapter: str, make: Any) -> None:
         self.adapter, self.make = adapter, make
         self.template: Any = None
+        self.top: list[str] = []  # the template's containers, then its children's and grandchildren's
+        self.plan: list[tuple[str, Any, list[str], list[tuple[str, Any, list[str]]]]] = []
         self.proved: set[str] = set()  # "same shape", "other shape": the checks passed
         self.off = False
 
-    def layer(self, target: Any, module_name: str, r: int, alpha: Any) -> Any:
+    def layer(self, target: Any, module_name: str, r: int, alpha: Any, pair: dict[str, Any]) -> tuple[Any, bool]:
+        """(the layer for `target`, whether its lora_A/lora_B already hold `pair`'s tensors)."""
         import torch
 
         if self.off or type(target) is not torch.nn.Linear:
-            return self.make(target, module_name, r, alpha)
+            return self.make(target, module_name, r, alpha), False
         if self.template is None:
             self.template = self.make(target, module_name, r, alpha)
             self.off = not _clonable(self.template, self.adapter)
-            return self.template
+            if not self.off:
+                self.top = _containers(self.template)
+                self.plan = [(key, child, _containers(child),
+                              [(k, v, _containers(v)) for k, v in child._modules.items()])
+                             for key, child in self.template._modules.items() if key != "base_layer"]
+            return self.template, False
         kind = "same shape" if (target.in_features, target.out_features, r) == (
             self.template.in_features, self.template.out_features, self.template.r[self.adapter]) else "other shape"
         if kind in self.proved:
-            return self._copy(target, module_name, r, alpha)
+            return self._copy(target, module_name, r, alpha, pair)
         made = self.make(target, module_name, r, alpha)
-        if _same_layer(self._copy(target, module_name, r, alpha), made):
+        if _same_layer(self._copy(target, module_name, r, alpha, None)[0], made):
             self.proved.add(kind)
         else:
             self.off = True
-        return made
+        return made, False
 
-    def _copy(self, target: Any, module_name: str, r: int, alpha: Any) -> Any:
+    def _copy(self, target: Any, module_name: str, r: int, alpha: Any, pair: dict[str, Any] | None) -> tuple[Any, bool]:
+        """A copy of the template for `target`. With `pair`, lora_A/lora_B get its tensors when they already have
+        the base weight's dtype and device (else, and without `pair`, placeholders as peft makes them, on meta)."""
         import math
 
         import torch
 
         template, name = self.template, self.adapter
-        layer = _copy_module(template)
+        layer = _copy_module(template, self.top)
         modules = layer.__dict__["_modules"]
-        for key, child in template._modules.items():
-            if key == "base_layer":
-                modules[key] = target
-                continue
-            copied = modules[key] = _copy_module(child)
-            copied._modules.update({k: _copy_module(v) for k, v in child._modules.items()})
+        modules["base_layer"] = target
+        for key, child, keys, grandchildren in self.plan:
+            copied = modules[key] = _copy_module(child, keys)
+            copied._modules.update({k: _copy_module(v, ks) for k, v, ks in grandchildren})
         d = layer.__dict__
         d["in_features"], d["out_features"] = target.in_features, target.out_features
         d["r"][name] = r
         d["lora_alpha"][name] = alpha
         d["scaling"][name] = alpha / math.sqrt(r) if template.use_rslora[name] else alpha / r
-        d["kwargs"]["target_name"] = module_name
-        d["kwargs"]["tied_adapter"], d["kwargs"]["device_map"] = {}, dict(template.kwargs["device_map"])
+        kwargs = d["kwargs"]
+        kwargs["target_name"] = module_name
+        kwargs["tied_adapter"], kwargs["device_map"] = {}, dict(template.kwargs["device_map"])
         a, b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
         a.__dict__["in_features"], a.__dict__["out_features"] = target.in_features, r
         b.__dict__["in_features"], b.__dict__["out_features"] = r, target.out_features
-        for linear, shape in ((a, (r, target.in_features)), (b, (target.out_features, r))):
+        base = target.weight
+        final = pair is not None and all(t.dtype == base.dtype and t.device == base.device for t in pair.values())
+        for side, linear, shape in (("A", a, (r, target.in_features)), ("B", b, (target.out_features, r))):
             weight = linear._parameters["weight"]
-            linear._parameters["weight"] = torch.nn.Parameter(
-                torch.empty(shape, dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad)
-        return layer
+            if final:
+                tensor = pair[side]
+                if tuple(tensor.shape) != shape:
+                    raise _size_mismatch(f"{module_name}.lora_{side}.weight", tensor.shape, shape)
+            else:
+                tensor = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+            linear._parameters["weight"] = torch.nn.Parameter(tensor, requires_grad=weight.requires_grad)
+        return layer, final
+
+
+def _size_mismatch(key: str, got: Any, want: Any) -> ValueError:
+    return ValueError(f"size mismatch for {key}: copying a param with shape {list(got)} from the LoRA, the shape in "
+                      f"the model is {list(want)}: the LoRA was not trained on this base")
 
 
 _LORA_LINEAR_ATTRS = {
@@ -526,16 +550,19 @@ def _hooked(module: Any) -> bool:
         "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"))
 
 
-def _copy_module(module: Any) -> Any:
-    """A new module of the same class whose attributes are the original's, containers copied one level deep
+def _containers(module: Any) -> list[str]:
+    """The attributes of `module` that are containers (dicts, lists, sets): what a copy must not share."""
+    return [key for key, value in module.__dict__.items() if isinstance(value, (dict, list, set))]
+
+
+def _copy_module(module: Any, containers: list[str]) -> Any:
+    """A new module of the same class whose attributes are the original's, the `containers` copied one level deep
     (parameters and submodules are shared until the caller replaces them)."""
     copied = object.__new__(type(module))
-    d = copied.__dict__
-    for key, value in module.__dict__.items():
-        if isinstance(value, (dict, list, set)):
-            d[key] = type(value)(value)
-        else:
-            d[key] = value
+    d = dict(module.__dict__)
+    for key in containers:
+        d[key] = d[key].copy()
+    copied.__dict__.update(d)
     return copied
 
 
