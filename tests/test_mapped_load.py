@@ -303,6 +303,47 @@ def test_a_kohya_lora_on_unet_and_text_encoders_loads_as_diffusers_loads_it(cach
     assert_same_models(ours.pipeline, theirs)
 
 
+def lora_state(pipe) -> dict:
+    """Every LoRA layer's active adapters and scales, and every parameter's trainability."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for name, module in getattr(pipe, part).named_modules():
+            if isinstance(module, BaseTunerLayer):
+                state[f"{part}.{name}"] = (list(module.active_adapters), dict(module.scaling))
+        state[part] = {k: p.requires_grad for k, p in getattr(pipe, part).named_parameters()}
+    return state
+
+
+def test_switching_adapters_leaves_what_diffusers_set_adapters_leaves(cache, tmp_path):
+    """`ResidentPipeline.activate` walks only the LoRA layers (resident.set_adapters): switch after switch, with a
+    LoRA on the text encoders too and after one is deleted, the same layer state as `pipeline.set_adapters`."""
+    from workers.models.base import load_lora
+    from workers.resident import set_adapters
+
+    ours, theirs = mapped(cache), mapped(cache).pipeline
+    weight = kohya_lora(theirs, tmp_path / "kohya", seed=3)
+    for pipe in (ours.pipeline, theirs):
+        load_lora(pipe, tmp_path / "kohya", {"weight_name": weight}, "kohya")
+    for scale in (0.5, 2.0):  # scales set by hand on both: a switch must reset them as diffusers does
+        for pipe in (ours.pipeline, theirs):
+            for layer in pipe.text_encoder.modules():
+                if hasattr(layer, "set_scale"):
+                    layer.set_scale("kohya", scale)
+        for names in (["lora_v2_3_1"], ["kohya"], ["lora_v2_3_0", "kohya"], ["lora_v2_3_0"]):
+            set_adapters(ours.pipeline, names, ours._lora_layers)
+            theirs.set_adapters(names)
+            assert lora_state(ours.pipeline) == lora_state(theirs), names
+    for pipe in (ours.pipeline, theirs):
+        pipe.delete_adapters(["lora_v2_3_0"])
+    set_adapters(ours.pipeline, ["kohya"], ours._lora_layers)
+    theirs.set_adapters(["kohya"])
+    assert lora_state(ours.pipeline) == lora_state(theirs)
+    with pytest.raises(ValueError, match="lora_v2_3_0"):
+        set_adapters(ours.pipeline, ["lora_v2_3_0"], ours._lora_layers)
+
+
 def test_gc_paused_holds_the_collector_off_and_restores_what_it_found():
     import gc
 
