@@ -64,21 +64,30 @@ def release_device_memory(device: str) -> None:
             pass
 
 
+def all_modules(*roots: Any) -> list[Any]:
+    """Every module under `roots`, each once, in `named_modules()` order, found without its generator per module
+    (a walk of a UNet and two text encoders in a third of the time)."""
+    found: list[Any] = []
+    seen: set[int] = set()
+    stack = list(reversed(roots))
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return found
+
+
 def resident_bytes(pipeline: Any) -> int:
     """Bytes actually held by the pipeline's modules: every parameter and buffer, each counted once."""
     import torch
 
     seen: set[int] = set()
-    visited: set[int] = set()
     total = 0
     components = getattr(pipeline, "components", None) or {}
-    stack = [m for m in components.values() if isinstance(m, torch.nn.Module)]
-    while stack:  # every module once, by hand: `parameters()` + `buffers()` nest a generator per module, 3× slower
-        module = stack.pop()
-        if id(module) in visited:
-            continue
-        visited.add(id(module))
-        stack.extend(m for m in module._modules.values() if m is not None)
+    for module in all_modules(*(m for m in components.values() if isinstance(m, torch.nn.Module))):
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             if tensor is None or id(tensor) in seen:
                 continue

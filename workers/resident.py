@@ -17,6 +17,7 @@ from typing import Any
 
 from tasks.requests import GenerateRequest
 
+from .gpu import all_modules
 from .limits import check_limits, tiling_wanted
 
 CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[str, Any]]
@@ -227,7 +228,7 @@ def set_adapters(pipeline: Any, names: list[str], layers: dict[str, Any]) -> Non
         key = (id(model), tuple(getattr(model, "peft_config", None) or ()))
         known = layers.get(component)
         if known is None or known[0] != key:
-            known = layers[component] = (key, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+            known = layers[component] = (key, [m for m in all_modules(model) if isinstance(m, BaseTunerLayer)])
         for layer in known[1]:
             layer.set_adapter(names)
             for name in names:
