@@ -357,6 +357,30 @@ def test_the_module_walk_and_resident_bytes_match_torch_s_own(cache):
     assert resident_bytes(pipe) == sum(t.numel() * t.element_size() for t in tensors.values()) > 0
 
 
+def test_a_model_with_buffers_or_tensor_attributes_is_not_built_on_meta(cache):
+    """meta_modules puts every tensor on meta: only a model whose tensors are all parameters (which the file
+    fills) may be built that way; one with a buffer or a tensor attribute is built with real buffers, and the
+    pipeline is the same either way."""
+    from workers.models import mapped as mapped_module
+    from workers.models.mapped import _all_weights
+
+    plain_model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2))
+    assert _all_weights(plain_model)
+    with_buffer = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    assert not _all_weights(with_buffer)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.ones(2)  # a tensor that is neither parameter nor buffer
+
+    assert not _all_weights(torch.nn.Sequential(Scaled()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mapped_module, "_all_weights", lambda model: False)
+        real = mapped(cache).pipeline
+    assert_same_models(real, mapped(cache).pipeline)
+
+
 def test_gc_paused_holds_the_collector_off_and_restores_what_it_found():
     import gc
 

@@ -92,7 +92,7 @@ def resident_bytes(pipeline: Any) -> int:
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            total += tensor.nbytes
     return total
 
 

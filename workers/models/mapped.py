@@ -86,8 +86,20 @@ def _all_weights(model: Any) -> bool:
 
     from ..gpu import all_modules
 
-    return not any(module._buffers or any(isinstance(v, torch.Tensor) for v in module.__dict__.values())
-                   for module in all_modules(model))
+    standard = _MODULE_ATTRS or _MODULE_ATTRS.update(torch.nn.Module().__dict__) or _MODULE_ATTRS
+    for module in all_modules(model):
+        if module._buffers:
+            return False
+        if type(module).__module__.startswith("torch.nn.modules."):
+            continue  # torch's own layers keep their tensors as parameters or buffers
+        attrs = module.__dict__
+        if any(isinstance(attrs[key], torch.Tensor) for key in attrs.keys() - standard):
+            return False
+    return True
+
+
+_MODULE_ATTRS: set[str] = set()
+"""What `nn.Module.__init__` sets on every module (hook tables, parameters…): no tensor among them."""
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path] | None:
