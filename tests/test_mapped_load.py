@@ -345,14 +345,16 @@ def test_switching_adapters_leaves_what_diffusers_set_adapters_leaves(cache, tmp
 
 
 def test_the_module_walk_and_resident_bytes_match_torch_s_own(cache):
-    """workers.gpu.all_modules walks by hand: the same modules, once each, in `modules()` order (a module shared by
-    two parents included once), and the resident bytes are every distinct parameter and buffer counted once."""
-    from workers.gpu import all_modules, resident_bytes
+    """workers.gpu.all_modules and named_modules walk by hand: the same modules (and names), once each, in
+    `modules()` order (a module shared by two parents included once, under its first name), and the resident bytes are every distinct parameter and buffer counted once."""
+    from workers.gpu import all_modules, named_modules, resident_bytes
 
     pipe = mapped(cache).pipeline
     pipe.unet.add_module("shared_again", pipe.unet.conv_in)  # one module reachable twice
     parts = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
     assert all_modules(*parts) == [m for part in parts for m in part.modules()]
+    for part in parts:
+        assert list(named_modules(part).items()) == list(part.named_modules())
     tensors = {id(t): t for part in parts for t in (*part.parameters(), *part.buffers())}
     assert resident_bytes(pipe) == sum(t.numel() * t.element_size() for t in tensors.values()) > 0
 

@@ -80,20 +80,32 @@ def all_modules(*roots: Any) -> list[Any]:
     return found
 
 
+def named_modules(root: Any) -> dict[str, Any]:
+    """`dict(root.named_modules())`, found the way `all_modules` finds them: each module once, under the name
+    `named_modules()` gives it (the first path to it)."""
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found[name] = module
+        head = f"{name}." if name else ""
+        stack.extend(reversed([(head + key, m) for key, m in module._modules.items() if m is not None]))
+    return found
+
+
 def resident_bytes(pipeline: Any) -> int:
     """Bytes actually held by the pipeline's modules: every parameter and buffer, each counted once."""
     import torch
 
-    seen: set[int] = set()
-    total = 0
     components = getattr(pipeline, "components", None) or {}
-    for module in all_modules(*(m for m in components.values() if isinstance(m, torch.nn.Module))):
-        for tensor in (*module._parameters.values(), *module._buffers.values()):
-            if tensor is None or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            total += tensor.nbytes
-    return total
+    modules = all_modules(*(m for m in components.values() if isinstance(m, torch.nn.Module)))
+    tensors = {id(t): t for m in modules for t in m._parameters.values() if t is not None}
+    tensors.update({id(t): t for m in modules for t in m._buffers.values() if t is not None})
+    return sum(t.nbytes for t in tensors.values())
 
 
 def sample_into(state: Any, device: str) -> None:

@@ -160,15 +160,25 @@ def _plain_modules(model: Any) -> dict[str, Any] | None:
     `_load_from_state_dict`): then a module's state is exactly its parameters and persistent buffers."""
     import torch
 
+    from ..gpu import named_modules
+
     base = torch.nn.Module
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     for module in modules.values():
         kind = type(module)
         if (module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
-                or module._load_state_dict_post_hooks or kind._load_from_state_dict is not base._load_from_state_dict
-                or kind.get_extra_state is not base.get_extra_state or kind.state_dict is not base.state_dict):
+                or module._load_state_dict_post_hooks):
             return None
+        if kind not in _PLAIN_CLASSES:
+            if (kind._load_from_state_dict is not base._load_from_state_dict or kind.state_dict is not base.state_dict
+                    or kind.get_extra_state is not base.get_extra_state):
+                return None
+            _PLAIN_CLASSES.add(kind)
     return modules
+
+
+_PLAIN_CLASSES: set[type] = set()
+"""Module classes that neither load nor save their state their own way (checked once per class)."""
 
 
 def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
@@ -376,6 +386,8 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
     from peft.utils.constants import MIN_TARGET_MODULES_FOR_OPTIMIZATION
     from peft.utils.other import get_pattern_key
 
+    from ..gpu import named_modules
+
     if name in getattr(model, "peft_config", {}) or not _plain(config):
         return False
     tensors: dict[str, dict[str, Any]] = {}
@@ -384,7 +396,7 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
         if not sep or rest not in ("A.weight", "B.weight"):
             return False
         tensors.setdefault(module_name, {})[rest[0]] = tensor
-    modules = dict(model.named_modules())  # one walk, for the targets, the first-adapter check and the condensing
+    modules = named_modules(model)  # one walk, for the targets, the first-adapter check and the condensing
     targets = []
     for module_name, pair in tensors.items():
         if set(pair) != {"A", "B"}:
