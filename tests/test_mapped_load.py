@@ -383,6 +383,33 @@ def test_a_model_with_buffers_or_tensor_attributes_is_not_built_on_meta(cache):
     assert_same_models(real, mapped(cache).pipeline)
 
 
+def test_the_base_is_mapped_where_its_manifest_says_without_reading_headers(cache):
+    """The manifest records each safetensors file's tensor layout at publish: the build maps the base from it (no
+    header parsed: with the header reader failing, only the LoRA's header is read), the same tensors as from the
+    header; a layout reaching past the file's end is not trusted (load_file reads the file)."""
+    from workers.models import mapped as mapped_module
+    from workers.models.mapped import header_layout, map_file, read_header
+
+    read = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mapped_module, "read_header", lambda path: read.append(path) or read_header(path))
+        ours = mapped(cache).pipeline
+    assert read and all("lora" in str(path) for path in read)
+    assert_same_models(ours, plain(cache))
+    base = Release.parse(PREVIOUS).base
+    entry = next(f for f in cache.store.manifest(base).files if f.path.startswith("unet/") and f.tensors)
+    path = cache.store.path(base) / entry.path
+    layout = [(t.name, t.dtype, t.shape, t.start, t.end) for t in entry.tensors]
+    assert layout == [(n, d, tuple(s), b, e) for n, d, s, b, e in header_layout(*read_header(path))]
+    by_layout, by_header = map_file(path, layout), map_file(path)
+    assert list(by_layout) == list(by_header) and all(torch.equal(by_layout[k], by_header[k]) for k in by_header)
+    name, kind, shape, begin, end = layout[-1]
+    past_end = [*layout[:-1], (name, kind, shape, begin + path.stat().st_size, end + path.stat().st_size)]
+    copied = map_file(path, past_end)  # refused: read by load_file, which copies
+    assert all(torch.equal(copied[k], by_header[k]) for k in by_header)
+    assert copied[name].untyped_storage().nbytes() == copied[name].nbytes
+
+
 def test_gc_paused_holds_the_collector_off_and_restores_what_it_found():
     import gc
 

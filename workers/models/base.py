@@ -281,7 +281,10 @@ class ModelBuilder:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class_name)
-        pipe = build_pipeline(cls, store.path(base), torch_dtype, self.variant)
+        folder = store.path(base)
+        layouts = {folder / f.path: [(t.name, t.dtype, t.shape, t.start, t.end) for t in f.tensors]
+                   for f in store.manifest(base).files if f.tensors}  # recorded at publish: no header parsed again
+        pipe = build_pipeline(cls, folder, torch_dtype, self.variant, layouts)
         if pipe is not None:
             return pipe
         return cls.from_pretrained(

@@ -121,37 +121,48 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(fh.read(size)), 8 + size
 
 
-def map_file(path: Path) -> dict[str, Any]:
+Layout = list[tuple[str, str, Any, int, int]]
+"""A safetensors file's tensors as (name, dtype as the header spells it, shape, first byte, end byte), the bytes
+counted from the start of the file."""
+
+
+def header_layout(header: dict[str, Any], start: int) -> Layout:
+    """The layout a safetensors header describes (`read_header`'s result)."""
+    return [(name, info["dtype"], info["shape"], start + info["data_offsets"][0], start + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"]
+
+
+def map_file(path: Path, layout: Layout | None = None) -> dict[str, Any]:
     """Every tensor of a safetensors file as a view of one private (copy-on-write) mapping of the file: no byte is
     read until a tensor is used, none is ever written back to L2. (`safetensors.torch.load_file` copies each
-    tensor out of its mapping: ~50 ms per 0.5 GB, a whole extra pass over the bytes.) A file whose tensors are not
-    aligned to their element size, or of a dtype torch lacks, is read by `load_file` instead."""
+    tensor out of its mapping: ~50 ms per 0.5 GB, a whole extra pass over the bytes.) The tensors are where
+    `layout` says, else where the file's header says; a file whose tensors are not aligned to their element size,
+    lie beyond its end, or are of a dtype torch lacks, is read by `load_file` instead."""
     import torch
     from safetensors.torch import load_file
 
-    header, start = read_header(path)
-    header.pop("__metadata__", None)
+    if layout is None:
+        layout = header_layout(*read_header(path))
     size = path.stat().st_size
     views: dict[str, Any] = {}
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
-    for name, info in header.items():
-        dtype = getattr(torch, DTYPES.get(info["dtype"], ""), None)
-        begin, end = info["data_offsets"]
-        if dtype is None or (start + begin) % dtype.itemsize or start + end > size:
+    for name, kind, shape, begin, end in layout:
+        dtype = getattr(torch, DTYPES.get(kind, ""), None)
+        if dtype is None or begin % dtype.itemsize or end > size:
             return load_file(str(path))
         view = torch.empty(0, dtype=dtype)
         if end > begin:
-            view.set_(storage, (start + begin) // dtype.itemsize, info["shape"])
+            view.set_(storage, begin // dtype.itemsize, shape)
         else:
-            view = torch.empty(info["shape"], dtype=dtype)
+            view = torch.empty(shape, dtype=dtype)
         views[name] = view
     return views
 
 
-def _tensors(files: list[Path]) -> dict[str, Any]:
+def _tensors(files: list[Path], layouts: dict[Path, Layout]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in files:
-        out.update(map_file(path))
+        out.update(map_file(path, layouts.get(path)))
     return out
 
 
@@ -246,7 +257,7 @@ def _eval(modules: Any) -> None:
             module.__dict__["training"] = False
 
 
-def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any, layouts: dict[Path, Layout]) -> Any:
     files = _weight_files(folder, variant)
     if files is None:
         return None
@@ -258,7 +269,7 @@ def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) ->
             model = cls.from_config(config)
     if getattr(model, "_keep_in_fp32_modules", None) and dtype != model.dtype:
         return None  # mixed precision by module name: left to diffusers' own rules
-    if not _assign(model, _tensors(files), dtype):
+    if not _assign(model, _tensors(files, layouts), dtype):
         return None
     model.register_to_config(_name_or_path=str(folder))
     if model.training:  # `_assign` set every module to eval already where it walked them all
@@ -266,18 +277,31 @@ def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) ->
     return model
 
 
-def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+def _transformers_config(config_class: Any, folder: Path) -> Any:
+    """The model's config from its folder: read straight from config.json when that file is this config class's
+    own (`from_json_file`, half the time of `from_pretrained`'s hub resolution); otherwise (a composite config
+    whose part is wanted, say) `from_pretrained`, which knows how to pick it out."""
+    path = folder / "config.json"
+    try:
+        own = json.loads(path.read_text()).get("model_type") == config_class.model_type
+    except (OSError, ValueError, AttributeError):
+        own = False
+    return config_class.from_json_file(path) if own else config_class.from_pretrained(folder)
+
+
+def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any,
+                        layouts: dict[Path, Layout]) -> Any:
     files = _weight_files(folder, variant)
     if files is None:
         return None
-    config = cls.config_class.from_pretrained(folder)
+    config = _transformers_config(cls.config_class, folder)
     if getattr(config, "tie_word_embeddings", False) and hasattr(cls, "get_output_embeddings") and \
             cls.__name__.endswith("LMHeadModel"):
         return None  # tied weights: transformers ties them while loading
     config.name_or_path = str(folder)
     with empty_modules():
         model = cls(config)
-    if not _assign(model, _tensors(files), dtype):
+    if not _assign(model, _tensors(files, layouts), dtype):
         return None
     model.config.dtype = dtype
     if model.training:
@@ -285,9 +309,13 @@ def _transformers_model(cls: Any, folder: Path, variant: str | None, dtype: Any)
     return model
 
 
-def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | None = None) -> Any:
+def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | None = None,
+                   layouts: dict[Path, Layout] | None = None) -> Any:
     """A diffusers pipeline from its folder in L2, its weights mapped from the safetensors files; None when some
-    part of the folder is not one this builder covers (the caller loads it with `from_pretrained`)."""
+    part of the folder is not one this builder covers (the caller loads it with `from_pretrained`). `layouts`: the
+    files' tensor layouts where already known (the version's manifest records each file's, read from its header
+    at publish; the file is the manifest's, its hash checked when it came into L2), so their headers are not
+    parsed again."""
     import diffusers
     import transformers
 
@@ -314,9 +342,9 @@ def build_pipeline(pipeline_cls: Any, folder: Path, dtype: Any, variant: str | N
             return None
         sub = folder / name
         if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin):
-            part = _diffusers_model(cls, sub, variant, dtype)
+            part = _diffusers_model(cls, sub, variant, dtype, layouts or {})
         elif isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            part = _transformers_model(cls, sub, variant, dtype)
+            part = _transformers_model(cls, sub, variant, dtype, layouts or {})
         elif hasattr(cls, "from_pretrained"):  # schedulers, tokenizers, feature extractors: no weights
             part = cls.from_pretrained(sub)
         else:
@@ -339,9 +367,11 @@ def _peft_unet_state(pipe: Any, path: Path, weight_name: str) -> tuple[dict[str,
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     file = path / weight_name
-    raw = read_header(file)[0].get("__metadata__", {}).get(LORA_ADAPTER_METADATA_KEY)
+    header, start = read_header(file)
+    raw = header.get("__metadata__", {}).get(LORA_ADAPTER_METADATA_KEY)
     # the file's tensors mapped, not copied; diffusers reads its adapter metadata from the header the same way
-    state, alphas, _ = pipe.lora_state_dict(map_file(file), unet_config=pipe.unet.config, return_lora_metadata=True)
+    state, alphas, _ = pipe.lora_state_dict(map_file(file, header_layout(header, start)), unet_config=pipe.unet.config,
+                                            return_lora_metadata=True)
     metadata = json.loads(raw) if raw else None
     if not all("lora" in key for key in state):
         raise ValueError("Invalid LoRA checkpoint. Make sure all LoRA param names contain `'lora'` substring.")
