@@ -477,7 +477,7 @@ def inject_lora(model: Any, config: Any, name: str, state: dict[str, Any]) -> bo
                 else:
                     layer, filled = cloner.layer(target, module_name, r, alpha, tensors[module_name])
                     parent_name, _, child = module_name.rpartition(".")
-                    setattr(modules[parent_name], child, layer)
+                    _replace_child(modules[parent_name], child, layer)
                     if filled:  # a copy already holding the file's tensors, in the base weight's dtype and device
                         continue
                 layers.append((module_name, layer))
@@ -602,6 +602,19 @@ class _LinearCloner:
                 tensor = torch.empty(shape, dtype=weight.dtype, device=weight.device)
             linear._parameters["weight"] = torch.nn.Parameter(tensor, requires_grad=weight.requires_grad)
         return layer, final
+
+
+def _replace_child(parent: Any, name: str, module: Any) -> None:
+    """`setattr(parent, name, module)` for a name that is already one of `parent`'s submodules: what
+    `nn.Module.__setattr__` ends up doing there, without its checks, unless global module registration hooks
+    are set (then it is called)."""
+    from torch.nn.modules import module as torch_module
+
+    if (name in parent._modules and name not in parent.__dict__ and name not in parent._parameters
+            and name not in parent._buffers and not torch_module._global_module_registration_hooks):
+        parent._modules[name] = module
+    else:
+        setattr(parent, name, module)
 
 
 def _size_mismatch(key: str, got: Any, want: Any) -> ValueError:
