@@ -432,3 +432,53 @@ def test_gc_paused_holds_the_collector_off_and_restores_what_it_found():
     with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError("a failed build")
     assert gc.isenabled()
+
+
+def test_a_successful_build_freezes_what_it_made_and_a_failed_one_is_collected_first(cache):
+    """gc_paused(freeze=True), the builder's: a build leaves no cyclic garbage, so what it made is frozen (no
+    collection walks it again); a dropped pipeline is still freed (by refcounting); a failed build's cyclic
+    leftovers are collected before the next freeze keeps anything; retiring a release unfreezes."""
+    import gc
+    import weakref
+
+    from workers.models.mapped import gc_paused
+
+    class Held:
+        pass
+
+    gc.unfreeze()  # what earlier builds froze (and all it holds) collected now, not counted as this build's
+    gc.collect()
+    try:
+        gc.disable()  # (a build inside a caller's own pause leaves the freezing to that caller)
+        kept = mapped(cache)
+        assert gc.collect() == 0  # the build left no cyclic garbage behind
+        assert gc.get_freeze_count() == 0
+        del kept  # (its two Rust tokenizers sit in reference cycles: a dropped pipeline leaves 14 small objects)
+        gc.collect()
+        gc.enable()
+        built = mapped(cache)
+        assert gc.get_freeze_count() > 0  # the build froze what it made
+        unet = weakref.ref(built.pipeline.unet)
+        del built
+        assert unet() is None  # frozen, and still freed when dropped
+
+        frozen = gc.get_freeze_count()
+        with pytest.raises(RuntimeError), gc_paused(freeze=True):
+            leftover = Held()
+            leftover.cycle = leftover  # garbage only a collection frees, as a failed build's traceback cycle
+            probe = weakref.ref(leftover)
+            del leftover
+            raise RuntimeError("a failed build")
+        assert gc.get_freeze_count() == frozen  # a failed build freezes nothing
+        assert probe() is not None
+        with gc_paused(freeze=True):
+            pass
+        assert probe() is None  # collected before the next freeze, not kept forever
+
+        resident = mapped(cache)
+        assert gc.get_freeze_count() > 0
+        resident.remove_release(CURRENT)
+        assert gc.get_freeze_count() == 0  # retiring: whatever it drops is collectable again
+    finally:
+        gc.unfreeze()
+        gc.enable()

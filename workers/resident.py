@@ -8,6 +8,7 @@ a switched adapter must give the same bytes as a pipeline that holds that adapte
 
 from __future__ import annotations
 
+import gc
 import io
 import secrets
 import time
@@ -121,6 +122,7 @@ class ResidentPipeline:
         self.last_used.pop(release, None)
         still_used = set(self.adapter_names)
         gone = [name for name in names if name not in still_used]
+        gc.unfreeze()  # what a build froze (mapped.gc_paused) may hold garbage from here on: collectable again
         if gone:
             self.pipeline.delete_adapters(gone)
         if self.active == release or gone:

@@ -193,7 +193,7 @@ class ModelBuilder:
         return releases
 
     def build(self) -> ResidentPipeline:
-        with gc_paused():  # a build only adds objects: the collector's passes over the process find nothing (mapped.py)
+        with gc_paused(freeze=True):  # a build only adds objects: the collector's passes find nothing (mapped.py)
             return self._build()
 
     def _build(self) -> ResidentPipeline:
