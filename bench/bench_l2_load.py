@@ -50,7 +50,7 @@ TARGET = 1.3
 BUILD_TARGET = {"large": 2.0, "xl": 2.0}
 """The performance issue's target for the whole build at full and large size (the table keeps the 1.3 floor too)."""
 PAGE = 4096
-DEFAULT_REPEATS = {"tiny": 7, "large": 5, "xl": 3}
+DEFAULT_REPEATS = {"tiny": 7, "large": 9, "xl": 3}
 XL_MODEL = "sdxl-xl"
 XL_RELEASE = f"{XL_MODEL}@base-v1+lora-v1"
 TRACE_BUILD = """
@@ -123,10 +123,13 @@ PROFILE_PHASES = [
     ("L2 checks (ensure_local)", "workers/models/base.py", "ensure_local"),
     ("manifests parsed", "cachemgr/manifest.py", "from_json"),
     ("base: mapped build (diffusers folder)", "workers/models/mapped.py", "build_pipeline"),
-    ("· modules built from configs, empty weights (diffusers)", "diffusers/configuration_utils.py", "from_config"),
+    ("· modules built from configs, every tensor on meta (diffusers)", "diffusers/configuration_utils.py",
+     "from_config"),
+    ("· · checked to hold parameters only (mapped._all_weights)", "workers/models/mapped.py", "_all_weights"),
     ("· modules built from configs, empty weights (transformers CLIP)", "transformers/modeling_utils.py",
      "post_init"),
-    ("· safetensors mapped (header + one private mapping per file)", "workers/models/mapped.py", "map_file"),
+    ("· safetensors mapped (layout from the manifest, one private mapping per file)", "workers/models/mapped.py",
+     "map_file"),
     ("· tensors assigned (load_state_dict assign=True)", "workers/models/mapped.py", "_assign"),
     ("· tokenizers, scheduler", "transformers/tokenization_utils_base.py", "from_pretrained"),
     ("base: from_single_file (single-file layout)", "diffusers/loaders/single_file.py", "from_single_file"),
@@ -140,10 +143,13 @@ PROFILE_PHASES = [
     ("· LoRA file read + kohya → diffusers keys (lora_state_dict)", "diffusers/loaders/lora_pipeline.py",
      "lora_state_dict"),
     ("· UNet LoRA layers injected at their modules (mapped.inject_lora)", "workers/models/mapped.py", "inject_lora"),
-    ("· · peft LoRA layers made (LoraLayer.update_layer)", "peft/tuners/lora/layer.py", "update_layer"),
+    ("· · LoRA layers made by peft (the first, and the two the copies are checked against)",
+     "peft/tuners/lora/model.py", "_create_new_module"),
+    ("· · LoRA layers copied from peft's first (mapped._LinearCloner._copy)", "workers/models/mapped.py", "_copy"),
     ("· text-encoder LoRA (diffusers load_lora_into_text_encoder)", "diffusers/loaders/lora_pipeline.py",
      "load_lora_into_text_encoder"),
-    ("adapter activated (set_adapters)", "diffusers/loaders/peft.py", "set_adapters"),
+    ("adapter activated (resident.set_adapters: the LoRA layers only)", "workers/resident.py", "set_adapters"),
+    ("resident bytes counted (gpu.resident_bytes)", "workers/gpu.py", "resident_bytes"),
     ("pipe.to(device)", "diffusers/pipelines/pipeline_utils.py", "to"),
     ("pages touched (resident)", "bench_l2_load.py", "touch_pages"),
 ]
@@ -157,7 +163,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=None,
                         help="xl only: the folder holding base-v1/ and lora-v1/ (`python -m bench reference "
                              "--cache C` leaves them in C/release)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 7 tiny, 5 large, 3 xl)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 7 tiny, 9 large, 3 xl)")
     parser.add_argument("--profile", action="store_true",
                         help="one more build + resident under cProfile: where the time goes, added to the section")
     parser.add_argument("--no-write", action="store_true")

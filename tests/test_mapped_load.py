@@ -482,3 +482,43 @@ def test_a_successful_build_freezes_what_it_made_and_a_failed_one_is_collected_f
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_the_open_clip_conversion_gives_diffusers_names_and_values_as_views():
+    """open_clip_views: an open-CLIP text encoder (SDXL's second) converted as diffusers converts it, every name and
+    value the same, but q/k/v split out of each in_proj as views (no copy of the checkpoint's bytes)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from workers.models.mapped import open_clip_views
+
+    width, layers, prefix = 16, 2, "conditioner.embedders.1.model."
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).half()
+
+    checkpoint = {prefix + "text_projection": rand(width, width), prefix + "token_embedding.weight": rand(50, width),
+                  prefix + "positional_embedding": rand(8, width), prefix + "ln_final.weight": rand(width),
+                  prefix + "ln_final.bias": rand(width), prefix + "logit_scale": rand(1)}
+    for i in range(layers):
+        block = f"{prefix}transformer.resblocks.{i}."
+        checkpoint |= {block + "attn.in_proj_weight": rand(3 * width, width), block + "attn.in_proj_bias": rand(3 * width),
+                       block + "attn.out_proj.weight": rand(width, width), block + "attn.out_proj.bias": rand(width),
+                       block + "ln_1.weight": rand(width), block + "ln_1.bias": rand(width),
+                       block + "ln_2.weight": rand(width), block + "ln_2.bias": rand(width),
+                       block + "mlp.c_fc.weight": rand(4 * width, width), block + "mlp.c_fc.bias": rand(4 * width),
+                       block + "mlp.c_proj.weight": rand(width, 4 * width), block + "mlp.c_proj.bias": rand(width)}
+    model = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width,
+                                                       num_hidden_layers=layers, num_attention_heads=2,
+                                                       projection_dim=width, vocab_size=50, max_position_embeddings=8))
+    theirs = convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
+    ours = open_clip_views(convert_open_clip_checkpoint)(model, checkpoint, prefix=prefix)
+    assert list(ours) != [] and set(ours) == set(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    qkv = [k for k in ours if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias",
+                                          "k_proj.bias", "v_proj.bias"))]
+    assert len(qkv) == 6 * layers
+    sources = {checkpoint[k].untyped_storage().data_ptr() for k in checkpoint if "in_proj" in k}
+    assert all(ours[k].untyped_storage().data_ptr() in sources for k in qkv)  # views of the checkpoint's tensors
+    assert not any(theirs[k].untyped_storage().data_ptr() in sources for k in qkv)  # diffusers' are copies
