@@ -232,9 +232,42 @@ def set_adapters(pipeline: Any, names: list[str], layers: dict[str, Any]) -> Non
         if known is None or known[0] != key:
             known = layers[component] = (key, [m for m in all_modules(model) if isinstance(m, BaseTunerLayer)])
         for layer in known[1]:
-            layer.set_adapter(names)
+            _set_adapter(layer, names)
             for name in names:
                 layer.set_scale(name, 1.0)
+
+
+def _set_adapter(layer: Any, names: list[str]) -> None:
+    """peft's `BaseTunerLayer.set_adapter(names)` (not in inference mode, as diffusers calls it): each adapter's
+    parameters in the layer trainable when the adapter is one of `names`, frozen otherwise, and `names` the active
+    ones — with the parameters of each plain adapter module set directly instead of through `parameters()`'s
+    generator per module (on an SDXL LoRA's 736 layers: ~25 ms of a ~30 ms switch). A layer that overrides
+    `set_adapter`, declares weights its variants keep frozen, or holds a container this does not know is left to
+    peft's own method."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if type(layer).set_adapter is not BaseTunerLayer.set_adapter or layer.frozen_peft_weight_names:
+        layer.set_adapter(names)
+        return
+    flags = []
+    for attr in layer.adapter_layer_names:
+        container = layer._modules.get(attr)
+        if type(container) is torch.nn.ModuleDict:
+            for key, module in container._modules.items():
+                if module is None or module._modules:
+                    layer.set_adapter(names)
+                    return
+                flags.extend((p, key in names) for p in module._parameters.values() if p is not None)
+        elif type(container) is torch.nn.ParameterDict:
+            flags.extend((p, key in names) for key, p in container.items())
+        else:
+            layer.set_adapter(names)
+            return
+    for parameter, trainable in flags:
+        if parameter.is_leaf:
+            parameter.requires_grad_(trainable)
+    object.__setattr__(layer, "_active_adapter", names)
 
 
 def _modules(pipeline: Any) -> list[Any]:
