@@ -35,7 +35,6 @@ from typing import Any
 
 from .layouts import variant_of
 
-
 _UNSETTLED = [False]
 """A build has failed since the last freeze: its leftovers may be cyclic garbage the next freeze would keep."""
 
