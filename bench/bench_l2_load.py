@@ -364,39 +364,43 @@ release, where they weigh less. `map_file` maps the file (one private mapping, t
 `tensors` row reads only headers; the `every page touched` rows read every weight byte."""
 
 MAPPED = """How the build loads (workers/models/mapped.py): each module of the diffusers folder is built from its config
-with empty weights (parameters on the meta device, torch's initialisers skipped), and its tensors are views of one
-private, copy-on-write mapping of each safetensors file in L2, assigned with `load_state_dict(assign=True)`: on CPU
-no weight byte is copied (`safetensors.torch.load_file` copies every tensor out of its mapping: ~50 ms per 0.5 GB in
-safetensors 0.8, a whole extra pass), on a GPU the pipeline's `.to(device)` is the one host → device copy. A LoRA's
-UNet layers are made with peft's own layer classes at exactly the modules its keys name and given the file's
-tensors; peft's `inject_adapter_in_model` + `set_peft_model_state_dict` instead walk every module of the UNet
-several times per adapter (match every name against the targets, freeze every parameter, snapshot every
-parameter's trainability, a `load_state_dict` over the whole UNet). The adapter is registered as peft registers it,
-so `set_adapters`, `delete_adapters`, `disable_lora` work unchanged. Whatever the mapped path does not cover (other
-key layouts, DoRA, LoRA biases, …) goes to `from_pretrained` / `load_lora_weights`. tests/test_mapped_load.py: the
-same tensors, dtypes, adapter bookkeeping and image bytes as plain diffusers for the same seed."""
+with every tensor on the meta device (torch's initialisers skipped; accelerate's way, which keeps buffers real,
+for a model that has any), and its tensors are views of one private, copy-on-write mapping of each safetensors
+file in L2, cut where the version's manifest says (the layout recorded from the header at publish, so no header
+is parsed again), set straight into each module's parameters: on CPU no weight byte is copied
+(`safetensors.torch.load_file` copies every tensor out of its mapping: ~50 ms per 0.5 GB in safetensors 0.8, a
+whole extra pass), on a GPU the pipeline's `.to(device)` is the one host → device copy. A LoRA's layers are peft's
+own classes, at exactly the modules its keys name: peft makes the first; the rest are copies of it with what
+depends on the target changed (base layer, feature counts, rank, alpha, scaling, the file's tensors), each build
+checking a copy against the layer peft makes for the same target, attribute by attribute, before using any
+(peft's constructor costs ~0.3 ms a layer; a copy ~45 µs). The adapter is registered as peft registers it, so
+`set_adapters`, `delete_adapters`, `disable_lora` work unchanged; a switch walks only the LoRA layers
+(workers/resident.py `set_adapters`). A build that succeeds ends with `gc.freeze()` (mapped.py `gc_paused`): the
+young-generation pass the first allocation after it would start over the ~20,000 containers it made (~4 ms here)
+never happens, nor do later full passes over the model. Whatever the mapped path does not cover (other key
+layouts, DoRA, LoRA biases, …) goes to `from_pretrained` / `load_lora_weights`. tests/test_mapped_load.py: the same
+tensors, dtypes, LoRA layers (every attribute), adapter bookkeeping and image bytes as plain diffusers for the same
+seed."""
 
 LARGE_NOTE = MAPPED + """
 
-On CPU the build leaves the weights mapped from L2: it reads the configs, headers and whatever pages module loading
-touches; the first image reads the rest. The `every page touched` rows make all weight bytes resident, as a GPU
-upload would, and so read the same bytes as the raw read. What bounds the build now (profile below; CPU seconds per
-build measured apart, medians of 5: ~0.11–0.14 s in all by load, against 0.25 s for the previous path —
-`from_pretrained` + `load_lora_weights`, peft walking the whole UNet — measured the same way at the same moment;
-~0.6 s of wall in the run before this change): no step moves weight bytes; it is
-Python-level module construction — the UNet and VAE built from their configs (~45 ms: ~1,800 `nn.Module.__init__`
-and ~10,000 `__setattr__`, the same count whatever the widths), the two CLIP encoders (~9 ms), the 96 peft LoRA
-layers (~48 ms: ~0.5 ms each, every peft `Linear` holds a dozen ModuleDicts/ParameterDicts), the tensors assigned
-(~8 ms: set straight into each module's parameters), manifests parsed (the base's and the LoRA's, once each per
-build now, where they were parsed twice; the bench drops parsed manifests before each build, so every build here
-parses them as a worker's first build does), tokenizers, tuning and the adapter activation. Python's cyclic garbage
-collector is held off for the build (mapped.py `gc_paused`): with it running, a median build costs about the same
-here, but one build in three or four took ~0.35 s instead of ~0.1 s — a full collection walking every object the
-process holds, triggered by the objects the build adds. The raw read it is divided by is a memory copy out of
-the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) in the run before this change, 29–69 ms (8.6–20
-GB/s) in the runs on this host today — against the first, ~0.11 s of CPU is ~0.9×, against the second 1.6–4×,
-before the load of other jobs (stamp) slows the Python-bound build more than the kernel's copy. The `diffusers` row
-(what the build cost before, near enough) is the comparison that does not move with the host."""
+On CPU the build leaves the weights mapped from L2: it reads the configs, the manifests and whatever pages module
+loading touches; the first image reads the rest. The `every page touched` rows make all weight bytes resident, as
+a GPU upload would, and so read the same bytes as the raw read. No step of the build moves weight bytes; what
+bounds it now is Python object construction, measured apart on this host (medians of 10 builds, the build
+following a 592 MB read as in the table): the UNet and VAE built from their configs ~22 ms (644 modules,
+4,670 `nn.Module.__setattr__`, each through torch's Parameter/Buffer metaclass checks; the same count whatever
+the widths), the two CLIP encoders with their configs ~6 ms, tokenizers and
+scheduler ~4 ms, the tensors mapped and set ~6.5 ms (a `Parameter` per tensor), the LoRA ~8 ms (96 layers: 3 made
+by peft, 93 copies, the base frozen), the manifests parsed ~4 ms (base and LoRA, a range and hash per tensor and
+piece: the bench drops parsed manifests before each build, as a worker's first build parses them), the resident
+bytes counted ~2.5 ms and the adapter activated ~2 ms. The same build back to back, with the CPU caches warm,
+takes ~10 % less: each step before it here streams hundreds of MB through them. Before this round of changes the
+build took ~95–125 ms (peft made every LoRA layer; walks through `named_modules()`; a gen-0 collection after each
+build; a parameter allocated on the host and moved to meta per tensor). The raw read it is divided by is a memory
+copy out of the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) when the issue was written, ~30 ms
+(~20 GB/s) on this host today — against the first, the build is ~0.5×. The `diffusers` row (plain
+`from_pretrained` + `load_lora_weights` on the same folders) is the comparison that does not move with the host."""
 
 XL_NOTE = MAPPED + """
 
@@ -406,28 +410,19 @@ checkpoint as it is plus the packaged standard config (`config/`). The build run
 on the checkpoint mapped from L2 instead of a copy (mapped.py `mapped_single_file`; diffusers' own
 `load_single_file_checkpoint` calls `load_file`, which holds a 6.9 GB copy in process memory and makes a full extra
 pass over the bytes), with transformers' initialisers skipped on the empty CLIP encoders, in the checkpoint's own
-float16 — so no weight byte is copied or converted on CPU; on a GPU, `.to(device)` is the one copy. The kohya LoRA
-(UNet + both encoders, rank 324, 736 layers) goes through the mapped LoRA path. CPU seconds per build, measured
-apart (medians of 3, both ways alternating in one process): ~1.0 s with Python's cyclic garbage collector held off
-for the build (mapped.py `gc_paused`), ~1.45 s with it running — a build only adds objects (~11 modules and ~34
-attribute sets per peft LoRA layer, ~10,000 modules in all), so the collector's thresholds trip again and again and
-each older-generation pass walks the ~0.5 million objects the imported libraries hold, freeing nothing; it cost
-~0.4 ms of each LoRA layer's ~0.7 ms. What is left: from_single_file ~0.55 s (UNet/VAE/encoders built on meta,
-`load_model_dict_into_meta` over ~2,500 tensors, 192 tensor `clone`s in diffusers' conversion of the open-CLIP
-encoder, ~0.08 s under the profiler — and the two CLIP tokenizers built from vocab.json + merges.txt, ~0.05 s each), the LoRA ~0.35 s
-(736 peft layers at ~0.3 ms: a dozen ModuleDicts, two `nn.Linear`, `set_adapter` and the device check per layer,
-all peft's own code), the rest ~0.1 s (L2 checks; the base's and the LoRA's manifests — a range and hash per
-tensor — are now parsed once per file and reused, where they were parsed 5 times per build, tens of ms each). A
-`tokenizer.json` written at publish would not help with this transformers (5.x): loading the CLIP tokenizer from
-its tokenizer.json took 0.35–0.5 s against ~0.12 s from vocab.json + merges.txt (the same ids; measured apart),
-so publish keeps writing only vocab.json + merges.txt. Before the mapped LoRA path the build took ~2.6 s of CPU (of
-which the encoders' LoRA through transformers' `load_adapter` ~1.0 s, with
-real random initialisation of every LoRA matrix before it is overwritten). A converted-at-publish layout (a
-diffusers folder: the key conversion done once at publish) would let the base take the
-mapped path of a diffusers folder (no conversion, no `load_model_dict_into_meta`); the conversion itself costs
-little here (~10 ms of key renaming), the module construction stays. The wall-clock ratio in the table is bounded
-by the same Python work on a machine shared with other jobs (load average in the stamp)."""
-
+float16, and the open-CLIP encoder's attention q/k/v taken as views of each layer's `in_proj` (mapped.py
+`open_clip_views`; diffusers clones all 192: ~315 MB read out of the mapping, 0.1–0.45 s depending on the page
+cache, the largest and most variable part of the build before) — so no weight byte is copied or converted on
+CPU; on a GPU, `.to(device)` is the one copy. The kohya LoRA (UNet + both text encoders, rank 324, 736 layers)
+goes through the mapped LoRA path (3 layers per part made by peft, the rest copies). Measured apart on this host
+(builds back to back and after an 8 GB read): ~0.6 s in all — `from_single_file` ~0.4 s (UNet/VAE/encoders built on
+meta, `load_model_dict_into_meta` over ~2,500 tensors ~80 ms, the two CLIP tokenizers from vocab.json + merges.txt
+~45 ms each), the LoRA ~0.1–0.13 s, the adapter activated ~20 ms (it was ~30 ms through peft's `set_adapter`),
+resident bytes ~20 ms, L2 checks and manifests ~20 ms. A `tokenizer.json` written at publish would not help with
+this transformers (5.x): loading the CLIP tokenizer from its tokenizer.json took 0.35–0.5 s against ~0.12 s from
+vocab.json + merges.txt (the same ids; measured apart), so publish keeps writing only vocab.json + merges.txt. The
+build took ~2.6 s of CPU before the mapped paths, ~1.0 s before this round (peft making each of the 736 LoRA layers,
+the open-CLIP clones, a gen-0 collection after the build)."""
 
 if __name__ == "__main__":
     main()
