@@ -113,7 +113,14 @@ class Load(threading.Thread):
     def run(self) -> None:
         i = 0
         while not self.stopping.wait(self.every):
-            self.sent.append(self.producer.generate.delay("Leather Jacket", seed=100 + i))
+            try:
+                self.sent.append(self.producer.generate.delay("Leather Jacket", seed=100 + i))
+            except RuntimeError as exc:
+                # the CLI runs in this process and configure() resets kombu's process-wide pools under a send in
+                # flight ("Acquire on closed pool"): nothing was sent, send it again on the new pool
+                if "closed pool" not in str(exc):
+                    raise
+                self.sent.append(self.producer.generate.delay("Leather Jacket", seed=100 + i))
             i += 1
 
     def finish(self) -> list[dict]:
