@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,9 +228,23 @@ class Pool:
         self.workers[f"{worker.name}@{self.settings.node_name}"] = worker
         return worker
 
-    def wait_all(self) -> None:
-        for worker in self.workers.values():
-            wait_warm(self.settings, worker)
+    def wait_all(self, timeout: float = 120) -> None:
+        for worker in list(self.workers.values()):
+            wait_warm(self.settings, worker, timeout=timeout)
+
+    @classmethod
+    @contextmanager
+    def running(cls, settings: FleetSettings, release: str, logs: Path, count: int = 2, timeout: float = 120,
+                **env: str) -> Iterator[Pool]:
+        """`count` workers started together, each waited for until warm (`timeout` each), stopped on exit."""
+        pool = cls(settings, release, logs, **env)
+        for _ in range(count):
+            pool.start(wait=False)
+        try:
+            pool.wait_all(timeout=timeout)
+            yield pool
+        finally:
+            pool.stop()
 
     def kill(self, hostname: str) -> None:
         self.workers.pop(hostname).stop(signal.SIGKILL)

@@ -62,14 +62,9 @@ def client(redis_server) -> redis.Redis:
 
 @pytest.fixture(scope="module")
 def pool(fleet_settings, producer, tmp_path_factory):
-    workers = Pool(fleet_settings, NEW, tmp_path_factory.mktemp("logs"), WARMFLEET_TEST_POISON_PROMPT=POISON)
-    workers.start(wait=False)
-    workers.start(wait=False)
-    try:
-        workers.wait_all()
+    logs = tmp_path_factory.mktemp("logs")
+    with Pool.running(fleet_settings, NEW, logs, WARMFLEET_TEST_POISON_PROMPT=POISON) as workers:
         yield workers
-    finally:
-        workers.stop()
 
 
 @pytest.fixture(scope="module")

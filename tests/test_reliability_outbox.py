@@ -26,7 +26,7 @@ from fleetstate.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, OUTBOX_AT_KEY, O
 from fleetstate.leases import job_record
 from tasks.settings import FleetSettings
 
-from .support import Pool, fleet_settings_for, meta, record_result, wait_for, wait_warm
+from .support import Pool, fleet_settings_for, meta, record_result, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +49,8 @@ def client(redis_server) -> redis.Redis:
 
 @pytest.fixture(scope="module")
 def pool(fleet_settings, producer, tmp_path_factory):
-    workers = Pool(fleet_settings, NEW, tmp_path_factory.mktemp("logs"))
-    workers.start(wait=False)
-    workers.start(wait=False)
-    try:
-        for worker in list(workers.workers.values()):
-            wait_warm(fleet_settings, worker, timeout=LOAD_TIMEOUT)
+    with Pool.running(fleet_settings, NEW, tmp_path_factory.mktemp("logs"), timeout=LOAD_TIMEOUT) as workers:
         yield workers
-    finally:
-        workers.stop()
 
 
 @pytest.fixture(scope="module")

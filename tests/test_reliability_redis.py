@@ -55,14 +55,8 @@ def fleet_settings(redis_server, demo_archive_dir: Path, tmp_path_factory: pytes
 
 @pytest.fixture(scope="module")
 def pool(fleet_settings, producer, tmp_path_factory):
-    workers = Pool(fleet_settings, NEW, tmp_path_factory.mktemp("logs"))
-    workers.start(wait=False)
-    workers.start(wait=False)
-    try:
-        workers.wait_all()
+    with Pool.running(fleet_settings, NEW, tmp_path_factory.mktemp("logs")) as workers:
         yield workers
-    finally:
-        workers.stop()
 
 
 @pytest.fixture(scope="module")
