@@ -16,8 +16,9 @@ job but died (or lost Redis) before its ack. Three mechanisms keep that from los
    `duplicates`, the fleet counter `duplicate_deliveries`) and logged as DUPLICATE.
 
 A job costs the worker two Redis round trips of its own: one script to claim it (delivery index, outbox entry
-removed, record, lease, run count) and one to complete it (result record, lease release, unindexing, the served-jobs counter and the
-worker's job count in the registry).
+removed, record, lease, run count, the release's own time limit) and one to complete it (result record, lease
+release, unindexing, the served-jobs counter and the worker's job count in the registry). Renewals run on one
+thread per process (fleetstate.alarms), which a job neither starts nor wakes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 
+from .alarms import Alarms
 from .keys import (
     DELIVERIES_KEY,
     JOB_KEY,
@@ -40,9 +41,11 @@ from .keys import (
     LEASE_KEY,
     OUTBOX_AT_KEY,
     OUTBOX_KEY,
+    RELEASE_META_KEY,
     STATS_KEY,
     WORKER_KEY,
 )
+from .timelimits import LIMIT_FIELD
 
 log = logging.getLogger("warmfleet.lease")
 
@@ -63,9 +66,12 @@ return 0
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 # One round trip per claim: index the delivery (orphans.py) and take it out of the outbox (outbox.py), read the job
-# record, take the lease (or find it ours from a retried call), count the run. KEYS: record, lease, deliveries,
-# outbox, outbox at. ARGV: token, ttl ms, worker, tag ('' for none), index entry, record ttl s.
-# Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run'}.
+# record, take the lease (or find it ours from a retried call), count the run, write Celery's STARTED record (when the
+# worker writes Celery's records: tasks/results.py) and read the release's own job time limit (timelimits.py).
+# KEYS: record, lease, deliveries, outbox, outbox at, release meta, Celery's record ('' where unused).
+# ARGV: token, ttl ms, worker, tag ('' for none), index entry, record ttl s, time limit field ('': none), STARTED
+# record ('': none), its ttl s (0: none).
+# Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run', limit or ''}.
 _CLAIM = """
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
@@ -84,22 +90,33 @@ end
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('HSET', KEYS[1], 'holder', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-return {'run'}
+if ARGV[8] ~= '' then
+  if tonumber(ARGV[9]) > 0 then redis.call('SET', KEYS[7], ARGV[8], 'EX', ARGV[9]) else redis.call('SET', KEYS[7], ARGV[8]) end
+  redis.call('PUBLISH', KEYS[7], ARGV[8])
+end
+if ARGV[7] == '' then return {'run', ''} end
+return {'run', redis.call('HGET', KEYS[6], ARGV[7]) or ''}
 """
 
-# One round trip per finished job: the result where any later delivery finds it, the lease released (if still
-# ours), the delivery unindexed, the fleet's served-jobs counter, and the worker's own figures (its job count) in its
-# registry hash if that is alive (a lapsed one is the heartbeat's to rewrite, with its TTL).
-# KEYS: record, lease, deliveries, stats, worker. ARGV: result json, worker, record ttl s, token, tag ('' for none),
-# then field, value pairs for the worker's hash.
+# One round trip per finished job: the result where any later delivery finds it, Celery's SUCCESS record beside it
+# (when the worker writes Celery's records: tasks/results.py), the lease released (if still ours), the delivery
+# unindexed, the fleet's served-jobs counter, and the worker's own figures (its job count) in its registry hash if
+# that is alive (a lapsed one is the heartbeat's to rewrite, with its TTL).
+# KEYS: record, lease, deliveries, stats, worker, Celery's record ('' where unused). ARGV: result json, worker,
+# record ttl s, token, tag ('' for none), SUCCESS record ('': none), its ttl s (0: none), then field, value pairs
+# for the worker's hash.
 _COMPLETE = """
 redis.call('HSET', KEYS[1], 'result', ARGV[1], 'finished_by', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'completed', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[6] ~= '' then
+  if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[7]) else redis.call('SET', KEYS[6], ARGV[6]) end
+  redis.call('PUBLISH', KEYS[6], ARGV[6])
+end
 if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 if ARGV[5] ~= '' then redis.call('HDEL', KEYS[3], ARGV[5]) end
 redis.call('HINCRBY', KEYS[4], 'l1_hits', 1)
-if #ARGV > 5 and redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], unpack(ARGV, 6)) end
+if #ARGV > 7 and redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], unpack(ARGV, 8)) end
 return 1
 """
 
@@ -118,6 +135,10 @@ class JobDead(RuntimeError):
     """A job already recorded as dead was delivered again: it fails with its recorded reason and runs nothing."""
 
 
+CeleryRecord = tuple[bytes | str, bytes | str, int]
+"""Celery's result record for a task as its backend writes it: key, value, expiry in seconds (0: none)."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """What a delivery may do: run the job (`run`), or return a finished job's stored result, or fail as dead."""
@@ -125,6 +146,8 @@ class Claim:
     run: bool
     result: dict[str, Any] | None = None
     dead: str | None = None
+    time_limit: str = ""
+    """With `run`: the job's release's own time limit as stored (timelimits.py), read in the claim; '' for none."""
 
 
 def effective_lease_seconds(lease_seconds: float, visibility_timeout: float) -> float:
@@ -136,7 +159,8 @@ class JobLease:
     """One delivery of one job on one worker: claim, run under a renewed lease, record the outcome, release."""
 
     def __init__(self, client: redis.Redis, task_id: str, worker: str, lease_seconds: float,
-                 delivery_tag: str | None = None, extend_visibility: bool = True, poll_seconds: float = 0.2) -> None:
+                 delivery_tag: str | None = None, extend_visibility: bool = True, poll_seconds: float = 0.2,
+                 release: str | None = None) -> None:
         self.redis = client
         self.task_id = task_id
         self.worker = worker
@@ -149,29 +173,31 @@ class JobLease:
         self.indexed = False  # this delivery's entry in the delivery index (orphans.py) is ours to remove
         self.lease_key = LEASE_KEY.format(task_id=task_id)
         self.record_key = JOB_KEY.format(task_id=task_id)
+        self.job_release = release  # the claim reads this release's own time limit
         self.interval = max(0.1, self.ttl_ms / 3000)  # renewals per lease period: three
 
     # -- the life of one delivery
     def __enter__(self) -> JobLease:
-        _KEEPER.add(self)
+        _KEEPER.set(self, time.monotonic() + self.interval, self.beat, every=self.interval)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _KEEPER.remove(self)
+        _KEEPER.cancel(self)
         if self.held or self.indexed:
             self._redis_call(lambda: _script(self.redis, _LEAVE, [self.lease_key, DELIVERIES_KEY],
                                              [self.token if self.held else "", self.delivery_tag or ""]), None)
             self.held = self.indexed = False
 
-    def claim(self) -> Claim:
+    def claim(self, started: CeleryRecord | None = None) -> Claim:
         """Decide this delivery's fate; waits while another live worker holds the job's lease (it renews it only
         while alive, so a dead holder's lease expires and this delivery then runs the job).
 
         One script per attempt: the delivery indexed as in this worker's hands (the orphan sweep puts it back if
-        this worker dies), the job record read, the lease taken and the run counted."""
+        this worker dies), the job record read, the lease taken and the run counted; with `started`, Celery's
+        STARTED record written and published when this delivery runs the job."""
         waited_on: str | None = None
         while True:
-            answer = self._redis_call(self._claim_once, default=None)
+            answer = self._redis_call(lambda: self._claim_once(started), default=None)
             if answer is None:  # Redis unreachable past the grace period: run unguarded, never lose the job
                 return Claim(run=True)
             kind, value = answer
@@ -182,26 +208,32 @@ class JobLease:
                 self._duplicate("dead", waited_on)
                 return Claim(run=False, dead=value)
             if kind == "run":
-                return Claim(run=True)
+                return Claim(run=True, time_limit=value)
             if waited_on is None:
                 waited_on = value or "?"
                 log.warning("job %s is running on %s: this delivery waits for it instead of running it again",
                             self.task_id, waited_on)
             time.sleep(self.poll)
 
-    def complete(self, result: dict[str, Any], worker_fields: dict[str, Any] | None = None) -> None:
+    def complete(self, result: dict[str, Any], worker_fields: dict[str, Any] | None = None,
+                 succeeded: CeleryRecord | None = None) -> bool:
         """Store the result where any later delivery finds it, before Celery stores it and acknowledges; in the same
         script release the lease, unindex the delivery, count the job served (`l1_hits`) and set `worker_fields`
-        (e.g. the worker's job count) in the worker's registry hash, so the registry needs no write of its own."""
+        (e.g. the worker's job count) in the worker's registry hash, so the registry needs no write of its own; with
+        `succeeded`, write and publish Celery's SUCCESS record too. False when Redis stayed unreachable."""
         pairs = [str(x) for item in (worker_fields or {}).items() for x in item]
+        key, value, ttl = succeeded or ("", "", 0)
 
-        def write() -> None:
+        def write() -> bool:
             _script(self.redis, _COMPLETE,
-                    [self.record_key, self.lease_key, DELIVERIES_KEY, STATS_KEY, WORKER_KEY.format(worker=self.worker)],
-                    [json.dumps(result), self.worker, RECORD_TTL_SECONDS, self.token, self.delivery_tag or "", *pairs])
+                    [self.record_key, self.lease_key, DELIVERIES_KEY, STATS_KEY, WORKER_KEY.format(worker=self.worker),
+                     key],
+                    [json.dumps(result), self.worker, RECORD_TTL_SECONDS, self.token, self.delivery_tag or "", value,
+                     ttl, *pairs])
             self.held = self.indexed = False
+            return True
 
-        self._redis_call(write, default=None)
+        return self._redis_call(write, default=False)
 
     def bury(self, reason: str) -> None:
         """Mark the job dead, so a later delivery of it fails with the same reason instead of running again."""
@@ -213,11 +245,14 @@ class JobLease:
             self.held = False
 
     # -- internals
-    def _claim_once(self) -> tuple[str, str]:
+    def _claim_once(self, started: CeleryRecord | None) -> tuple[str, str]:
         entry = json.dumps({"worker": self.worker, "task_id": self.task_id}) if self.delivery_tag else ""
+        key, value, ttl = started or ("", "", 0)
         answer = _script(self.redis, _CLAIM,
-                         [self.record_key, self.lease_key, DELIVERIES_KEY, OUTBOX_KEY, OUTBOX_AT_KEY],
-                         [self.token, self.ttl_ms, self.worker, self.delivery_tag or "", entry, RECORD_TTL_SECONDS])
+                         [self.record_key, self.lease_key, DELIVERIES_KEY, OUTBOX_KEY, OUTBOX_AT_KEY,
+                          RELEASE_META_KEY.format(release=self.job_release) if self.job_release else "", key],
+                         [self.token, self.ttl_ms, self.worker, self.delivery_tag or "", entry, RECORD_TTL_SECONDS,
+                          LIMIT_FIELD if self.job_release else "", value, ttl])
         self.indexed = bool(self.delivery_tag)
         kind = _text(answer[0])
         if kind == "run":
@@ -262,42 +297,8 @@ class JobLease:
                 time.sleep(0.5)
 
 
-class LeaseKeeper:
-    """One thread per process beats every lease in use on its own schedule, so a job starts no thread of its own."""
-
-    def __init__(self) -> None:
-        self._due: dict[JobLease, float] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def add(self, lease: JobLease) -> None:
-        with self._lock:
-            self._due[lease] = time.monotonic() + lease.interval
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="warmfleet-lease-keeper", daemon=True)
-                self._thread.start()
-        self._wake.set()
-
-    def remove(self, lease: JobLease) -> None:
-        with self._lock:
-            self._due.pop(lease, None)
-
-    def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            with self._lock:
-                now = time.monotonic()
-                due = [lease for lease, at in self._due.items() if at <= now]
-                for lease in due:
-                    self._due[lease] = now + lease.interval
-                wait = min(self._due.values(), default=now + 60.0) - now
-            for lease in due:
-                lease.beat()
-            self._wake.wait(max(0.0, wait))
-
-
-_KEEPER = LeaseKeeper()
+_KEEPER = Alarms("warmfleet-lease-keeper")
+"""One thread per process beats every lease in use on its own schedule, so a job starts no thread of its own."""
 
 
 def _script(client: redis.Redis, text: str, keys: list[str], args: list[Any]) -> Any:

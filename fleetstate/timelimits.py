@@ -27,17 +27,24 @@ def set_release_time_limit(client: redis.Redis, release: str, seconds: float | N
 
 
 def time_limit_for(client: redis.Redis, release: str | None, default: float) -> float:
-    """The limit a job of `release` runs under: the release's own, else `default`; 0 = no limit."""
+    """The limit a job of `release` runs under: the release's own, else `default`; 0 = no limit. (A worker reads the
+    release's own limit in its claim script instead: fleetstate.leases.)"""
+    raw = None
     if release:
         try:
             raw = client.hget(RELEASE_META_KEY.format(release=release), LIMIT_FIELD)
         except redis.RedisError:
-            raw = None  # Redis restarting: the fleet-wide limit still holds
-        if raw is not None:
-            try:
-                return max(0.0, float(raw))
-            except ValueError:
-                pass
+            pass  # Redis restarting: the fleet-wide limit still holds
+    return limit_or_default(raw, default)
+
+
+def limit_or_default(raw: bytes | str | None, default: float) -> float:
+    """A release's own limit as stored (None or empty: it has none; unreadable: ignored), else `default`."""
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            pass
     return max(0.0, float(default))
 
 

@@ -14,7 +14,7 @@ from kombu.transport import TRANSPORT_ALIASES
 import beat_schedule
 from fleetstate.client import is_sentinel_url
 
-from . import sentinel
+from . import results, sentinel
 from . import transport as transport_module
 from .router import FleetRouter
 from .settings import FleetSettings, load_settings
@@ -68,7 +68,8 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
         result_options["master_name"] = settings.sentinel_master
         # a failover refuses writes until the promoted primary has its replica back (~10 s): outlast it
         result_options["retry_policy"] = {"timeout": SENTINEL_RESULT_RETRY_S}
-    target.loader.override_backends = {**target.loader.override_backends, "sentinel": sentinel.BACKEND}
+    target.loader.override_backends = {**target.loader.override_backends, "sentinel": sentinel.BACKEND,
+                                       "redis": results.BACKEND, "rediss": results.BACKEND}
     target.conf.update(
         broker_url=broker or UNCONFIGURED_BROKER,
         broker_transport=transport,
@@ -98,6 +99,8 @@ def configure(settings: FleetSettings, target: Celery = app) -> Celery:
         beat_schedule=beat_schedule.build_schedule(settings, target),
     )
     target.fleet_settings = settings  # type: ignore[attr-defined]
+    # the fleet's state lives on the broker's server: a worker writes Celery's records in its own scripts only there
+    target.fleet_results_shared = result == broker  # type: ignore[attr-defined]
     target.fleet_router = router  # type: ignore[attr-defined]
     return target
 

@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from fleetstate.client import FailoverAwareConnection, push_replicated
 
+from .results import FleetResults
 from .transport import OutboxPut
 
 
@@ -52,7 +53,7 @@ class FleetSentinelTransport(SentinelTransport):
     Channel = FleetSentinelChannel
 
 
-class FleetSentinelBackend(SentinelBackend):
+class FleetSentinelBackend(FleetResults, SentinelBackend):
     def _get_sentinel_instance(self, **params: Any) -> Any:
         params.setdefault("connection_class", FailoverAwareConnection)
         return super()._get_sentinel_instance(**params)

@@ -8,9 +8,11 @@ import json
 import pytest
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.utils.uuid import uuid
 
 from cachemgr.names import queue_for
 from fleetstate.registry import WarmRegistry
+from tasks.router import GENERATE_TASK
 from workers.outputs import read_uri
 
 pytestmark = pytest.mark.integration
@@ -52,6 +54,33 @@ def test_result_in_redis_carries_no_image_bytes(fleet_settings, producer, two_wo
     assert raw is not None and len(raw) < 4096
     assert PNG_MAGIC not in raw and b"iVBOR" not in raw  # neither raw nor base64 PNG
     assert json.loads(raw)["result"]["image_uri"] == result["image_uri"]
+
+
+def test_the_worker_writes_celerys_started_and_success_records_in_its_own_scripts(fleet_settings, producer,
+                                                                                   two_workers):
+    """The claim writes STARTED and the completion SUCCESS (tasks/results.py): both published in order on the
+    result's channel, with the fields Celery's own records carry (those of a Celery task through the same worker)."""
+    old, new = two_workers["releases"]
+    client = redis.Redis.from_url(fleet_settings.broker_url)
+    task_id = uuid()
+    channel = client.pubsub()
+    channel.subscribe(f"celery-task-meta-{task_id}")
+    channel.get_message(timeout=1)
+    result = producer.generate.apply_async(("a harbour at dawn",), task_id=task_id).get(timeout=120)
+    published = []
+    while len(published) < 2 and (message := channel.get_message(timeout=5)) is not None:
+        if message["type"] == "message":
+            published.append(json.loads(message["data"]))
+    assert [m["status"] for m in published] == ["STARTED", "SUCCESS"]
+    assert published[0]["result"]["hostname"] == "w-new@testnode" and published[1]["result"] == result
+    meta = producer.app.backend.get_task_meta(task_id)
+    assert (meta["status"], meta["result"], meta["name"], meta["worker"], meta["queue"]) == (
+        "SUCCESS", result, GENERATE_TASK, "w-new@testnode", queue_for(new))
+    assert meta["kwargs"]["prompt"] == "a harbour at dawn" and meta["date_done"]
+    assert 0 < client.ttl(f"celery-task-meta-{task_id}") <= 24 * 3600
+    celerys = producer.app.send_task("celery.accumulate", args=[1], queue=queue_for(new))
+    assert celerys.get(timeout=120) == [1]
+    assert set(json.loads(client.get(f"celery-task-meta-{celerys.id}"))) == set(published[1])
 
 
 def test_same_seed_gives_byte_identical_images(producer, two_workers):

@@ -64,7 +64,6 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
     from fleetstate.stats import FleetStats
     from tasks import app, configure
-    from tasks.generate import attach_runner
     from tasks.peering import peer_source
 
     from .batching import enable_batching
@@ -142,7 +141,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     runtime = WorkerRuntime(hostname, pipelines, outputs, state)
     queues = ",".join(queue_for(r) for r in releases)
     breaker = FailureBreaker(settings.failure_breaker, sick_handler(app, registry, state, queues.split(","), events))
-    attach_runner(app, JobRunner(runtime, registry.redis, settings, breaker))
+    JobRunner(runtime, registry.redis, settings, breaker).attach(app)
     enable_batching(app, runtime, settings.batch_max, settings.batch_wait_ms)  # batch_max 1: nothing changes
     live = LiveAdapters(runtime, registry, archive, cache.store, events, settings.max_resident_adapters,
                         settings.max_adapter_bytes)

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Reject, TaskPredicate
 
 from cachemgr.names import release_of_queue
 from fleetstate.dead import DeadJob, DeadLetters
-from fleetstate.leases import JobDead, JobLease, effective_lease_seconds
-from fleetstate.timelimits import time_limit_for
+from fleetstate.leases import Claim, JobDead, JobLease, effective_lease_seconds
+from fleetstate.timelimits import limit_or_default
 from tasks.errors import JobFailed, JobRefused, one_line
-from tasks.generate import NotServing
+from tasks.generate import NotServing, attach_runner
 from tasks.requests import BadRequest, GenerateRequest
+from tasks.results import FleetResults, writes_celery_records, written_by_fleet
+from tasks.router import GENERATE_TASK
 
 from .breaker import FailureBreaker
 from .gpu import is_out_of_memory, release_device_memory
@@ -39,6 +41,17 @@ class JobRunner:
         """Told of every try that ran past its time limit, just before the worker is recycled (a failure)."""
         if breaker is not None:
             self.on_timeout = lambda t: breaker.failure(t.task_id, f"ran past its time limit of {t.limit_s:g} s")
+        self.writes_celery_records = False
+        """Set by `attach`: the claim and completion scripts write Celery's STARTED and SUCCESS records."""
+
+    def attach(self, celery_app: Any) -> JobRunner:
+        """Become the runner of `celery_app`'s `generate`; where its result backend is the fleet's own Redis, write
+        Celery's records in this runner's scripts and turn Celery's own STARTED store off for the task."""
+        self.writes_celery_records = writes_celery_records(celery_app)
+        if self.writes_celery_records:
+            celery_app.tasks[GENERATE_TASK].track_started = False
+        attach_runner(celery_app, self)
+        return self
 
     def run(self, task: Task, request: GenerateRequest) -> dict[str, Any]:
         if self.breaker is not None and self.breaker.tripped:  # sick: run nothing, put the job back for a peer
@@ -46,14 +59,16 @@ class JobRunner:
         delivery = task.request.delivery_info or {}
         queue = delivery.get("routing_key") or delivery.get("queue")
         sent_at = getattr(task.request, "fleet_sent_at", None)
-        with self._lease(task) as lease:
-            claim = lease.claim()
+        release = release_of_queue(queue) if queue else None
+        records = self._celery_records(task)
+        with self._lease(task, str(release) if release else request.release) as lease:
+            claim = lease.claim(records.fleet_started(task.request.id, task.request) if records else None)
             if claim.result is not None:
                 return claim.result  # a duplicate delivery of a finished job: its stored result, nothing recomputed
             if claim.dead is not None:
                 raise JobDead(claim.dead)
             try:
-                with self._time_limit(lease, request, queue, task):
+                with self._time_limit(lease, claim, queue, task):
                     result = self._serve(request, task.request.id, queue, sent_at)
             except (BadRequest, TaskPredicate):
                 raise
@@ -66,8 +81,17 @@ class JobRunner:
                 raise self._retry_or_bury(task, exc, lease, queue) from None
             if self.breaker is not None:
                 self.breaker.success()
-            lease.complete(result, {"jobs": self.runtime.state.jobs})  # the registry's count, in the same script
+            succeeded = records.fleet_record(task.request.id, result, states.SUCCESS, task.request) if records else None
+            # the registry's count and Celery's SUCCESS record, in the same script
+            if lease.complete(result, {"jobs": self.runtime.state.jobs}, succeeded) and succeeded is not None:
+                written_by_fleet(task.request.id)
             return result
+
+    def _celery_records(self, task: Task) -> FleetResults | None:
+        """The backend whose STARTED and SUCCESS records this job's scripts write (tasks/results.py), if they do."""
+        if not self.writes_celery_records or task.request.ignore_result:
+            return None
+        return task.backend
 
     def _serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
         """Serve the job; out of device memory, free what it held and try once more here, then refuse it."""
@@ -97,18 +121,19 @@ class JobRunner:
             f"({resident.device}) even after freeing cached memory and trying again; this release allows "
             f"{describe_limits(resident.limits)}: ask for a smaller image ({reason})")
 
-    def _lease(self, task: Task) -> JobLease:
+    def _lease(self, task: Task, release: str | None) -> JobLease:
         settings = self.settings
         properties = getattr(task.request, "properties", None) or {}
         return JobLease(
             self.redis, task.request.id, task.request.hostname or "?",
             effective_lease_seconds(settings.job_lease_seconds, settings.visibility_timeout),
             delivery_tag=properties.get("delivery_tag"), extend_visibility=settings.job_extend_visibility,
+            release=release,
         )
 
-    def _time_limit(self, lease: JobLease, request: GenerateRequest, queue: str | None, task: Task) -> JobWatchdog:
-        release = release_of_queue(queue) if queue else None
-        limit = time_limit_for(lease.redis, str(release) if release else request.release, self.settings.job_time_limit_s)
+    def _time_limit(self, lease: JobLease, claim: Claim, queue: str | None, task: Task) -> JobWatchdog:
+        """The job's release's own limit (read by the claim), else the fleet's (`FLEET_JOB_TIME_LIMIT_S`)."""
+        limit = limit_or_default(claim.time_limit, self.settings.job_time_limit_s)
         return JobWatchdog(lease, limit, self.settings.job_max_retries, queue, dict(task.request.kwargs or {}),
                            on_timeout=self.on_timeout)
 

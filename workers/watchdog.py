@@ -1,7 +1,8 @@
 """A job past its time limit: recorded, its lease released, its message put back for a peer, this worker recycled.
 
 A solo-pool worker runs a job on its main thread; a pipeline call that hangs (a driver stuck, a kernel that never
-returns) cannot be interrupted from Python. So a watchdog thread waits beside each job. Past the limit it:
+returns) cannot be interrupted from Python. So each job arms an alarm on the process's one watchdog thread
+(fleetstate.alarms: arming and disarming is a dict write, no thread started or woken per job). Past the limit it:
 
 1. records the timed-out try (the job record's `timeouts`, the fleet counter `job_timeouts`) and tells the
    runner's `on_timeout` hook (where a failure breaker counts it as a failure of this worker);
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from fleetstate.alarms import Alarms
 from fleetstate.dead import DeadJob, DeadLetters
 from fleetstate.keys import KOMBU_UNACKED
 from fleetstate.leases import JobLease
@@ -31,6 +33,9 @@ from fleetstate.orphans import restore
 from fleetstate.timelimits import count_timeout, limit_text, timed_out_reason
 
 log = logging.getLogger("warmfleet.watchdog")
+
+_WATCH = Alarms("warmfleet-watchdog")
+"""The process's one watchdog thread: apart from the lease keeper's, so a renewal stuck on Redis delays no limit."""
 
 TIMED_OUT_EXIT = 75
 """The exit status of a worker recycled because a job ran past its time limit (EX_TEMPFAIL: start it again)."""
@@ -61,21 +66,16 @@ class JobWatchdog:
         self.kwargs = kwargs
         self.on_timeout = on_timeout
         self.exit_process = exit_process
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> JobWatchdog:
         if self.limit_s > 0:
-            self._thread = threading.Thread(target=self._watch, name=f"watchdog-{self.lease.task_id[:8]}", daemon=True)
-            self._thread.start()
+            _WATCH.set(self, time.monotonic() + self.limit_s, self._expired)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
+        _WATCH.cancel(self)
 
-    def _watch(self) -> None:
-        if self._done.wait(self.limit_s):
-            return
+    def _expired(self) -> None:
         try:
             self.fire()
         except Exception:  # whatever failed, the worker must still go: the orphan sweep brings the job back then
