@@ -264,7 +264,7 @@ class Calibration:
     """Seconds per denoising step on this machine now (by image side), so a job lasts about as long as a test needs.
     Every finished job refines it: the machine is shared and its speed drifts."""
 
-    SIDES = ((64, 1.0), (96, 2.25), (128, 4.0))
+    SIDES = ((64, 1.0), (96, 2.25), (128, 4.0), (192, 9.0), (256, 16.0))  # a fast machine needs the larger ones
 
     def __init__(self, producer, release: str = DEMO_RELEASES[1]) -> None:  # noqa: ANN001 - the `tasks` module
         self.per_step: dict[int, float] = {}
@@ -282,7 +282,7 @@ class Calibration:
             steps = math.ceil(seconds / self.rate(side, factor))
             if steps <= 150:
                 return {"steps": max(steps, 4), "width": side, "height": side}
-        return {"steps": 150, "width": 128, "height": 128}
+        return {"steps": 150, "width": 256, "height": 256}
 
 
 def run_sync(env: dict[str, str], release: str, **popen: Any) -> subprocess.CompletedProcess:
