@@ -337,7 +337,8 @@ def main() -> None:
     table = "\n".join(f"| {label} | {ms[step]:.1f} ms | {mbps(step):.0f} MB/s | {cell(step)} |"
                       for label, step in rows if step in ratios or step == "raw")
     title = "L2 → L1 load vs a raw read of the same bytes" + (f" — {args.size} model" if sfx else "")
-    note = {"tiny": TINY_NOTE, "large": LARGE_NOTE, "xl": XL_NOTE}[args.size]
+    note = {"tiny": TINY_NOTE, "large": LARGE_NOTE, "xl": XL_NOTE}[args.size].format(
+        raw_ms=ms["raw"], raw_gbps=mb / ms["raw"], build_over_issue=ms["build"] / 124.0)
     write_section(f"l2_load{sfx}", f"""
 ## {title} (`bench/bench_l2_load.py{' --size ' + args.size if sfx else ''}`)
 
@@ -399,7 +400,10 @@ takes ~10 % less: each step before it here streams hundreds of MB through them. 
 build took ~95–125 ms (peft made every LoRA layer; walks through `named_modules()`; a gen-0 collection after each
 build; a parameter allocated on the host and moved to meta per tensor). The raw read it is divided by is a memory
 copy out of the page cache, whose speed depends on the host: 124 ms (4.8 GB/s) when the issue was written, ~30 ms
-(~20 GB/s) on this host today — against the first, the build is ~0.5×. The `diffusers` row (plain
+(~20 GB/s) on the host of the first run on 2026-11-29 (build ÷ raw 1.89), {raw_ms:.0f} ms ({raw_gbps:.0f} GB/s) in this
+run. The build moves no weight byte, so its time does not follow the copy's: against a read at the issue's speed it
+is {build_over_issue:.2f}×, and on a host whose page cache copies at ~28 GB/s it is over 2× (the large target is
+missed there: what remains is the object construction above, ~49 ms). The `diffusers` row (plain
 `from_pretrained` + `load_lora_weights` on the same folders) is the comparison that does not move with the host."""
 
 XL_NOTE = MAPPED + """

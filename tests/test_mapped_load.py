@@ -9,6 +9,8 @@ release still builds.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from fleetctl.demo.builders import DEMO_MODEL, SHARED_BASE_RELEASES, SINGLE_FILE
 from tasks.requests import GenerateRequest
 from workers.models import SingleFile, StableDiffusionXL
 from workers.models.base import LORA_WEIGHT_NAME, adapter_name
-from workers.models.mapped import build_pipeline
+from workers.models.mapped import build_pipeline, plain_setattr
 
 PREVIOUS, CURRENT = SHARED_BASE_RELEASES
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -110,6 +112,8 @@ def assert_same_module(a, b, path: str) -> None:
                     assert torch.equal(p, q), (path, k)
         elif key == "kwargs":  # peft keeps the tied-adapter dict it was given: one per call there, per layer here
             assert x == y, path
+        elif type(x).__eq__ is object.__eq__ and x is not y:  # e.g. an attention processor: alike, not the same
+            assert type(x) is type(y) and getattr(x, "__dict__", None) == getattr(y, "__dict__", None), (path, key)
         else:
             assert x == y, (path, key, x, y)
 
@@ -522,3 +526,60 @@ def test_the_open_clip_conversion_gives_diffusers_names_and_values_as_views():
     sources = {checkpoint[k].untyped_storage().data_ptr() for k in checkpoint if "in_proj" in k}
     assert all(ours[k].untyped_storage().data_ptr() in sources for k in qkv)  # views of the checkpoint's tensors
     assert not any(theirs[k].untyped_storage().data_ptr() in sources for k in qkv)  # diffusers' are copies
+
+
+def test_modules_built_with_the_short_setattr_are_the_modules_torch_builds(cache):
+    """The build's short `nn.Module.__setattr__` (mapped.plain_setattr) leaves a UNet as torch's own method leaves
+    it, attribute by attribute and tensor by tensor; torch's method is back after the block."""
+    from diffusers import UNet2DConditionModel
+
+    torch_setattr = torch.nn.Module.__setattr__
+    config = UNet2DConditionModel.load_config(cache.store.path(Release.parse(PREVIOUS).base) / "unet")
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel.from_config(config)
+    with plain_setattr():
+        assert torch.nn.Module.__setattr__ is not torch_setattr
+        torch.manual_seed(0)
+        ours = UNet2DConditionModel.from_config(config)
+    assert torch.nn.Module.__setattr__ is torch_setattr
+    assert_same_module(ours, theirs, "unet")
+
+
+def test_the_short_setattr_keeps_torch_s_rules_for_every_kind_of_assignment():
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            self.early = 1  # before Module.__init__: a plain attribute, as torch allows
+            super().__init__()
+            self.child = torch.nn.Linear(2, 2)
+            self.register_buffer("buf", torch.zeros(1))
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self._seen = None
+
+        @property
+        def watched(self):
+            return self._seen
+
+        @watched.setter
+        def watched(self, value) -> None:
+            self._seen = ("through the setter", value)
+
+    outcomes = []
+    for short in (False, True):
+        with plain_setattr() if short else contextlib.nullcontext():
+            probe = Probe()
+            probe.size, probe.label, probe.flag, probe.watched = 3, "x", True, 5
+            probe.weight = None  # a parameter's name: the parameter is set to None
+            errors = []
+            for name, value in (("child", 1), ("buf", "text"), ("weight", 2.0)):
+                try:
+                    setattr(probe, name, value)
+                except TypeError as exc:
+                    errors.append(str(exc))
+            probe.child = None
+            outcomes.append((probe.early, probe.size, probe.label, probe.flag, probe._seen, dict(probe._parameters),
+                             dict(probe._modules), sorted(k for k in vars(probe) if not k.startswith("_")), errors))
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[1][-1]) == 3 and outcomes[1][4] == ("through the setter", 5)
+    with pytest.raises(RuntimeError), plain_setattr():
+        raise RuntimeError("a build that fails")
+    assert torch.nn.Module.__setattr__.__qualname__ == "Module.__setattr__"

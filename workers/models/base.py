@@ -22,7 +22,7 @@ from ..gpu import resident_bytes
 from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
-from .mapped import build_pipeline, gc_paused, load_unet_lora
+from .mapped import build_pipeline, gc_paused, load_unet_lora, plain_setattr
 from .vae import VAE_FAMILIES, load_vae
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -193,7 +193,9 @@ class ModelBuilder:
         return releases
 
     def build(self) -> ResidentPipeline:
-        with gc_paused(freeze=True):  # a build only adds objects: the collector's passes find nothing (mapped.py)
+        # a build only adds objects: the collector's passes find nothing; its modules' plain attributes are set
+        # without torch's checks (mapped.py)
+        with gc_paused(freeze=True), plain_setattr():
             return self._build()
 
     def _build(self) -> ResidentPipeline:
