@@ -371,18 +371,18 @@ def test_a_model_with_buffers_or_tensor_attributes_is_not_built_on_meta(cache):
     from workers.models.mapped import _all_weights
 
     plain_model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2))
-    assert _all_weights(plain_model)
+    assert _all_weights(plain_model.modules())
     with_buffer = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
-    assert not _all_weights(with_buffer)
+    assert not _all_weights(with_buffer.modules())
 
     class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.scale = torch.ones(2)  # a tensor that is neither parameter nor buffer
 
-    assert not _all_weights(torch.nn.Sequential(Scaled()))
+    assert not _all_weights(torch.nn.Sequential(Scaled()).modules())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mapped_module, "_all_weights", lambda model: False)
+        mp.setattr(mapped_module, "_all_weights", lambda modules: False)
         real = mapped(cache).pipeline
     assert_same_models(real, mapped(cache).pipeline)
 

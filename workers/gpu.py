@@ -102,10 +102,15 @@ def resident_bytes(pipeline: Any) -> int:
     import torch
 
     components = getattr(pipeline, "components", None) or {}
-    modules = all_modules(*(m for m in components.values() if isinstance(m, torch.nn.Module)))
-    tensors = {id(t): t for m in modules for t in m._parameters.values() if t is not None}
-    tensors.update({id(t): t for m in modules for t in m._buffers.values() if t is not None})
-    return sum(t.nbytes for t in tensors.values())
+    seen: set[int] = set()
+    total = 0
+    for module in all_modules(*(m for m in components.values() if isinstance(m, torch.nn.Module))):
+        for held in (module._parameters, module._buffers):
+            for tensor in held.values():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.nbytes
+    return total
 
 
 def sample_into(state: Any, device: str) -> None:

@@ -28,7 +28,7 @@ import copy
 import gc
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,14 +143,12 @@ def meta_modules() -> Iterator[None]:
         yield
 
 
-def _all_weights(model: Any) -> bool:
-    """No module of `model` holds a buffer or a tensor outside its parameters."""
+def _all_weights(modules: Iterable[Any]) -> bool:
+    """No module among `modules` (all of a model's) holds a buffer or a tensor outside its parameters."""
     import torch
 
-    from ..gpu import all_modules
-
     standard = _MODULE_ATTRS or _MODULE_ATTRS.update(torch.nn.Module().__dict__) or _MODULE_ATTRS
-    for module in all_modules(model):
+    for module in modules:
         if module._buffers:
             return False
         if type(module).__module__.startswith("torch.nn.modules."):
@@ -229,15 +227,16 @@ def _tensors(files: list[Path], layouts: dict[Path, Layout]) -> dict[str, Any]:
     return out
 
 
-def _plain_modules(model: Any) -> dict[str, Any] | None:
+def _plain_modules(model: Any, modules: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """name → module when no module changes how its state is saved or loaded (hooks, extra state, its own
-    `_load_from_state_dict`): then a module's state is exactly its parameters and persistent buffers."""
+    `_load_from_state_dict`): then a module's state is exactly its parameters and persistent buffers. `modules`:
+    the model's `named_modules`, when the caller walked them already."""
     import torch
 
     from ..gpu import named_modules
 
     base = torch.nn.Module
-    modules = named_modules(model)
+    modules = named_modules(model) if modules is None else modules
     for module in modules.values():
         kind = type(module)
         if (module._state_dict_hooks or module._state_dict_pre_hooks or module._load_state_dict_pre_hooks
@@ -255,13 +254,14 @@ _PLAIN_CLASSES: set[type] = set()
 """Module classes that neither load nor save their state their own way (checked once per class)."""
 
 
-def _assign(model: Any, tensors: dict[str, Any], dtype: Any) -> bool:
+def _assign(model: Any, tensors: dict[str, Any], dtype: Any, walked: dict[str, Any] | None = None) -> bool:
     """The file's tensors become the model's parameters and persistent buffers (no copy when the dtype matches).
     False, with the model untouched, when the names are not exactly the model's own. What
-    `load_state_dict(assign=True)` does, without its per-module walk, when no module customises loading."""
+    `load_state_dict(assign=True)` does, without its per-module walk, when no module customises loading.
+    `walked`: the model's `named_modules`, when the caller walked them already."""
     import torch
 
-    modules = _plain_modules(model)
+    modules = _plain_modules(model, walked)
     if modules is None:
         expected = model.state_dict(keep_vars=True)
         non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
@@ -321,18 +321,22 @@ def _eval(modules: Any) -> None:
 
 
 def _diffusers_model(cls: Any, folder: Path, variant: str | None, dtype: Any, layouts: dict[Path, Layout]) -> Any:
+    from ..gpu import named_modules
+
     files = _weight_files(folder, variant)
     if files is None:
         return None
     config = cls.load_config(folder)
     with meta_modules():
         model = cls.from_config(config)
-    if not _all_weights(model):
+    walked = named_modules(model)  # one walk for both checks
+    if not _all_weights(walked.values()):
         with empty_modules():
             model = cls.from_config(config)
+        walked = None
     if getattr(model, "_keep_in_fp32_modules", None) and dtype != model.dtype:
         return None  # mixed precision by module name: left to diffusers' own rules
-    if not _assign(model, _tensors(files, layouts), dtype):
+    if not _assign(model, _tensors(files, layouts), dtype, walked):
         return None
     model.register_to_config(_name_or_path=str(folder))
     if model.training:  # `_assign` set every module to eval already where it walked them all
