@@ -102,7 +102,8 @@ _TORCH_SETATTR: list[Any] = []
 def plain_setattr() -> Iterator[None]:
     """Modules built with `_plain_setattr` as `nn.Module.__setattr__`: the same outcome for every assignment (so
     another thread building meanwhile is unaffected), ~1,900 of the ~3,200 assignments of an SDXL UNet's
-    construction made without torch's checks. Nests; the outermost puts torch's own method back."""
+    construction made without torch's checks. Nests; the outermost puts torch's own method back, unless the
+    process installed it for good (`install_plain_setattr`)."""
     import torch
 
     module_class = torch.nn.Module
@@ -115,6 +116,19 @@ def plain_setattr() -> Iterator[None]:
         yield
     finally:
         module_class.__setattr__ = _TORCH_SETATTR[0]
+
+
+def install_plain_setattr() -> None:
+    """`_plain_setattr` as `nn.Module.__setattr__` for the rest of this process: what a worker does at boot, since it
+    builds pipelines for its whole life. Setting a method on `nn.Module` (and setting torch's back) invalidates
+    the attribute caches of every module class (~800 once torch, diffusers, transformers and peft are imported), so
+    a build inside `plain_setattr` starts with them cold: ~3 ms of a ~43 ms build of the large release here. The
+    outcome of every assignment is torch's own (tests/test_mapped_load.py)."""
+    import torch
+
+    if torch.nn.Module.__setattr__ is not _plain_setattr:
+        _TORCH_SETATTR[:] = [torch.nn.Module.__setattr__]
+        torch.nn.Module.__setattr__ = _plain_setattr
 
 
 @contextmanager
