@@ -417,12 +417,13 @@ class SnapshotStore:
         return self.root / "verified" / sha256
 
     def _stamp(self, sha256: str, identity: str) -> None:
-        _write_text_atomic(self._stamp_path(sha256), f"{time.time():.3f} {identity}\n")
+        _write_text_atomic(self._stamp_path(sha256), f"{time.time()!r} {identity}\n")  # exact: never ahead of now
 
     def _stamped(self, sha256: str, blob: Path, trust_seconds: float) -> bool:
         try:
             at, identity = self._stamp_path(sha256).read_text().split(" ", 1)
-            return time.time() - float(at) < trust_seconds and identity.strip() == _identity(blob)
+            age = time.time() - float(at)  # a stamp from the future (the clock stepped back) is not trusted
+            return 0 <= age < trust_seconds and identity.strip() == _identity(blob)
         except (OSError, ValueError):
             return False
 

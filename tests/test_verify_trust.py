@@ -5,6 +5,7 @@ made through the filesystem is hashed again and caught. Reads are counted from t
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -82,3 +83,16 @@ def test_a_removed_blob_takes_its_stamp_with_it(tmp_path):
     assert (stamps / sha).is_file()
     store.remove_blob(sha)
     assert not store.blob_path(sha).exists() and not (stamps / sha).exists()
+
+
+def test_a_stamp_from_the_future_means_a_full_check(tmp_path):
+    """A stamp ahead of the clock (the clock stepped back since, or a stamp rounded up) is not trusted."""
+    store = synced(tmp_path)
+    store.check(REF)
+    sha = store.manifest(REF).file("unet/w.safetensors").sha256
+    stamp = store.root / "verified" / sha
+    at, identity = stamp.read_text().split(" ", 1)
+    assert float(at) <= time.time()  # written exactly, never ahead of the clock
+    stamp.write_text(f"{float(at) + 600} {identity}")
+    checks, read = check_reading(store, 3600)
+    assert all(c.ok for c in checks) and read >= SIZE
