@@ -65,6 +65,17 @@ return 0
 """
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
+
+def _celery_record(key: str, value: str, ttl: str) -> str:
+    """Lua that writes Celery's record as its Redis backend does (SET, with EX when the ttl is > 0, then PUBLISH on
+    the record's key), when `value` is not ''; `key`, `value`, `ttl` name the script's KEYS/ARGV."""
+    return (f"if {value} ~= '' then\n"
+            f"  if tonumber({ttl}) > 0 then redis.call('SET', {key}, {value}, 'EX', {ttl}) "
+            f"else redis.call('SET', {key}, {value}) end\n"
+            f"  redis.call('PUBLISH', {key}, {value})\n"
+            "end\n")
+
+
 # One round trip per claim: index the delivery (orphans.py) and take it out of the outbox (outbox.py), read the job
 # record, take the lease (or find it ours from a retried call), count the run, write Celery's STARTED record (when the
 # worker writes Celery's records: tasks/results.py) and read the release's own job time limit (timelimits.py).
@@ -72,6 +83,7 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 # ARGV: token, ttl ms, worker, tag ('' for none), index entry, record ttl s, time limit field ('': none), STARTED
 # record ('': none), its ttl s (0: none).
 # Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run', limit or ''}.
+
 _CLAIM = """
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
@@ -90,11 +102,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('HSET', KEYS[1], 'holder', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-if ARGV[8] ~= '' then
-  if tonumber(ARGV[9]) > 0 then redis.call('SET', KEYS[7], ARGV[8], 'EX', ARGV[9]) else redis.call('SET', KEYS[7], ARGV[8]) end
-  redis.call('PUBLISH', KEYS[7], ARGV[8])
-end
-if ARGV[7] == '' then return {'run', ''} end
+""" + _celery_record("KEYS[7]", "ARGV[8]", "ARGV[9]") + """if ARGV[7] == '' then return {'run', ''} end
 return {'run', redis.call('HGET', KEYS[6], ARGV[7]) or ''}
 """
 
@@ -109,11 +117,7 @@ _COMPLETE = """
 redis.call('HSET', KEYS[1], 'result', ARGV[1], 'finished_by', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'completed', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[6] ~= '' then
-  if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[7]) else redis.call('SET', KEYS[6], ARGV[6]) end
-  redis.call('PUBLISH', KEYS[6], ARGV[6])
-end
-if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
+""" + _celery_record("KEYS[6]", "ARGV[6]", "ARGV[7]") + """if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
 if ARGV[5] ~= '' then redis.call('HDEL', KEYS[3], ARGV[5]) end
 redis.call('HINCRBY', KEYS[4], 'l1_hits', 1)
 if #ARGV > 7 and redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], unpack(ARGV, 8)) end

@@ -19,6 +19,8 @@ from typing import Any
 from celery import states
 from celery.backends.redis import RedisBackend
 
+from fleetstate.leases import CeleryRecord
+
 _WRITTEN: set[str] = set()
 """Task ids whose SUCCESS meta this process's completion script wrote; Celery's own store of it is skipped once."""
 
@@ -26,7 +28,7 @@ _WRITTEN: set[str] = set()
 class FleetResults:
     """Mixed into the Redis (and Sentinel) backends: the records a worker's scripts write in Celery's place."""
 
-    def fleet_record(self, task_id: str, result: Any, state: str, request: Any) -> tuple[bytes, str | bytes, int]:
+    def fleet_record(self, task_id: str, result: Any, state: str, request: Any) -> CeleryRecord:
         """(key, value, expiry seconds or 0) of `state` for `task_id`, exactly as `store_result` would write it."""
         meta = self._get_result_meta(result=self.encode_result(result, state),  # type: ignore[attr-defined]
                                      state=state, traceback=None, request=request)
@@ -34,7 +36,7 @@ class FleetResults:
         key = self.get_key_for_task(task_id)  # type: ignore[attr-defined]
         return key, self.encode(meta), int(self.expires or 0)  # type: ignore[attr-defined]
 
-    def fleet_started(self, task_id: str, request: Any) -> tuple[bytes, str | bytes, int]:
+    def fleet_started(self, task_id: str, request: Any) -> CeleryRecord:
         """The STARTED record Celery's trace writes before a task's body (`track_started`)."""
         return self.fleet_record(task_id, {"pid": os.getpid(), "hostname": request.hostname}, states.STARTED, request)
 

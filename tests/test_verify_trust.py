@@ -85,14 +85,19 @@ def test_a_removed_blob_takes_its_stamp_with_it(tmp_path):
     assert not store.blob_path(sha).exists() and not (stamps / sha).exists()
 
 
-def test_a_stamp_from_the_future_means_a_full_check(tmp_path):
-    """A stamp ahead of the clock (the clock stepped back since, or a stamp rounded up) is not trusted."""
+def test_a_stamp_from_the_future_means_a_full_check(tmp_path, monkeypatch):
+    """A stamp is the clock's reading as it is (never rounded up past it), and one ahead of the clock (the clock
+    stepped back since) is not trusted."""
+    import cachemgr.store
+
     store = synced(tmp_path)
-    store.check(REF)
+    with monkeypatch.context() as patched:
+        patched.setattr(cachemgr.store.time, "time", lambda: 1_700_000_000.0006)
+        store.check(REF)
     sha = store.manifest(REF).file("unet/w.safetensors").sha256
     stamp = store.root / "verified" / sha
     at, identity = stamp.read_text().split(" ", 1)
-    assert float(at) <= time.time()  # written exactly, never ahead of the clock
-    stamp.write_text(f"{float(at) + 600} {identity}")
+    assert float(at) == 1_700_000_000.0006
+    stamp.write_text(f"{time.time() + 600!r} {identity}")
     checks, read = check_reading(store, 3600)
     assert all(c.ok for c in checks) and read >= SIZE

@@ -106,16 +106,14 @@ def plain_setattr() -> Iterator[None]:
     process installed it for good (`install_plain_setattr`)."""
     import torch
 
-    module_class = torch.nn.Module
-    if module_class.__setattr__ is _plain_setattr:
+    if torch.nn.Module.__setattr__ is _plain_setattr:
         yield
         return
-    _TORCH_SETATTR[:] = [module_class.__setattr__]
-    module_class.__setattr__ = _plain_setattr
+    install_plain_setattr()
     try:
         yield
     finally:
-        module_class.__setattr__ = _TORCH_SETATTR[0]
+        torch.nn.Module.__setattr__ = _TORCH_SETATTR[0]
 
 
 def install_plain_setattr() -> None:
