@@ -30,7 +30,6 @@ from _results import RESULTS_JSON, machine, today, versions, write_section  # no
 SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("rollback", []),
     ("sentinel", []),
-    ("l2_load", []),
     ("dispatch", ["--profile"]),
     ("cold_start", []),
     ("adapter_switch", []),
@@ -43,7 +42,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("oss_download", []),
     ("peers", []),
 ]
-LARGE_SCRIPTS = [("l2_load", ["--size", "large", "--profile"]), ("cold_start", ["--size", "large", "--profile"])]
+LARGE_SCRIPTS = [("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
 
 
@@ -78,7 +77,7 @@ Scripts run by this invocation: {runs or 'none (summary only)'}.
 Every figure is a ratio or a paired difference of two things measured in the same run on the same machine
 (2 shared cores: absolute times are noisy, ratios much less so). **GPU figures are pending** a task that has a
 GPU: everything here ran on CPU with the tiny demo models, except the `*_large` entries (`python -m bench --large`:
-cold start and L2 load of a ~0.6 GB SDXL-shaped release).
+cold start of a ~0.6 GB SDXL-shaped release).
 
 | metric | value | target | | measured |
 |---|---|---|---|---|
@@ -117,7 +116,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=names, default=None)
     parser.add_argument("--skip", nargs="*", choices=names, default=[])
     parser.add_argument("--large", action="store_true",
-                        help="also run l2_load and cold_start with --size large (a ~0.6 GB release)")
+                        help="also run cold_start with --size large (a ~0.6 GB release)")
     args = parser.parse_args()
     ensure_matplotlib()
     outcomes: dict[str, str] = {}

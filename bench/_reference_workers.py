@@ -4,9 +4,11 @@ A private redis-server and workers reading the scenario's OSS server (no link em
 The release is an SDXL single-file base + a kohya LoRA published by `warmfleet publish`; on CPU the workers compute
 in float32 (CPU half precision is ~60× slower than float32 here), one torch thread, 64×64 images, 1 step.
 - warm restart: a worker filled its L2 and stopped; a job is queued, a new worker process is started on the same
-  node and the clock runs from its spawn to the job's result. Against it, in the same run: a new Python process that
-  does a bare `StableDiffusionXLPipeline.from_single_file` of the same L2 checkpoint (with the published config) +
-  `load_lora_weights` of the same L2 LoRA file + the same image, from spawn to image. Each measured `repeats` times.
+  node and the clock runs from its spawn to the job's result (publish converted the single file into a diffusers
+  folder, which the worker loads with `from_pretrained`). Against it, in the same run: a new Python process that
+  does a bare `StableDiffusionXLPipeline.from_single_file` of the original checkpoint (the file publish was given,
+  configs from the published version) + `load_lora_weights` of the same L2 LoRA file + the same image, from spawn to
+  image: what a diffusers user does with the file. Each measured `repeats` times.
 - rollback under load: two releases (LoRA v1, v2 on one base) warm on one worker (the second went live with
   `fleetctl.live.warm`); 10 producer threads send jobs by model name (closed loop) while the route flips back and
   forth (`fleetstate.rollout.rollback`); flip = rollback call until the producers' router serves the new release;
@@ -47,31 +49,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def _l2_files(settings, model: str, base: str, lora: str) -> tuple[Path, Path, Path]:
-    """(checkpoint, config folder, LoRA file) in the node's L2, where the worker loaded them from."""
+def _l2_files(settings, model: str, base: str, lora: str, checkpoint: Path) -> tuple[Path, Path, Path, Path]:
+    """(checkpoint, config folder, LoRA file, base folder): the original checkpoint and, from the node's L2, the
+    configs, the LoRA and the base folder the worker loaded. A base converted at publish is a diffusers folder whose
+    configs `from_single_file` reads as its `config=`; one published the old way holds the checkpoint and config/."""
     from cachemgr import Cache
+    from cachemgr.manifest import sha256_file
     from cachemgr.names import ComponentRef
     from workers.models.single_file import CONFIG_FOLDER, checkpoint_file
 
     store = Cache.at(settings.resolved_cache_root).store
     ref = ComponentRef(model, "base", base)
     root = store.path(ref)
-    lora_root = store.path(ComponentRef(model, "lora", lora))
-    return checkpoint_file(root, store.manifest(ref).meta), root / CONFIG_FOLDER, next(lora_root.rglob("*.safetensors"))
+    meta = store.manifest(ref).meta
+    lora_file = next(store.path(ComponentRef(model, "lora", lora)).rglob("*.safetensors"))
+    if not meta.get("converted_from"):
+        return checkpoint_file(root, meta), root / CONFIG_FOLDER, lora_file, root
+    if sha256_file(checkpoint) != meta["converted_from"]["sha256"]:
+        raise SystemExit(f"{checkpoint} is not the file {ref} was converted from")
+    return checkpoint, root, lora_file, root
 
 
-def _page_in(files: tuple[Path, Path, Path]) -> None:
-    """Read the release's files once, so each timed start finds them in the page cache (a warm node's L2)."""
-    for path in (files[0], files[2]):
+def _page_in(files: tuple[Path, Path, Path, Path]) -> None:
+    """Read the release's files once, so each timed start finds them in the page cache (a warm node's L2): the
+    checkpoint bare loads, the LoRA, and the weights of the base folder the worker loads."""
+    for path in (files[0], files[2], *sorted(files[3].rglob("*.safetensors"))):
         buf = bytearray(1 << 24)
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
 
 
-def _bare(files: tuple[Path, Path, Path], dtype: str, env: dict[str, str]) -> float:
+def _bare(files: tuple[Path, Path, Path, Path], dtype: str, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", BARE, *map(str, files), dtype], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", BARE, *map(str, files[:3]), dtype], capture_output=True, text=True,
+                          env=env,
                           cwd=ROOT, timeout=3600)
     took = time.perf_counter() - started
     if done.returncode != 0 or "image (64, 64)" not in done.stdout:
@@ -79,10 +91,10 @@ def _bare(files: tuple[Path, Path, Path], dtype: str, env: dict[str, str]) -> fl
     return took
 
 
-def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats: int = 2, jobs: int = 200,
-        flips: int = 10, dtype: str = "float32", restart_only: bool = False) -> dict:
-    """All three rows; `versions` = {"base": …, "lora_a": …, "lora_b": …} published under `model`; ours and bare
-    compute in `dtype`. One model process at a time (a full-size one is several GB): the last round runs bare first,
+def run(work: Path, endpoint: str, model: str, versions: dict[str, str], checkpoint: Path, repeats: int = 2,
+        jobs: int = 200, flips: int = 10, dtype: str = "float32", restart_only: bool = False) -> dict:
+    """All three rows; `versions` = {"base": …, "lora_a": …, "lora_b": …} published under `model`, the base from
+    `checkpoint` (what bare loads); ours and bare compute in `dtype`. One model process at a time (a full-size one is several GB): the last round runs bare first,
     so the worker it starts stays up for the other rows."""
     import redis
 
@@ -106,7 +118,7 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats
         registry = WarmRegistry(client)
         logs = work / "logs"
         start_worker(settings, [rel_a], "w-fill", logs, wait=True, timeout=3600).stop()  # fills L2: not timed
-        files = _l2_files(settings, model, versions["base"], versions["lora_a"])
+        files = _l2_files(settings, model, versions["base"], versions["lora_a"], checkpoint)
         ours, bare = [], []
         for attempt in range(repeats):
             last = attempt == repeats - 1
@@ -218,4 +230,5 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], repeats
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])), indent=1))
+    print(json.dumps(run(Path(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), Path(sys.argv[5])),
+                     indent=1))

@@ -242,7 +242,7 @@ piece boundaries and each part thread hashes the pieces it writes as it writes t
 (the `second read` rows stay at 0 unless a piece was cut by a part or resumed from an earlier try); the blob is
 still renamed into L2 only after every piece matched the manifest and the file was fsynced. On 2 shared cores
 the hashing competes for CPU with the socket reads, the positioned writes and the OSS server; then the same
-Python-bound load as the L2 → L1 section."""
+load as raw (a worker's build is `from_pretrained` + `load_lora_weights` too)."""
 
 
 if __name__ == "__main__":

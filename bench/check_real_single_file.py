@@ -1,6 +1,7 @@
 """By hand (minutes, ~7 GB of memory on CPU for SD 1.x): a real-size single-file checkpoint (zeros, written as a
-sparse file) published through `warmfleet publish` with no --config, synced to L2 and loaded the way a worker does
-(`from_single_file(..., config=<published config/>, local_files_only=True)`), then one 64×64 step run.
+sparse file) published through `warmfleet publish` with no --config (which converts it into a diffusers folder with
+diffusers' `from_single_file` + `save_pretrained`), synced to L2 and loaded the way a worker does (`from_pretrained`
+of that folder, offline), then one 64×64 step run.
 
     HF_HUB_OFFLINE=1 python -m bench.check_real_single_file [sd|sd2|sdxl] [--dtype float16]
 
@@ -29,7 +30,8 @@ def main() -> None:
     from fleetctl.cli import main as cli
     from fleetctl.demo import formats
     from workers.models import standard
-    from workers.models.single_file import CONFIG_FOLDER, checkpoint_file, pipeline_class
+    from workers.models.base import load_folder
+    from workers.models.single_file import pipeline_class
 
     with tempfile.TemporaryDirectory(prefix="warmfleet-real-") as tmp:
         work = Path(tmp)
@@ -44,10 +46,9 @@ def main() -> None:
         store = Cache.at(work / "l2").store
         sync_ref(LocalArchive(work / "home" / "archive"), store, ref)
         root = store.path(ref)
+        print(f"converted from {store.manifest(ref).meta['converted_from']['file']}")
         started = time.monotonic()
-        pipe = pipeline_class(root / CONFIG_FOLDER).from_single_file(
-            str(checkpoint_file(root, store.manifest(ref).meta)), config=str(root / CONFIG_FOLDER),
-            local_files_only=True, torch_dtype=getattr(torch, args.dtype))
+        pipe = load_folder(pipeline_class(root), root, getattr(torch, args.dtype), None)
         print(f"loaded {type(pipe).__name__} with {type(pipe.scheduler).__name__} offline in "
               f"{time.monotonic() - started:.1f} s")
         image = pipe("a leather jacket", num_inference_steps=1, width=64, height=64).images[0]

@@ -74,7 +74,6 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     from .live import LiveAdapters, attach_live
     from .models import builder_for, family_of, group_by_base
     from .models.layouts import files_for
-    from .models.mapped import install_plain_setattr
     from .outputs import open_output_store
     from .runtime import WorkerRuntime
 
@@ -83,7 +82,6 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
         return 2
     torch.set_num_threads(settings.torch_threads)
     torch.set_num_interop_threads(1)
-    install_plain_setattr()  # this process builds pipelines for its whole life (workers/models/mapped.py)
     configure(settings)
     hostname = worker_name(settings, releases, name)
     try:  # before any sync or load: a device this node lacks is one line now, not an error after minutes

@@ -8,7 +8,6 @@ a switched adapter must give the same bytes as a pipeline that holds that adapte
 
 from __future__ import annotations
 
-import gc
 import io
 import secrets
 import time
@@ -18,7 +17,6 @@ from typing import Any
 
 from tasks.requests import GenerateRequest
 
-from .gpu import all_modules
 from .limits import check_limits, tiling_wanted
 
 CallKwargs = Callable[[GenerateRequest, dict[str, Any], dict[str, Any]], dict[str, Any]]
@@ -66,7 +64,6 @@ class ResidentPipeline:
     limits: dict[str, int] = field(default_factory=dict)  # max_width, max_height, max_steps, max_batch (workers/limits)
     tuning: dict[str, Any] = field(default_factory=dict)  # the base's meta: vae_tiling_above, …
     tiled: bool = False
-    _lora_layers: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def releases(self) -> list[str]:
@@ -90,7 +87,7 @@ class ResidentPipeline:
             if self.lora_disabled:  # enable_lora walks every module: as costly as the switch itself
                 self.pipeline.enable_lora()
                 self.lora_disabled = False
-            set_adapters(self.pipeline, list(names), self._lora_layers)
+            self.pipeline.set_adapters(list(names))  # diffusers' own: every adapter at weight 1.0
         elif self.adapter_names:
             self.pipeline.disable_lora()  # a base-only release beside LoRA releases: run the bare base
             self.lora_disabled = True
@@ -122,7 +119,6 @@ class ResidentPipeline:
         self.last_used.pop(release, None)
         still_used = set(self.adapter_names)
         gone = [name for name in names if name not in still_used]
-        gc.unfreeze()  # what a build froze (mapped.gc_paused) may hold garbage from here on: collectable again
         if gone:
             self.pipeline.delete_adapters(gone)
         if self.active == release or gone:
@@ -204,73 +200,6 @@ class ResidentPipeline:
             image.save(buf, format="PNG")
             encoded.append((buf.getvalue(), p))
         return encoded, inference
-
-
-def set_adapters(pipeline: Any, names: list[str], layers: dict[str, Any]) -> None:
-    """What `pipeline.set_adapters(names)` does (every adapter at weight 1.0: each LoRA layer of each LoRA-loadable
-    component made to run `names`, each one's scale reset), walking only the LoRA layers: diffusers walks every
-    module of the UNet and both text encoders on each switch (~2 ms of a ~3.5 ms switch on a 0.6 GB SDXL-shaped
-    release). `layers` keeps each component's LoRA layers between calls, found again when the component's adapters
-    change (tests/test_mapped_load.py compares the state both leave, switch after switch)."""
-    from diffusers import ModelMixin
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers import PreTrainedModel
-
-    components = getattr(pipeline, "_lora_loadable_modules", None)
-    if components is None:
-        pipeline.set_adapters(names)
-        return
-    present = _peft_adapters(pipeline)
-    if set(names) - present:
-        raise ValueError(f"Adapter name(s) {set(names) - present} not in the list of present adapters: {present}.")
-    for component in components:
-        model = getattr(pipeline, component, None)
-        if not isinstance(model, (ModelMixin, PreTrainedModel)):
-            continue
-        # the component and its adapters' config objects, by identity: any load or delete makes new ones
-        key = (model, *(getattr(model, "peft_config", None) or {}).items())
-        known = layers.get(component)
-        if known is None or len(known[0]) != len(key) or any(
-                a is not b and (type(a) is not tuple or a[0] != b[0] or a[1] is not b[1])
-                for a, b in zip(known[0], key, strict=False)):
-            known = layers[component] = (key, [m for m in all_modules(model) if isinstance(m, BaseTunerLayer)])
-        for layer in known[1]:
-            _set_adapter(layer, names)
-            for name in names:
-                layer.set_scale(name, 1.0)
-
-
-def _set_adapter(layer: Any, names: list[str]) -> None:
-    """peft's `BaseTunerLayer.set_adapter(names)` (not in inference mode, as diffusers calls it): each adapter's
-    parameters in the layer trainable when the adapter is one of `names`, frozen otherwise, and `names` the active
-    ones — with the parameters of each plain adapter module set directly instead of through `parameters()`'s
-    generator per module (with an SDXL LoRA's 736 layers, a switch takes ~17 ms instead of ~30). A layer that
-    overrides `set_adapter`, declares weights its variants keep frozen, or holds a container this does not know is
-    left to peft's own method."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if type(layer).set_adapter is not BaseTunerLayer.set_adapter or layer.frozen_peft_weight_names:
-        layer.set_adapter(names)
-        return
-    flags = []
-    for attr in layer.adapter_layer_names:
-        container = layer._modules.get(attr)
-        if type(container) is torch.nn.ModuleDict:
-            for key, module in container._modules.items():
-                if module is None or module._modules:
-                    layer.set_adapter(names)
-                    return
-                flags.extend((p, key in names) for p in module._parameters.values() if p is not None)
-        elif type(container) is torch.nn.ParameterDict:
-            flags.extend((p, key in names) for key, p in container.items())
-        else:
-            layer.set_adapter(names)
-            return
-    for parameter, trainable in flags:
-        if parameter.is_leaf:
-            parameter.requires_grad_(trainable)
-    object.__setattr__(layer, "_active_adapter", names)
 
 
 def _modules(pipeline: Any) -> list[Any]:

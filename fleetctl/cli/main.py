@@ -204,7 +204,10 @@ def publish(ctx: click.Context, model: str, component: str, version: str, path: 
             config: Path | None, meta: tuple[str, ...], dry_run: bool) -> None:
     """Push a model version into the archive: a diffusers folder, a single-file checkpoint, or a LoRA file/PEFT folder.
 
-    The family and layout are read from the files; what would not boot is refused before anything is uploaded."""
+    The family and layout are read from the files; what would not boot is refused before anything is uploaded. A
+    single-file checkpoint is converted here, once, by diffusers (workers/models/convert.py: the whole model in
+    memory, ~7 GB for an SDXL fp16 file) and published as a diffusers folder whose manifest keeps the file's name
+    and sha256; --dry-run converts nothing."""
     import tempfile
 
     from tqdm import tqdm
@@ -238,7 +241,13 @@ def publish(ctx: click.Context, model: str, component: str, version: str, path: 
     if archive.has_version(ref):
         raise click.ClickException(f"{ref} is already published in {archive.url}; publish a new version instead")
     with tempfile.TemporaryDirectory(prefix="warmfleet-publish-") as tmp:
-        source = plan.stage(Path(tmp))
+        if plan.layout == "single-file":  # converted once, here: workers load the diffusers folder as it is
+            from workers.models.convert import convert_single_file
+
+            click.echo(f"converting {plan.meta['checkpoint']} into a diffusers folder …")
+            plan = convert_single_file(plan, Path(tmp) / "converted")
+            click.echo(plan.notes[-1])
+        source = plan.stage(Path(tmp) / "upload")
         extra = {**plan.meta, **extra}
         total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {ref}", disable=total < (8 << 20)) as bar:

@@ -274,6 +274,22 @@ def build_single_file(path: Path, seed: int) -> Path:
     return path
 
 
+def publish_single_file(archive, ref, folder: Path, meta: dict) -> None:
+    """A single-file checkpoint folder (checkpoint + config/) planned, checked, converted and published the way
+    `warmfleet publish` does it (workers/models/convert.py); `meta` is added to what the plan records."""
+    import tempfile
+
+    from workers.models.convert import convert_single_file
+    from workers.models.layouts import CONFIG_FOLDER, plan_version
+    from workers.models.skeleton import check_boots
+
+    plan = plan_version(folder, "base", config=folder / CONFIG_FOLDER)
+    check_boots(plan)
+    with tempfile.TemporaryDirectory(prefix="warmfleet-convert-") as tmp:
+        converted = convert_single_file(plan, Path(tmp) / "converted")
+        archive.publish(ref, Path(tmp) / "converted", meta={**converted.meta, **meta})
+
+
 BASE_BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "wuerstchen": build_wuerstchen, "single-file": build_single_file}
 
 
@@ -342,7 +358,6 @@ LARGE_DEMO_VERSIONS = (  # not in DEMO_VERSIONS: built only by the benchmarks th
 LARGE_DEMO_RELEASE = f"{LARGE_DEMO_MODEL}@base-v1.0.0+lora-v1.0.0"
 FAMILY_META = {
     "wuerstchen": {"default_guidance": 4.0, "default_decoder_steps": 2, "default_decoder_guidance": 0.0},
-    "single-file": {"checkpoint": SINGLE_FILE_CHECKPOINT},
 }
 
 
@@ -388,7 +403,10 @@ def publish_demo(archive, workdir: Path, versions=DEMO_VERSIONS, log=print) -> l
             build_lora(base_dir, v.family, folder, v.seed)
         base_meta = {**DEMO_META, **FAMILY_META.get(v.family, {})} if v.component == "base" else {}
         meta = {"family": v.family, "demo": True, **base_meta}
-        archive.publish(ref, folder, meta=meta)
+        if v.family == "single-file":  # as `warmfleet publish` does: converted once, the diffusers folder published
+            publish_single_file(archive, ref, folder, {"demo": True, **base_meta})
+        else:
+            archive.publish(ref, folder, meta=meta)
         published.append(str(ref))
         log(f"published {ref}")
     return published

@@ -22,7 +22,6 @@ from ..gpu import resident_bytes
 from ..limits import apply_tuning, limits_of
 from ..resident import ResidentPipeline, standard_call_kwargs
 from .layouts import PEFT_CONFIG, files_for, variant_for
-from .mapped import build_pipeline, gc_paused, load_unet_lora, plain_setattr
 from .vae import VAE_FAMILIES, load_vae
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -64,13 +63,13 @@ class LoadError(RuntimeError):
 
 
 def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
-    """One LoRA version as a named adapter, whatever its file is called and whichever format it is in (kohya/A1111
-    and diffusers files load as they are; a PEFT folder's keys are the UNet's own module names)."""
+    """One LoRA version as a named adapter, whatever its file is called and whichever format it is in: kohya/A1111
+    and diffusers files through the pipeline's `load_lora_weights`; a PEFT folder (keys named after the UNet's own
+    modules, its LoraConfig beside them) through the UNet's `load_lora_adapter`. diffusers' public API both."""
     weight_name = str(meta.get("weight_name") or LORA_WEIGHT_NAME)
     if meta.get("lora_format") != "peft":
-        if load_unet_lora(pipe, path, weight_name, name):  # peft's layers at the LoRA's modules only: see mapped.py
-            return
-        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True)
+        pipe.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, local_files_only=True,
+                               low_cpu_mem_usage=True)
         return
     import json
 
@@ -78,7 +77,15 @@ def load_lora(pipe: Any, path: Any, meta: dict[str, Any], name: str) -> None:
 
     config = json.loads((path / PEFT_CONFIG).read_text())
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path / weight_name)).items()}
-    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config)
+    pipe.unet.load_lora_adapter(state, prefix=None, adapter_name=name, metadata=config, low_cpu_mem_usage=True)
+
+
+def load_folder(cls: Any, folder: Any, torch_dtype: Any, variant: str | None) -> Any:
+    """`Pipeline.from_pretrained` of a diffusers folder in L2: offline, safetensors only, weights straight into the
+    modules (`low_cpu_mem_usage`), in the worker's dtype, from the variant files its dtype asks for.
+    (`dtype=` is diffusers' current name of `torch_dtype=`, which it deprecates.)"""
+    return cls.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=True, use_safetensors=True,
+                               dtype=torch_dtype, variant=variant)
 
 
 class ModelBuilder:
@@ -193,12 +200,6 @@ class ModelBuilder:
         return releases
 
     def build(self) -> ResidentPipeline:
-        # a build only adds objects: the collector's passes find nothing; its modules' plain attributes are set
-        # without torch's checks (mapped.py)
-        with gc_paused(freeze=True), plain_setattr():
-            return self._build()
-
-    def _build(self) -> ResidentPipeline:
         import torch
 
         releases = self.check_releases()
@@ -278,20 +279,10 @@ class ModelBuilder:
         return meta.get("family") == cls.family and meta.get("layout", "diffusers") in ("diffusers", cls.family)
 
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
-        """The base version, a diffusers folder in L2, loaded offline from safetensors only: its weights mapped
-        from the files (mapped.py), or by `from_pretrained` for a folder that builder does not cover."""
+        """The base version, a diffusers folder in L2, loaded offline from safetensors only."""
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class_name)
-        folder = store.path(base)
-        layouts = {folder / f.path: [(t.name, t.dtype, t.shape, t.start, t.end) for t in f.tensors]
-                   for f in store.manifest(base).files if f.tensors}  # recorded at publish: no header parsed again
-        pipe = build_pipeline(cls, folder, torch_dtype, self.variant, layouts)
-        if pipe is not None:
-            return pipe
-        return cls.from_pretrained(
-            str(store.path(base)), local_files_only=True, use_safetensors=True, dtype=torch_dtype, variant=self.variant
-        )
+        return load_folder(getattr(diffusers, self.pipeline_class_name), store.path(base), torch_dtype, self.variant)
 
     def defaults(self, meta: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -155,6 +155,8 @@ def plan_single_file(path: Path, given: str | None, config: Path | None) -> Vers
     plan.files[path.name] = path
     plan.precision[path.name] = precision(tensors)
     plan.meta.update(checkpoint=path.name)
+    plan.notes.append(f"converted at publish: {path.name} → a diffusers folder (diffusers' from_single_file), "
+                      "uploaded in its place; the manifest keeps the file's name and sha256")
     if config is None:
         _standard_config(plan, tensors)
         return plan

@@ -1,14 +1,20 @@
-"""A base published as one full checkpoint file (`48.safetensors`), as trainers and model shops ship them.
+"""A base the user had as one full checkpoint file (`48.safetensors`), as trainers and model shops ship them.
 
-Layout of a base version:
+`warmfleet publish` converts such a file once, with diffusers' own `from_single_file` (workers/models/convert.py),
+and publishes the diffusers folder it saves; the manifest meta says `layout: single-file` and, under
+`converted_from`, the original file's name, size, sha256 and precision. A worker loads that folder with
+`from_pretrained`, like any other: no conversion at boot.
+
+Versions published before conversion at publish hold the file itself:
 
     <name>.safetensors   the whole model in the original (CompVis/LDM) key layout: UNet, VAE, text encoder(s)
     config/              a diffusers folder with configs, tokenizer and scheduler but no weights: the user's
                      (`publish --config DIR`) or the family's standard one, written at publish (workers/models/configs)
 
-`from_single_file` works offline only when given `config=<local diffusers folder>`; without it diffusers
-guesses the architecture and fetches configs from the hub. The folder's model_index.json names the pipeline
-(Stable Diffusion or SDXL), so one family serves both.
+and a worker still loads them, with a plain `from_single_file(..., config=<config/>)`: offline only when given
+that local folder (without it diffusers guesses the architecture and fetches configs from the hub). The
+model_index.json (the folder's own, or config/'s) names the pipeline, Stable Diffusion or SDXL, so one family
+serves both.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ from typing import Any
 from cachemgr import SnapshotStore
 from cachemgr.names import ComponentRef
 
-from .base import LoadError, ModelBuilder
-from .mapped import mapped_single_file
+from .base import LoadError, ModelBuilder, load_folder
 
 CONFIG_FOLDER = "config"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -66,11 +71,12 @@ class SingleFile(ModelBuilder):
 
     def load_pipeline(self, store: SnapshotStore, base: ComponentRef, torch_dtype: Any) -> Any:
         root = store.path(base)
+        meta = store.manifest(base).meta
+        if meta.get("converted_from"):  # converted at publish: a diffusers folder like any other
+            return load_folder(pipeline_class(root), root, torch_dtype, self.variant)
         config = root / CONFIG_FOLDER
         if not config.is_dir():
             raise LoadError(f"{base} has no {CONFIG_FOLDER}/ folder: single-file bases are published with one")
-        checkpoint = checkpoint_file(root, store.manifest(base).meta)
-        with mapped_single_file():  # the checkpoint's tensors mapped from L2, not copied (mapped.py)
-            return pipeline_class(config).from_single_file(
-                str(checkpoint), config=str(config), local_files_only=True, dtype=torch_dtype
-            )
+        return pipeline_class(config).from_single_file(
+            str(checkpoint_file(root, meta)), config=str(config), local_files_only=True, dtype=torch_dtype
+        )
