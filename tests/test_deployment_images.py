@@ -1,5 +1,5 @@
 """The images: the GPU worker image and the slim image run what the tests and the local fleet run, as a non-root
-user, with torch installed first; their build context installs the project.
+user, with every package installed from the lock first; their build context installs the project.
 
 No container engine runs here, so nothing is built or started: the files are read (tests/deployment_files.py) and
 what they name is checked against the project.
@@ -77,15 +77,26 @@ def test_worker_image_runs_warmfleet_worker_with_the_flags_the_tests_use(tmp_pat
         assert argv[:2] == ["warmfleet", "worker"] and set(option_names(argv)) == tested_flags, argv
 
 
+def lock_install(path: Path, lock: str) -> str:
+    """The one RUN that installs the lock: exactly as listed (--no-deps), every hash checked."""
+    copies = [c for c in instruction(path, "COPY") if c.startswith(f"requirements/{lock} ")]
+    assert len(copies) == 1, f"{path.name} copies requirements/{lock}"
+    target = copies[0].split()[1]
+    [run] = [r for r in instruction(path, "RUN") if f"-r {target}" in r]
+    assert "--require-hashes" in run and "--no-deps" in run
+    return run
+
+
 def test_gpu_image(tmp_path):
     path = DOCKER / "Dockerfile.gpu"
     [base_arg] = [a for a in instruction(path, "ARG") if a.startswith("CUDA_BASE=")]
     assert base_arg.split("=", 1)[1].startswith("nvidia/cuda:") and instruction(path, "FROM") == ["${CUDA_BASE}"]
-    torch_installs = [r for r in instruction(path, "RUN") if re.search(r"[\s\"]torch==", r)]
-    assert len(torch_installs) == 1 and "--index-url" in torch_installs[0]
-    [index] = [a for a in instruction(path, "ARG") if a.startswith("TORCH_INDEX_URL=")]
-    assert re.search(r"/whl/cu\d+$", index), "the CUDA build of torch comes from a CUDA wheel index"
-    _check_common(path)
+    assert not [r for r in instruction(path, "RUN") if re.search(r"[\s\"]torch==", r)], "torch comes from the lock"
+    lock_install(path, "cuda.txt")
+    pins = lock_pins(REPO / "requirements" / "cuda.txt")
+    assert "+" not in pins["torch"] and any(name.startswith("nvidia-") for name in pins), "the CUDA build of torch"
+    assert "ubuntu24.04" in base_arg, "cuda.txt is resolved for Ubuntu 24.04's Python 3.12"
+    _check_common(path, "cuda.txt")
     [health] = instruction(path, "HEALTHCHECK")
     assert json.loads(health.split(" CMD ", 1)[1]) == ["warmfleet", "health"]
     assert instruction(path, "VOLUME") == [json.dumps([L2_PATH])]
@@ -93,23 +104,29 @@ def test_gpu_image(tmp_path):
 
 def test_slim_image():
     path = DOCKER / "Dockerfile"
-    assert re.fullmatch(r"python:3\.1[1-9]-slim\S*", instruction(path, "FROM")[0])
-    torch_installs = [r for r in instruction(path, "RUN") if re.search(r"[\s\"]torch==", r)]
-    assert len(torch_installs) == 1
+    assert re.fullmatch(r"python:3\.11-slim\S*", instruction(path, "FROM")[0]), "cpu.txt is resolved for Python 3.11"
+    assert not [r for r in instruction(path, "RUN") if re.search(r"[\s\"]torch==", r)], "torch comes from the lock"
+    run = lock_install(path, "cpu.txt")
     args = dict(a.split("=", 1) for a in instruction(path, "ARG"))
-    assert args["TORCH_VERSION"] == "2.13.0" and args["TORCH_INDEX_URL"].endswith("/whl/cpu")
-    _check_common(path)
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu") and "${TORCH_INDEX_URL}" in run
+    assert lock_pins(REPO / "requirements" / "cpu.txt")["torch"].endswith("+cpu")
+    _check_common(path, "cpu.txt")
 
 
-def _check_common(path: Path) -> None:
+def lock_pins(path: Path) -> dict[str, str]:
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), re.M)}
+
+
+def _check_common(path: Path, lock: str) -> None:
     env = " ".join(instruction(path, "ENV"))
     assert f"FLEET_CACHE_ROOT={L2_PATH}" in env
     [user] = instruction(path, "USER")
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0, "non-root, numeric for runAsNonRoot"
     runs = instruction(path, "RUN")
-    torch_at = next(i for i, r in enumerate(runs) if "torch==" in r)
-    project_at = next(i for i, r in enumerate(runs) if "pip install /src" in r)
-    assert torch_at < project_at, "torch first, pinned; the project's `torch>=` is then satisfied"
+    lock_at = runs.index(lock_install(path, lock))
+    [project] = [r for r in runs if "pip install" in r and "/src" in r]
+    assert "--no-deps" in project, "the project adds no package beyond the lock"
+    assert lock_at < runs.index(project), "the lock first, then the project"
 
 
 def dockerignore_keeps(rules: list[str], rel: str) -> bool:
