@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,74 @@ from cachemgr import LocalArchive  # noqa: E402
 from fleetctl.demo.builders import DEMO_RELEASES, RANDOM_DEMO_VERSIONS, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
 
+from .layers import FAST, LAYERS, ORDER, layer_of  # noqa: E402
 from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
+
+pytest_plugins = ["pytester"]  # tests/test_layers.py runs a small suite of its own to show the layer rule failing
+
+
+# -- layers (tests/layers.py) ------------------------------------------------------------------------------------
+
+
+class LayerError(RuntimeError):
+    """A test of a fast layer (unit, pipeline) started a Python process."""
+
+
+_RUNNING: list[tuple[str, str]] = []
+"""(module, layer) of the test whose setup, call or teardown runs now; empty between tests."""
+
+
+def _python_program(args: tuple) -> str | None:
+    """The program of a `subprocess.Popen` audit event when it is a Python interpreter (a worker, the CLI, a server)."""
+    executable, argv = args[0], args[1]
+    if isinstance(argv, (str, bytes)):
+        argv = [argv]
+    program = os.fsdecode(executable or (argv[0] if argv else ""))
+    name = os.path.basename(program.split()[0] if program else "")
+    if program == sys.executable or name.startswith("python"):
+        return " ".join(os.fsdecode(a) for a in list(argv)[:4])
+    return None
+
+
+def _layer_guard(event: str, args: tuple) -> None:
+    if not _RUNNING or _RUNNING[-1][1] not in FAST:
+        return
+    module, layer = _RUNNING[-1]
+    started = None
+    if event == "subprocess.Popen":
+        started = _python_program(args)
+    elif event in ("os.fork", "os.forkpty"):
+        started = "a forked copy of this interpreter"
+    if started:
+        raise LayerError(f"tests/{module}.py is in the fast layer {layer!r} but started a Python process ({started}): "
+                         "fast layers run everything in-process; list the module under 'fleet' or 'fault' in "
+                         "tests/layers.py")
+
+
+sys.addaudithook(_layer_guard)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets its module's layer as a marker (`-m unit`, `-m "unit or pipeline"`); a module in no layer
+    is refused, so a new test file is placed on purpose."""
+    unplaced = sorted({item.path.stem for item in items if layer_of(item.path.stem) is None})
+    if unplaced:
+        raise pytest.UsageError(f"{', '.join(unplaced)} in no layer: list each in tests/layers.py "
+                                f"({', '.join(ORDER)})")
+    for item in items:
+        item.add_marker(getattr(pytest.mark, layer_of(item.path.stem) or ""))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _RUNNING.append((item.path.stem, layer_of(item.path.stem) or ""))
+    try:
+        yield
+    finally:
+        _RUNNING.pop()
+
+
+assert set(LAYERS) == set(ORDER)
 
 
 @pytest.fixture(scope="session")
