@@ -140,10 +140,47 @@ def archive_of(settings: FleetSettings) -> LocalArchive:
 def test_an_sdxl_single_file_given_directly_is_detected_and_serves_offline(studio):
     manifest = archive_of(studio["settings"]).read_manifest(ComponentRef("studio", "base", "v48"))
     assert manifest.meta["family"] == "sdxl" and manifest.meta["layout"] == "single-file"
-    assert manifest.meta["checkpoint"] == "48.safetensors" and manifest.meta["precision"]["48.safetensors"] == "fp16"
-    assert "family sdxl" in studio["outputs"]["xl"]
+    origin = manifest.meta["converted_from"]
+    assert origin["file"] == "48.safetensors" and origin["precision"] == "fp16" and origin["dtype"] == "float16"
+    assert "family sdxl" in studio["outputs"]["xl"] and "converted from 48.safetensors" in studio["outputs"]["xl"]
     result = generate(studio, R["kohya"])
     assert result["release"] == R["kohya"] and result["width"] == 64 and image_bytes(result)[:4] == b"\x89PNG"
+
+
+def test_the_single_file_is_published_converted_keeping_its_sha256_and_the_worker_s_l2_is_a_folder(studio, files):
+    """Converted once at publish: the archive and the worker's L2 hold a diffusers folder (fp16, as the file was),
+    never the checkpoint, so a worker has nothing to convert at boot; the manifest names the file and its sha256."""
+    from cachemgr.manifest import sha256_file
+
+    ref = ComponentRef("studio", "base", "v48")
+    manifest = archive_of(studio["settings"]).read_manifest(ref)
+    assert manifest.meta["converted_from"]["sha256"] == sha256_file(files["xl_ckpt"])
+    assert manifest.meta["converted_from"]["size"] == files["xl_ckpt"].stat().st_size
+    paths = {f.path for f in manifest.files}
+    assert "48.safetensors" not in paths and not any(p.startswith("config/") for p in paths)
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"} <= paths
+    assert set(manifest.meta["precision"].values()) == {"fp16"}
+    root = Cache.at(studio["settings"].resolved_cache_root).store.path(ref)  # where w-studio loaded it from
+    held = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert held == paths
+
+
+def test_the_kohya_release_draws_what_bare_diffusers_draws_from_the_original_file(studio, files):
+    """The worker (converted folder, from_pretrained, two adapters, set_adapters) against a diffusers user's
+    `from_single_file` of the original fp16 file in float32 + `load_lora_weights` of the kohya file: same bytes."""
+    import io
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_single_file(str(files["xl_ckpt"]), config=str(files["xl_config"]),
+                                                      local_files_only=True, dtype=torch.float32)
+    pipe.load_lora_weights(str(files["kohya"].parent), weight_name=files["kohya"].name, adapter_name="style")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="a leather jacket", negative_prompt=None, num_inference_steps=2, guidance_scale=7.5, width=64,
+               height=64, generator=torch.Generator("cpu").manual_seed(11))
+    buf = io.BytesIO()
+    out.images[0].save(buf, format="PNG")
+    assert image_bytes(generate(studio, R["kohya"], seed=11)) == buf.getvalue()
 
 
 def test_a_kohya_lora_named_by_its_trainer_and_its_diffusers_twin_give_the_same_image(studio):
