@@ -65,20 +65,32 @@ def _layer_guard(event: str, args: tuple) -> None:
 sys.addaudithook(_layer_guard)
 
 
+def item_layer(item: pytest.Item) -> str | None:
+    """A test's layer: its module's (tests/layers.py), unless the test itself is marked with another layer (a test
+    that starts a process inside a module of the fast layers)."""
+    own = [m.name for m in getattr(item, "own_markers", []) if m.name in ORDER]
+    return own[0] if own else layer_of(item.path.stem)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test gets its module's layer as a marker (`-m unit`, `-m "unit or pipeline"`); a module in no layer
-    is refused, so a new test file is placed on purpose."""
+    """Each test gets its layer as a marker (`-m unit`, `-m "unit or pipeline"`); a module in no layer is refused,
+    so a new test file is placed on purpose."""
     unplaced = sorted({item.path.stem for item in items if layer_of(item.path.stem) is None})
     if unplaced:
         raise pytest.UsageError(f"{', '.join(unplaced)} in no layer: list each in tests/layers.py "
                                 f"({', '.join(ORDER)})")
     for item in items:
-        item.add_marker(getattr(pytest.mark, layer_of(item.path.stem) or ""))
+        layer = item_layer(item) or ""
+        item.add_marker(getattr(pytest.mark, layer))
+        item.stash[_LAYER] = layer
+
+
+_LAYER = pytest.StashKey[str]()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    _RUNNING.append((item.path.stem, layer_of(item.path.stem) or ""))
+    _RUNNING.append((item.path.stem, item.stash.get(_LAYER, "")))
     try:
         yield
     finally:

@@ -178,6 +178,7 @@ def test_the_runtime_activates_the_release_of_each_jobs_queue(shared, expected, 
         runtime.serve(GenerateRequest(prompt="x"), "bad", None, None)
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @pytest.mark.integration
 def test_one_worker_serves_two_lora_releases_on_one_base(fleet_settings, producer, expected, tmp_path):
     """A worker started with two releases that share a base loads one pipeline, consumes both queues, and

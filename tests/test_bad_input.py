@@ -98,6 +98,7 @@ def cheap(params: dict) -> bool:
     return (request.steps or 4) <= 4 and (request.width or 64) <= 64 and (request.height or 64) <= 64
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @SLOW
 @given(params=jobs)
 def test_any_job_sent_raw_either_serves_or_fails_alone_with_the_validators_reason(producer, worker, params):
@@ -120,6 +121,7 @@ def test_any_job_sent_raw_either_serves_or_fails_alone_with_the_validators_reaso
         assert str(failed.value) == expected
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_after_all_that_the_worker_still_serves_with_its_one_load(fleet_settings, producer, worker):
     result = producer.generate.delay("still fine", seed=1, release=NEW).get(timeout=120)
     assert result["worker"] == "w-bad-input@testnode" and worker.proc.poll() is None
@@ -321,6 +323,7 @@ def lying_safetensors() -> bytes:
     return struct.pack("<Q", len(header)) + header + b"\0" * 64
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @pytest.mark.parametrize("case", ["pickle named .safetensors", "header lies about offsets"])
 def test_a_bad_weights_file_fails_the_worker_clearly_and_loads_no_pickle(fleet_settings, release_archive, tmp_path,
                                                                          case):

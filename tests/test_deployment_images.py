@@ -145,6 +145,7 @@ def dockerignore_keeps(rules: list[str], rel: str) -> bool:
     return keep
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @pytest.mark.parametrize("dockerfile_name", ["Dockerfile", "Dockerfile.gpu"])
 def test_image_build_context_installs_the_project(dockerfile_name, tmp_path):
     """What `COPY . /src` brings in (the context filtered by the Dockerfile's .dockerignore) builds a wheel

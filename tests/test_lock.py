@@ -80,6 +80,7 @@ def test_this_environment_is_the_lock():
         assert metadata.version(name) == dev[name][0], name
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_pip_refuses_a_lock_line_whose_hash_is_wrong(tmp_path):
     """The install is hash-checked: a tampered hash for a locked package is refused before anything installs."""
     version = entries(LOCKS / "dev.txt")["click"][0]

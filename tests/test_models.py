@@ -157,6 +157,7 @@ def isolated(demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return {"root": root, "runs": runs}
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", sorted(RELEASES))
 def test_each_family_builds_from_its_cache_and_generates(isolated, family, mode):
@@ -167,6 +168,7 @@ def test_each_family_builds_from_its_cache_and_generates(isolated, family, mode)
     assert run["params"]["seed"] == SEED
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", sorted(RELEASES))
 def test_nothing_outside_the_given_cache_is_read_or_written(isolated, family, mode):
@@ -178,12 +180,14 @@ def test_nothing_outside_the_given_cache_is_read_or_written(isolated, family, mo
     assert run["opened_under_real_home"] == []
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_hub_caches_and_home_stay_empty(isolated):
     root = isolated["root"]
     for name in ("hf", "xdg", "home", "work"):
         assert list((root / name).rglob("*")) == [], f"{name} was written to"
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_same_release_and_seed_give_the_same_bytes_whatever_the_cache(isolated):
     runs = isolated["runs"]
     for family in RELEASES:

@@ -272,6 +272,7 @@ def test_batch_delete_removes_the_keys_it_reports(bucket):
 # -- as a process
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_the_server_runs_as_a_process_and_prints_its_endpoint(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "ossserver", "--root", str(tmp_path), "--bucket", "proc-bucket",

@@ -88,6 +88,7 @@ def test_link_rates_are_read_in_bits_unless_written_as_bytes(text, bps):
     assert parse_rate(text) == bps
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_the_server_process_takes_its_link_from_the_environment(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OSS_SERVER_LINK_DELAY_MS": "50", "OSS_SERVER_LINK_RATE": "800mbit"}
     proc = subprocess.Popen([sys.executable, "-m", "ossserver", "--root", str(tmp_path), "--bucket", "models"],

@@ -231,6 +231,7 @@ def _forked_child(conn) -> None:
 _ROUTER_FOR_FORK: FleetRouter | None = None
 
 
+@pytest.mark.fleet  # starts a Python process: the fleet layer (tests/layers.py)
 def test_the_cache_is_fork_safe(client, redis_server):
     global _ROUTER_FOR_FORK
     table = RouteTable(client)
