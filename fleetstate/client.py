@@ -16,12 +16,13 @@ through the sentinels instead of failing or writing to a dead branch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ExecAbortError, ResponseError
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 DEFAULT_SENTINEL_MASTER = "mymaster"
@@ -36,10 +37,17 @@ class FailoverAwareConnection(SentinelManagedConnection):
         try:
             return super().read_response(*args, **kwargs)
         except ResponseError as exc:
-            if self.connection_pool.is_master and str(exc).startswith("NOREPLICAS"):
+            if self.connection_pool.is_master and refused_without_replica(exc):
                 self.disconnect()
                 raise RedisConnectionError(f"the primary refused a write without an in-sync replica: {exc}") from exc
             raise
+
+
+def refused_without_replica(exc: ResponseError) -> bool:
+    """A write refused by a primary under `min-replicas-to-write` without its replica: NOREPLICAS, or, for a MULTI
+    whose EXEC is refused so (kombu binds a queue in one), EXECABORT naming NOREPLICAS as its cause."""
+    text = str(exc)
+    return text.startswith("NOREPLICAS") or (isinstance(exc, ExecAbortError) and "NOREPLICAS" in text)
 
 
 def is_sentinel_url(url: str | None) -> bool:
@@ -76,13 +84,17 @@ REPLICATED_WAIT_MS = 1000
 """How long a push waits for the replica's acknowledgement before it counts as not stored."""
 
 
-def push_replicated(client: redis.Redis, key: str, *values: Any, wait_ms: int = REPLICATED_WAIT_MS) -> int:
+def push_replicated(client: redis.Redis, key: str, *values: Any, wait_ms: int = REPLICATED_WAIT_MS,
+                    then: Sequence[tuple[str, tuple[Any, ...]]] = ()) -> int:
     """LPUSH, then WAIT 1 on the same connection: returns only once a replica holds the values, else raises a
-    ConnectionError (the caller retries; the values may or may not be stored, so a retry may deliver twice)."""
+    ConnectionError (the caller retries; the values may or may not be stored, so a retry may deliver twice).
+    `then`: more commands (name, arguments) sent between the two, in the same round trip."""
     with client.pipeline(transaction=False) as pipe:
         pipe.lpush(key, *values)
+        for name, args in then:
+            getattr(pipe, name)(*args)
         pipe.execute_command("WAIT", 1, wait_ms)
-        length, replicas = pipe.execute()
-    if int(replicas) < 1:
+        answers = pipe.execute()
+    if int(answers[-1]) < 1:
         raise RedisConnectionError(f"no replica acknowledged the push to {key!r} within {wait_ms} ms")
-    return int(length)
+    return int(answers[0])

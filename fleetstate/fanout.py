@@ -16,6 +16,7 @@ import redis
 
 from .keys import FANOUT_KEY
 from .locks import run_lock
+from .scripts import FANOUT_MARK
 
 PENDING = ("sent", "running")
 """Node states of a run still in progress; the others (ok, failed, skipped) are outcomes."""
@@ -79,6 +80,4 @@ class FanOutRuns:
             return
         key = FANOUT_KEY.format(name=name)
         entry = json.dumps({"state": state, "at": time.time(), **detail})
-        self.redis.eval("if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then "
-                        "return redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end return -1",
-                        1, key, run, f"node:{node}", entry)
+        FANOUT_MARK(self.redis, [key], [run, f"node:{node}", entry])

@@ -1,4 +1,15 @@
-"""Every Redis key and channel the fleet uses, declared once."""
+"""Every Redis key and channel the fleet uses, declared once; kombu's and Celery's own keys as those libraries name
+them.
+
+kombu's Redis transport and Celery's Redis result backend name their keys with public class attributes (settings a
+transport option could change). They are read here, once, from the installed libraries rather than repeated; the
+boot check (tasks/upstream.py) refuses a configuration that would change them.
+"""
+
+from bisect import bisect
+
+from celery.backends.base import KeyValueStoreBackend
+from kombu.transport.redis import Channel as KombuRedisChannel
 
 ROUTE_KEY = "fleet:route:{model}"  # hash: active, previous, canary, canary_weight, updated_at
 ROUTE_MODELS = "fleet:routes"  # set of models with a route
@@ -14,16 +25,21 @@ DEAD_KEY = "fleet:dead"  # list of jobs recorded as dead, with reasons
 NODE_L2_KEY = "fleet:l2:{node}"  # hash with TTL: the component refs a node's L2 holds, as its workers last saw them
 NODE_L2_PATTERN = "fleet:l2:*"
 
-# kombu's Redis transport keeps one list per queue and priority step: `queue` for step 0, then
-# `queue` + "\x06\x16" + step for the others (kombu.transport.redis.Channel.sep and PRIORITY_STEPS).
-PRIORITY_SEP = "\x06\x16"
-QUEUE_PRIORITY_LIST = "{queue}" + PRIORITY_SEP + "{priority}"
-QUEUE_PRIORITY_STEPS = (0, 3, 6, 9)
+# kombu's Redis transport keeps one list per queue and priority step: `queue` for step 0, then `queue` + sep + step
+# for the others (its channel's `sep` and `priority_steps`).
+PRIORITY_SEP: str = KombuRedisChannel.sep
+QUEUE_PRIORITY_STEPS: tuple[int, ...] = tuple(KombuRedisChannel.priority_steps)
+
+
+def priority_list(queue: str, priority: int) -> str:
+    """The list kombu pushes a message of `priority` to: the step at or below it (kombu's `Channel.priority`)."""
+    step = QUEUE_PRIORITY_STEPS[max(0, bisect(QUEUE_PRIORITY_STEPS, int(priority)) - 1)]
+    return queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
 
 
 def queue_lists(queue: str) -> list[str]:
     """Every Redis list holding messages of a queue, highest priority (kombu's step 0) first."""
-    return [queue if p == 0 else QUEUE_PRIORITY_LIST.format(queue=queue, priority=p) for p in QUEUE_PRIORITY_STEPS]
+    return [priority_list(queue, step) for step in QUEUE_PRIORITY_STEPS]
 
 STATS_KEY = "fleet:stats"  # hash of counters: per-tier hits and bytes, syncs, audits, loads
 NODES_KEY = "fleet:nodes"  # hash: node → last time its maintenance worker was seen (nodes with an L2)
@@ -41,5 +57,12 @@ DELIVERIES_KEY = "fleet:deliveries"  # hash: delivery tag → JSON {worker, task
 
 # kombu's Redis transport keeps every unacknowledged message in a hash and a sorted set scored by delivery time;
 # a message whose score is older than visibility_timeout is put back in its queue (kombu.transport.redis.QoS).
-KOMBU_UNACKED = "unacked"
-KOMBU_UNACKED_INDEX = "unacked_index"
+KOMBU_UNACKED: str = KombuRedisChannel.unacked_key
+KOMBU_UNACKED_INDEX: str = KombuRedisChannel.unacked_index_key
+KOMBU_LAYOUT_OPTIONS = ("sep", "priority_steps", "unacked_key", "unacked_index_key", "global_keyprefix")
+"""Transport options that would move kombu's keys away from the names above (refused at boot)."""
+
+# Celery's Redis result backend keeps a task's state at its key prefix + the task id (`get_key_for_task`).
+CELERY_META_KEY = KeyValueStoreBackend.task_keyprefix + "{task_id}"
+CELERY_LAYOUT_OPTIONS = ("global_keyprefix",)
+"""Result backend transport options that would move Celery's keys (refused at boot)."""

@@ -17,13 +17,15 @@ job but died (or lost Redis) before its ack. Three mechanisms keep that from los
 
 A job costs the worker two Redis round trips of its own: one script to claim it (delivery index, outbox entry
 removed, record, lease, run count, the release's own time limit) and one to complete it (result record, lease
-release, unindexing, the served-jobs counter and the worker's job count in the registry). Renewals run on one
-thread per process (fleetstate.alarms), which a job neither starts nor wakes.
+release, unindexing, the served-jobs counter and the worker's job count in the registry); the scripts are
+fleetstate/lua/lease_*.lua. Renewals run on one thread per process (fleetstate.alarms), which a job neither starts
+nor wakes. Celery's own result records (STARTED before the task body, SUCCESS after it) are Celery's to write,
+through its result backend, which never overwrites a SUCCESS: a later delivery's STARTED leaves a finished job's
+result in place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -45,6 +47,7 @@ from .keys import (
     STATS_KEY,
     WORKER_KEY,
 )
+from .scripts import LEASE_CLAIM, LEASE_COMPLETE, LEASE_LEAVE, extend_token, release_token
 from .timelimits import LIMIT_FIELD
 
 log = logging.getLogger("warmfleet.lease")
@@ -52,95 +55,12 @@ log = logging.getLogger("warmfleet.lease")
 RECORD_TTL_SECONDS = 24 * 3600
 """A job record lives as long as Celery keeps results (`result_expires`)."""
 
-# Renew our lease; one that expired while Redis refused writes (a restart, a failover) and that nobody took
-# meanwhile is taken back (2), so a copy delivered after the outage still finds the job held.
-_RENEW = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
-end
-return 0
-"""
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-def _celery_record(key: str, value: str, ttl: str) -> str:
-    """Lua that writes Celery's record as its Redis backend does (SET, with EX when the ttl is > 0, then PUBLISH on
-    the record's key), when `value` is not ''; `key`, `value`, `ttl` name the script's KEYS/ARGV."""
-    return (f"if {value} ~= '' then\n"
-            f"  if tonumber({ttl}) > 0 then redis.call('SET', {key}, {value}, 'EX', {ttl}) "
-            f"else redis.call('SET', {key}, {value}) end\n"
-            f"  redis.call('PUBLISH', {key}, {value})\n"
-            "end\n")
-
-
-# One round trip per claim: index the delivery (orphans.py) and take it out of the outbox (outbox.py), read the job
-# record, take the lease (or find it ours from a retried call), count the run, write Celery's STARTED record (when the
-# worker writes Celery's records: tasks/results.py) and read the release's own job time limit (timelimits.py).
-# KEYS: record, lease, deliveries, outbox, outbox at, release meta, Celery's record ('' where unused).
-# ARGV: token, ttl ms, worker, tag ('' for none), index entry, record ttl s, time limit field ('': none), STARTED
-# record ('': none), its ttl s (0: none).
-# Returns {'result', json} | {'dead', reason} | {'busy', holder} | {'run', limit or ''}.
-
-_CLAIM = """
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
-  redis.call('HDEL', KEYS[4], ARGV[4])
-  redis.call('ZREM', KEYS[5], ARGV[4])
-end
-local found = redis.call('HMGET', KEYS[1], 'result', 'dead')
-if found[1] and found[1] ~= '' then return {'result', found[1]} end
-if found[2] and found[2] ~= '' then return {'dead', found[2]} end
-local holder = redis.call('GET', KEYS[2])
-if not holder then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-elseif holder ~= ARGV[1] then
-  return {'busy', holder}
-end
-redis.call('HINCRBY', KEYS[1], 'runs', 1)
-redis.call('HSET', KEYS[1], 'holder', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-""" + _celery_record("KEYS[7]", "ARGV[8]", "ARGV[9]") + """if ARGV[7] == '' then return {'run', ''} end
-return {'run', redis.call('HGET', KEYS[6], ARGV[7]) or ''}
-"""
-
-# One round trip per finished job: the result where any later delivery finds it, Celery's SUCCESS record beside it
-# (when the worker writes Celery's records: tasks/results.py), the lease released (if still ours), the delivery
-# unindexed, the fleet's served-jobs counter, and the worker's own figures (its job count) in its registry hash if
-# that is alive (a lapsed one is the heartbeat's to rewrite, with its TTL).
-# KEYS: record, lease, deliveries, stats, worker, Celery's record ('' where unused). ARGV: result json, worker,
-# record ttl s, token, tag ('' for none), SUCCESS record ('': none), its ttl s (0: none), then field, value pairs
-# for the worker's hash.
-_COMPLETE = """
-redis.call('HSET', KEYS[1], 'result', ARGV[1], 'finished_by', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'completed', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-""" + _celery_record("KEYS[6]", "ARGV[6]", "ARGV[7]") + """if redis.call('GET', KEYS[2]) == ARGV[4] then redis.call('DEL', KEYS[2]) end
-if ARGV[5] ~= '' then redis.call('HDEL', KEYS[3], ARGV[5]) end
-redis.call('HINCRBY', KEYS[4], 'l1_hits', 1)
-if #ARGV > 7 and redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HSET', KEYS[5], unpack(ARGV, 8)) end
-return 1
-"""
-
-# Leaving without completion (a failure, a duplicate): release the lease if ours, unindex the delivery.
-_LEAVE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
-return 1
-"""
-
 REDIS_GRACE_SECONDS = 15.0
 """How long a lease call retries while Redis is unreachable (a restart) before the job runs unguarded."""
 
 
 class JobDead(RuntimeError):
     """A job already recorded as dead was delivered again: it fails with its recorded reason and runs nothing."""
-
-
-CeleryRecord = tuple[bytes | str, bytes | str, int]
-"""Celery's result record for a task as its backend writes it: key, value, expiry in seconds (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -188,20 +108,20 @@ class JobLease:
     def __exit__(self, *exc: object) -> None:
         _KEEPER.cancel(self)
         if self.held or self.indexed:
-            self._redis_call(lambda: _script(self.redis, _LEAVE, [self.lease_key, DELIVERIES_KEY],
-                                             [self.token if self.held else "", self.delivery_tag or ""]), None)
+            self._redis_call(lambda: LEASE_LEAVE(self.redis, [self.lease_key, DELIVERIES_KEY],
+                                                 [self.token if self.held else "", self.delivery_tag or ""]), None)
             self.held = self.indexed = False
 
-    def claim(self, started: CeleryRecord | None = None) -> Claim:
+    def claim(self) -> Claim:
         """Decide this delivery's fate; waits while another live worker holds the job's lease (it renews it only
         while alive, so a dead holder's lease expires and this delivery then runs the job).
 
-        One script per attempt: the delivery indexed as in this worker's hands (the orphan sweep puts it back if
-        this worker dies), the job record read, the lease taken and the run counted; with `started`, Celery's
-        STARTED record written and published when this delivery runs the job."""
+        One script per attempt (fleetstate/lua/lease_claim.lua): the delivery indexed as in this worker's hands (the
+        orphan sweep puts it back if this worker dies), the job record read, the lease taken, the run counted and the
+        release's own time limit read."""
         waited_on: str | None = None
         while True:
-            answer = self._redis_call(lambda: self._claim_once(started), default=None)
+            answer = self._redis_call(lambda: self._claim_once(), default=None)
             if answer is None:  # Redis unreachable past the grace period: run unguarded, never lose the job
                 return Claim(run=True)
             kind, value = answer
@@ -219,21 +139,19 @@ class JobLease:
                             self.task_id, waited_on)
             time.sleep(self.poll)
 
-    def complete(self, result: dict[str, Any], worker_fields: dict[str, Any] | None = None,
-                 succeeded: CeleryRecord | None = None) -> bool:
+    def complete(self, result: dict[str, Any], worker_fields: dict[str, Any] | None = None) -> bool:
         """Store the result where any later delivery finds it, before Celery stores it and acknowledges; in the same
-        script release the lease, unindex the delivery, count the job served (`l1_hits`) and set `worker_fields`
-        (e.g. the worker's job count) in the worker's registry hash, so the registry needs no write of its own; with
-        `succeeded`, write and publish Celery's SUCCESS record too. False when Redis stayed unreachable."""
+        script (fleetstate/lua/lease_complete.lua) release the lease, unindex the delivery, count the job served
+        (`l1_hits`) and set `worker_fields` (e.g. the worker's job count) in the worker's registry hash, so the
+        registry needs no write of its own. False when Redis stayed unreachable."""
         pairs = [str(x) for item in (worker_fields or {}).items() for x in item]
-        key, value, ttl = succeeded or ("", "", 0)
 
         def write() -> bool:
-            _script(self.redis, _COMPLETE,
-                    [self.record_key, self.lease_key, DELIVERIES_KEY, STATS_KEY, WORKER_KEY.format(worker=self.worker),
-                     key],
-                    [json.dumps(result), self.worker, RECORD_TTL_SECONDS, self.token, self.delivery_tag or "", value,
-                     ttl, *pairs])
+            LEASE_COMPLETE(self.redis,
+                           [self.record_key, self.lease_key, DELIVERIES_KEY, STATS_KEY,
+                            WORKER_KEY.format(worker=self.worker)],
+                           [json.dumps(result), self.worker, RECORD_TTL_SECONDS, self.token, self.delivery_tag or "",
+                            *pairs])
             self.held = self.indexed = False
             return True
 
@@ -245,18 +163,17 @@ class JobLease:
 
     def release(self) -> None:
         if self.held:
-            self._redis_call(lambda: _script(self.redis, _RELEASE, [self.lease_key], [self.token]), default=None)
+            self._redis_call(lambda: release_token(self.redis, self.lease_key, self.token), default=None)
             self.held = False
 
     # -- internals
-    def _claim_once(self, started: CeleryRecord | None) -> tuple[str, str]:
+    def _claim_once(self) -> tuple[str, str]:
         entry = json.dumps({"worker": self.worker, "task_id": self.task_id}) if self.delivery_tag else ""
-        key, value, ttl = started or ("", "", 0)
-        answer = _script(self.redis, _CLAIM,
-                         [self.record_key, self.lease_key, DELIVERIES_KEY, OUTBOX_KEY, OUTBOX_AT_KEY,
-                          RELEASE_META_KEY.format(release=self.job_release) if self.job_release else "", key],
-                         [self.token, self.ttl_ms, self.worker, self.delivery_tag or "", entry, RECORD_TTL_SECONDS,
-                          LIMIT_FIELD if self.job_release else "", value, ttl])
+        answer = LEASE_CLAIM(self.redis,
+                             [self.record_key, self.lease_key, DELIVERIES_KEY, OUTBOX_KEY, OUTBOX_AT_KEY,
+                              RELEASE_META_KEY.format(release=self.job_release) if self.job_release else ""],
+                             [self.token, self.ttl_ms, self.worker, self.delivery_tag or "", entry, RECORD_TTL_SECONDS,
+                              LIMIT_FIELD if self.job_release else ""])
         self.indexed = bool(self.delivery_tag)
         kind = _text(answer[0])
         if kind == "run":
@@ -278,7 +195,10 @@ class JobLease:
     def beat(self) -> None:
         """Renew the lease while held, and keep this delivery's message from being redelivered while it runs."""
         try:
-            renewed = _script(self.redis, _RENEW, [self.lease_key], [self.token, self.ttl_ms]) if self.held else 1
+            # one that expired while Redis refused writes (a restart, a failover) and that nobody took meanwhile is
+            # taken back (2), so a copy delivered after the outage still finds the job held
+            renewed = (extend_token(self.redis, self.lease_key, self.token, self.ttl_ms, take_back=True)
+                       if self.held else 1)
             if renewed == 2:
                 log.warning("job %s: lease expired while Redis was unreachable; taken back", self.task_id)
             elif not renewed:
@@ -303,20 +223,6 @@ class JobLease:
 
 _KEEPER = Alarms("warmfleet-lease-keeper")
 """One thread per process beats every lease in use on its own schedule, so a job starts no thread of its own."""
-
-
-def _script(client: redis.Redis, text: str, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA, loading the script on the first call to a server (or after a restart flushed its script cache)."""
-    sha = _SHAS.get(text)
-    if sha is None:
-        sha = _SHAS[text] = hashlib.sha1(text.encode()).hexdigest()
-    try:
-        return client.evalsha(sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        return client.eval(text, len(keys), *keys, *args)
-
-
-_SHAS: dict[str, str] = {}
 
 
 def job_record(client: redis.Redis, task_id: str) -> dict[str, str]:

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import redis
 
 from .keys import RUN_LOCK_KEY
-
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+from .scripts import release_token
 
 
 @contextlib.contextmanager
@@ -29,6 +28,6 @@ def run_lock(client: redis.Redis | None, name: str, ttl_seconds: float, release:
     finally:
         if held and release:
             try:
-                client.eval(_RELEASE, 1, key, token)
+                release_token(client, key, token)
             except redis.RedisError:
                 pass  # it expires on its own

@@ -10,9 +10,7 @@ import uuid
 import redis
 
 from .keys import ORIGIN_LEASE_KEY
-
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+from .scripts import extend_token, release_token
 
 
 class RedisOriginGate:
@@ -39,13 +37,13 @@ class RedisOriginGate:
 
     def renew(self, key: str) -> bool:
         token = self.tokens.get(key)
-        return bool(token) and bool(self.redis.eval(_RENEW, 1, self._key(key), token, self.ttl_ms))
+        return bool(token) and bool(extend_token(self.redis, self._key(key), token, self.ttl_ms))
 
     def release(self, key: str) -> None:
         token = self.tokens.pop(key, None)
         if token:
             try:
-                self.redis.eval(_RELEASE, 1, self._key(key), token)
+                release_token(self.redis, self._key(key), token)
             except redis.RedisError:
                 pass  # it expires on its own
 

@@ -4,10 +4,10 @@ While a delivery is in a worker's hands (its task body runs, under the execution
 `fleet:deliveries` (delivery tag → holder, task id). A live worker renews its heartbeat key
 (`fleet:worker:<name>`, TTL `warm_ttl_seconds`); a killed one stops. The sweep (every live worker's sweeper thread
 and the maintenance worker, one of them per second under a short run lock) finds deliveries whose holder's heartbeat
-is gone and moves each message from kombu's `unacked` hash back to its queue in one Lua script, exactly as kombu's
-own restore does, but only if the message is still unacked and the holder still silent. The lease rules stay: a
-copy that reaches a peer while the holder still held a live lease waits for it, a finished job's copy returns its
-stored result.
+is gone and moves each message from kombu's `unacked` hash back to its queue in one Lua script
+(fleetstate/lua/orphan_restore.lua), exactly as kombu's own restore does, but only if the message is still unacked
+and the holder still silent. The lease rules stay: a copy that reaches a peer while the holder still held a live
+lease waits for it, a finished job's copy returns its stored result.
 """
 
 from __future__ import annotations
@@ -28,38 +28,16 @@ from .keys import (
     KOMBU_UNACKED_INDEX,
     OUTBOX_AT_KEY,
     OUTBOX_KEY,
-    PRIORITY_SEP,
-    QUEUE_PRIORITY_STEPS,
     WORKER_KEY,
+    priority_list,
 )
 from .locks import run_lock
+from .scripts import ORPHAN_RESTORE
 
 log = logging.getLogger("warmfleet.orphans")
 
 SWEEP_SECONDS = 1.0
 """How often the fleet looks for deliveries of dead workers (one sweeper per period, whoever gets the lock)."""
-
-# Back in a queue only if the message is still unacknowledged exactly as read and its holder is still silent:
-# a concurrent ack, restore or sweep makes this a no-op, so nothing is pushed twice and nothing is dropped. The
-# message put back is recorded in the outbox (outbox.py) again, as a sent one is, until a worker claims it.
-_RESTORE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  return 0
-end
-if ARGV[4] ~= '' and redis.call('EXISTS', ARGV[4]) == 1 then return -1 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('RPUSH', KEYS[4], ARGV[3])
-if ARGV[5] ~= '' then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[5], ARGV[1], ARGV[5])
-  redis.call('ZADD', KEYS[6], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
-end
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class Delivery:
@@ -100,10 +78,7 @@ def restored_payload(raw: bytes, queue: str | None = None) -> tuple[str, str]:
         routing_key = queue
     payload.setdefault("headers", {})["redelivered"] = True
     payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
-    priority = payload["properties"].get("priority") or 0
-    step = max((s for s in QUEUE_PRIORITY_STEPS if s <= int(priority)), default=0)
-    name = routing_key if step == 0 else f"{routing_key}{PRIORITY_SEP}{step}"
-    return name, json.dumps(payload)
+    return priority_list(routing_key, payload["properties"].get("priority") or 0), json.dumps(payload)
 
 
 def routing_key_of(raw: bytes) -> str | None:
@@ -122,8 +97,8 @@ def restore(client: redis.Redis, tag: str, raw: bytes, holder: str | None, queue
     guard = WORKER_KEY.format(worker=holder) if holder else ""
     task_id = (json.loads(payload).get("headers") or {}).get("id")
     entry = entry_for(tag, name, payload, str(task_id)).to_json() if task_id else ""
-    return int(client.eval(_RESTORE, 6, KOMBU_UNACKED, KOMBU_UNACKED_INDEX, DELIVERIES_KEY, name, OUTBOX_KEY,
-                           OUTBOX_AT_KEY, tag, raw, payload, guard, entry))
+    keys = [KOMBU_UNACKED, KOMBU_UNACKED_INDEX, DELIVERIES_KEY, name, OUTBOX_KEY, OUTBOX_AT_KEY]
+    return int(ORPHAN_RESTORE(client, keys, [tag, raw, payload, guard, entry]))
 
 
 def sweep(client: redis.Redis, on_restore: Callable[[Delivery], None] | None = None,

@@ -5,7 +5,7 @@ A pop whose reply is lost (Redis restarted, the connection cut) or a worker kill
 the message: it is in no queue, not in the `unacked` hash, and no worker holds it. The outbox closes that window:
 
 1. The producer pushes a `generate` message and records it in `fleet:outbox` (delivery tag → task id, list,
-   message) and `fleet:outbox:at` (delivery tag → server time) in one script, one round trip (`ENQUEUE`, called by
+   message) and `fleet:outbox:at` (delivery tag → server time) in one script, one round trip (fleetstate/lua/outbox_enqueue.lua, called by
    the transport in tasks/transport.py): a message is never in a queue without its outbox entry.
 2. The worker's claim script (fleetstate/leases.py) removes the entry of the delivery it claims, in the same round
    trip as the claim; from then on the delivery index and the orphan sweep (orphans.py) answer for the message.
@@ -14,7 +14,7 @@ the message: it is in no queue, not in the `unacked` hash, and no worker holds i
    lock) looks at entries older than the grace period (`outbox_grace_seconds`). An entry whose message is still in
    its list, or in a worker's hands (in `unacked`), is only re-dated; an entry of a finished or dead job (its job
    record, or Celery's result) is dropped; any other entry is lost: its message is pushed back at the consuming end
-   of its list under a fresh delivery tag, atomically with the check (`RESEND`).
+   of its list under a fresh delivery tag, atomically with the check (fleetstate/lua/outbox_resend.lua).
 
 A re-send never runs a job twice: the copy is a second delivery of the same task id, which the execution lease and
 the job record (leases.py) turn into a wait for the live holder or the stored result. After `MAX_RESENDS` re-sends
@@ -27,13 +27,15 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from .keys import JOB_KEY, KOMBU_UNACKED, OUTBOX_AT_KEY, OUTBOX_KEY, STATS_KEY
+from .keys import CELERY_META_KEY, JOB_KEY, KOMBU_UNACKED, OUTBOX_AT_KEY, OUTBOX_KEY, STATS_KEY
 from .locks import run_lock
+from .scripts import OUTBOX_ENQUEUE, OUTBOX_RESEND
 
 log = logging.getLogger("warmfleet.outbox")
 
@@ -42,40 +44,7 @@ MAX_RESENDS = 5
 SWEEP_BATCH = 200
 """Entries looked at per sweep at most (the oldest first)."""
 
-# KEYS: outbox, outbox at, queue list. ARGV: delivery tag, entry json, message. Entry and message in one step.
-ENQUEUE = """
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
-return redis.call('LPUSH', KEYS[3], ARGV[3])
-"""
-
-# KEYS: outbox, outbox at, unacked, queue list, job record. ARGV: tag, message as queued, new tag, new entry, new
-# message, resends allowed (0: give up). Returns 0 (claimed meanwhile), 2 (job finished or dead: entry dropped),
-# -1 (in a worker's hands), -2 (still queued), 3 (given up), 1 (re-sent).
-RESEND = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end
-local done = redis.call('HMGET', KEYS[5], 'result', 'dead')
-if (done[1] and done[1] ~= '') or (done[2] and done[2] ~= '') then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 2
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then redis.call('ZADD', KEYS[2], now, ARGV[1]) return -1 end
-if redis.call('LPOS', KEYS[4], ARGV[2]) then redis.call('ZADD', KEYS[2], now, ARGV[1]) return -2 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[6] == '0' then return 3 end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-redis.call('ZADD', KEYS[2], now, ARGV[3])
-redis.call('RPUSH', KEYS[4], ARGV[5])
-return 1
-"""
-
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
-CELERY_META = "celery-task-meta-{task_id}"
 
 
 @dataclass(frozen=True)
@@ -103,26 +72,38 @@ def entry_for(tag: str, list_key: str, message: str, task_id: str, resends: int 
 
 
 def enqueue_args(entry: Entry) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of `ENQUEUE` for one message (for a caller that batches its own commands)."""
+    """KEYS and ARGV of the enqueue script for one message."""
     return [OUTBOX_KEY, OUTBOX_AT_KEY, entry.list], [entry.tag, entry.to_json(), entry.message]
 
 
-def enqueue(client: redis.Redis, entry: Entry, replicated: bool = False) -> int:
-    """Push the message on its list and record it in the outbox, atomically, in one round trip; `replicated`: then
-    WAIT 1 on the same connection, as `fleetstate.client.push_replicated` does (behind Sentinel)."""
+def enqueue_command(entry: Entry) -> tuple[str, tuple[Any, ...]]:
+    """The enqueue as one command (name, arguments) for a caller that queues its own commands (a pipeline, kombu's
+    publish batch): EVAL with the script's text, so nothing else has to reach the server first."""
+    return "eval", OUTBOX_ENQUEUE.eval_args(*enqueue_args(entry))
+
+
+def enqueue(client: redis.Redis, entry: Entry, replicated: bool = False,
+            then: Sequence[tuple[str, tuple[Any, ...]]] = ()) -> int:
+    """Push the message on its list and record it in the outbox, atomically, in one round trip; `then`: more
+    commands (name, arguments) sent in the same round trip (kombu's expiry of an expiring queue's lists);
+    `replicated`: then WAIT 1 on the same connection, as `fleetstate.client.push_replicated` does (behind Sentinel)."""
     from .client import REPLICATED_WAIT_MS
 
     keys, args = enqueue_args(entry)
-    if not replicated:
-        return int(client.eval(ENQUEUE, len(keys), *keys, *args))
+    if not replicated and not then:
+        return int(OUTBOX_ENQUEUE(client, keys, args))
     with client.pipeline(transaction=False) as pipe:
-        pipe.eval(ENQUEUE, len(keys), *keys, *args)
-        pipe.execute_command("WAIT", 1, REPLICATED_WAIT_MS)
-        length, replicas = pipe.execute()
-    if int(replicas) < 1:
+        name, command = enqueue_command(entry)
+        getattr(pipe, name)(*command)
+        for name, command in then:
+            getattr(pipe, name)(*command)
+        if replicated:
+            pipe.execute_command("WAIT", 1, REPLICATED_WAIT_MS)
+        answers = pipe.execute()
+    if replicated and int(answers[-1]) < 1:
         raise redis.exceptions.ConnectionError(
             f"no replica acknowledged the push to {entry.list!r} within {REPLICATED_WAIT_MS} ms")
-    return int(length)
+    return int(answers[0])
 
 
 def pending(client: redis.Redis) -> list[Entry]:
@@ -150,7 +131,7 @@ def _fresh_copy(entry: Entry) -> tuple[str, str]:
 def _finished_by_celery(client: redis.Redis, task_id: str) -> bool:
     """Celery stored a final state (a job refused before any claim, a revoked one): nothing left to deliver."""
     try:
-        raw = client.get(CELERY_META.format(task_id=task_id))
+        raw = client.get(CELERY_META_KEY.format(task_id=task_id))
         return bool(raw) and json.loads(raw).get("status") in READY_STATES
     except (redis.RedisError, ValueError, AttributeError):
         return False
@@ -182,9 +163,9 @@ def sweep(client: redis.Redis, grace_seconds: float = DEFAULT_GRACE_SECONDS, max
         new_tag, message = _fresh_copy(entry)
         allowed = entry.resends < max_resends
         new_entry = entry_for(new_tag, entry.list, message, entry.task_id, entry.resends + 1)
-        answer = int(client.eval(RESEND, 5, OUTBOX_KEY, OUTBOX_AT_KEY, KOMBU_UNACKED, entry.list,
-                                 JOB_KEY.format(task_id=entry.task_id), tag, entry.message, new_tag,
-                                 new_entry.to_json(), message, "1" if allowed else "0"))
+        keys = [OUTBOX_KEY, OUTBOX_AT_KEY, KOMBU_UNACKED, entry.list, JOB_KEY.format(task_id=entry.task_id)]
+        args = [tag, entry.message, new_tag, new_entry.to_json(), message, "1" if allowed else "0"]
+        answer = int(OUTBOX_RESEND(client, keys, args))
         if answer == 1:
             log.warning("job %s is in no queue and in no worker's hands %g s after it was sent, and not finished: "
                         "sent again (re-send %d)", entry.task_id, grace_seconds, entry.resends + 1)

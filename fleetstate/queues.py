@@ -18,45 +18,7 @@ import redis
 from cachemgr.names import QUEUE_PREFIX, InvalidName, queue_for, release_of_queue, validate_name
 
 from .keys import OUTBOX_KEY, PRIORITY_SEP, queue_lists
-
-# One walk of the source list, atomically: every element named in ARGV (payload, rewritten payload pairs) goes to the
-# consuming end of the destination in list order, the others stay in order. An element a worker took between the
-# caller's read and this script is simply not found: no loss, no duplicate. O(N) for N elements, however many move.
-# A moved message's outbox entry (fleetstate/outbox.py; same delivery tag) follows it: its new list and text.
-_MOVE_LIST = """
-local wanted = {}
-for i = 1, #ARGV, 2 do
-  local entry = wanted[ARGV[i]]
-  if entry then entry.count = entry.count + 1 else wanted[ARGV[i]] = {to = ARGV[i + 1], count = 1} end
-end
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-local keep, move = {}, {}
-for _, item in ipairs(items) do
-  local entry = wanted[item]
-  if entry and entry.count > 0 then
-    entry.count = entry.count - 1
-    move[#move + 1] = entry.to
-  else
-    keep[#keep + 1] = item
-  end
-end
-if #move == 0 then return 0 end
-redis.call('DEL', KEYS[1])
-for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep))) end
-for i = 1, #move, 1000 do redis.call('RPUSH', KEYS[2], unpack(move, i, math.min(i + 999, #move))) end
-for _, item in ipairs(move) do
-  local ok, message = pcall(cjson.decode, item)
-  local tag = ok and type(message) == 'table' and type(message.properties) == 'table' and message.properties.delivery_tag
-  local raw = tag and redis.call('HGET', KEYS[3], tag)
-  if raw then
-    local entry = cjson.decode(raw)
-    entry.list = KEYS[2]
-    entry.message = item
-    redis.call('HSET', KEYS[3], tag, cjson.encode(entry))
-  end
-end
-return #move
-"""
+from .scripts import QUEUE_MOVE
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:
@@ -143,14 +105,13 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, i
     """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first,
     and the unpinned jobs of the source queue that dead workers hold unacknowledged (fleetstate/orphans.py).
 
-    Each list moves in one atomic walk (see `_MOVE_LIST`), so consumers may keep running. Passes repeat while they
+    Each list moves in one atomic walk (fleetstate/lua/queue_move.lua), so consumers may keep running. Passes repeat while they
     find something, to catch jobs sent by producers whose cached route had not flipped yet.
     """
     source, target = queue_for(source_release), queue_for(target_release)
     if source == target:
         raise ValueError(f"cannot move the jobs of {source_release} onto its own queue")
     report = MoveReport(source_release, target_release)
-    move_list = client.register_script(_MOVE_LIST)
     left_alone: set[bytes] = set()
     for _ in range(max_passes):
         moved_before = len(report.moved)
@@ -166,7 +127,7 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, i
                     pairs += [raw, json.dumps(readdress(json.loads(raw), source, target))]
                     ids.append(task_id)
             if pairs:
-                moved = int(move_list(keys=[src_list, dst_list, OUTBOX_KEY], args=pairs))
+                moved = int(QUEUE_MOVE(client, [src_list, dst_list, OUTBOX_KEY], pairs))
                 report.moved += ids[:moved] if moved == len(ids) else _moved_ids(client, dst_list, ids)
                 report.taken_meanwhile += len(ids) - moved
         report.moved += _move_orphans(client, source, target, is_pinned, report)

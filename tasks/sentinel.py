@@ -2,61 +2,51 @@
 
 kombu's SentinelChannel and celery's SentinelBackend ask the sentinels for the primary only when a connection is
 made; a demoted primary that is still alive keeps the ones they hold. With the data servers' `min-replicas-to-write 1`
-that primary refuses writes, and fleetstate.client.FailoverAwareConnection turns the refusal into a reconnection
-through the sentinels (see docs/reliability.md, "Redis Sentinel"); and a send waits for the replica (WAIT 1).
+that primary refuses writes, and fleetstate.client.FailoverAwareConnection turns the refusal (NOREPLICAS, or a MULTI
+aborted for it, as kombu's queue binding is) into a reconnection through the sentinels (see docs/reliability.md,
+"Redis Sentinel"); and every push waits for the replica (WAIT 1). Both are set through public attributes: the
+channel's `connection_class`, and the backend's `connparams`, which celery hands to redis-py's Sentinel.
+
+A `;`-separated Sentinel URL is a list of failover alternates to kombu: on a connection error kombu switches to the
+next one, and a switch to a URL sets the transport from the URL's scheme again (kombu's own, without the outbox, the
+replicated push or the failover-aware connection). `failover_hosts`, the app's `broker_failover_strategy`, hands
+kombu each alternate's host instead, which `Connection.switch` takes as a host and keeps the configured transport
+(the sentinel channel finds the primary through every sentinel of the URL either way).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery.backends.redis import SentinelBackend
 from kombu.transport.redis import SentinelChannel, SentinelTransport
-from kombu.utils.json import dumps
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
-from fleetstate.client import FailoverAwareConnection, push_replicated
+from fleetstate.client import FailoverAwareConnection
 
-from .results import FleetResults
 from .transport import OutboxPut
 
 
 class FleetSentinelChannel(OutboxPut, SentinelChannel):
     connection_class = FailoverAwareConnection
-    replicated = True  # a generate send records its outbox entry and waits for the replica (OutboxPut)
-
-    def _plain_put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        """A send returns only once the replica holds the message (WAIT 1): a message pushed to a primary just before
-        its demotion is otherwise acknowledged and gone. A failed WAIT raises a ConnectionError, so Celery's publish
-        retry sends it again (at worst twice; the job record answers the second delivery)."""
-        if kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
-            return SentinelChannel._put(self, queue, message, **kwargs)
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        with self.conn_or_acquire() as client:
-            push_replicated(client, key, dumps(message))
-
-
-    def _queue_bind(self, *args: Any, **kwargs: Any) -> Any:
-        """kombu binds a queue in a MULTI pipeline, whose NOREPLICAS comes back inside EXEC's reply rather than
-        through the connection (FailoverAwareConnection never sees it): turn it into the ConnectionError it means,
-        so the send's publish retry waits out the failover instead of failing the send."""
-        try:
-            return super()._queue_bind(*args, **kwargs)
-        except ResponseError as exc:
-            if "NOREPLICAS" not in str(exc):
-                raise
-            raise RedisConnectionError(f"the primary refused a write without an in-sync replica: {exc}") from exc
+    replicated = True  # every push waits for the replica (OutboxPut); a generate send records its outbox entry too
 
 
 class FleetSentinelTransport(SentinelTransport):
     Channel = FleetSentinelChannel
 
 
-class FleetSentinelBackend(FleetResults, SentinelBackend):
-    def _get_sentinel_instance(self, **params: Any) -> Any:
-        params.setdefault("connection_class", FailoverAwareConnection)
-        return super()._get_sentinel_instance(**params)
+class FleetSentinelBackend(SentinelBackend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connparams["connection_class"] = FailoverAwareConnection
+
+
+def failover_hosts(alternates: list[str]) -> Iterator[str]:
+    """kombu's failover strategy for a Sentinel broker URL: round robin over the alternates, as hosts (see above)."""
+    return itertools.cycle([urlsplit(url).hostname or url for url in alternates])
 
 
 TRANSPORT = f"{__name__}:FleetSentinelTransport"

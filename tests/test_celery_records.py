@@ -1,109 +1,137 @@
-"""Celery's STARTED and SUCCESS records written by the worker's own claim and completion scripts (tasks/results.py,
-fleetstate/leases.py), against a real redis-server and Celery's real Redis backend: the same bytes Celery writes,
-published on the same channel, never a STARTED over a finished job, and Celery's own store of them skipped once.
-The fleet tests (test_fleet.py) show the records a real worker writes."""
+"""Celery writes its own result records for a `generate` job: what a producer reads is Celery's STARTED (before the
+task body) and SUCCESS (after it), written and published by Celery's Redis backend, while the fleet's claim and
+completion scripts (fleetstate/leases.py) keep only the fleet's job record and lease.
+
+A real redis-server, the `tasks` app, and a Celery worker in this process (celery.contrib.testing) running the real
+worker-side `JobRunner` around a stand-in runtime (no pipeline). The fleet tests (test_fleet.py) show the same records
+from a real worker process."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
-from celery import Celery, states
-from celery.app.task import Context
+from celery import states
+from celery.contrib.testing.worker import start_worker
 
-from fleetstate.leases import JobLease
-from tasks.app import configure
-from tasks.results import FleetRedisBackend, writes_celery_records, written_by_fleet
+from cachemgr.names import queue_for, release_of_queue
+from fleetstate.keys import CELERY_META_KEY
+from fleetstate.leases import JobLease, job_record
 from tasks.router import GENERATE_TASK
 
 from .support import fleet_settings_for
 
-RESULT = {"image_uri": "file:///out/job.png", "release": "m@base-v1.0.0", "timings": {"inference_ms": 12.5}}
+RELEASE = "nano-banana@base-v1.0.0+lora-v1.0.0"
+WORKER = "records@testnode"
 
 
-@pytest.fixture
-def client(redis_server) -> redis.Redis:
-    c = redis_server.client()
-    c.flushdb()
-    return c
+class StandInRuntime:
+    """What `JobRunner` asks of a worker's runtime: `serve` (here without a pipeline) and the worker's state."""
+
+    def __init__(self) -> None:
+        self.state = SimpleNamespace(jobs=0)
+        self.served: list[str] = []
+
+    def serve(self, request: Any, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
+        self.served.append(task_id)
+        self.state.jobs += 1
+        return {"image_uri": f"file:///out/{task_id}.png", "release": str(release_of_queue(queue)),
+                "prompt": request.prompt, "seed": request.seed}
 
 
-@pytest.fixture
-def app(redis_server, tmp_path: Path) -> Celery:
-    return configure(fleet_settings_for(tmp_path, redis_server.url), Celery("records-test"))
+@pytest.fixture(scope="module")
+def fleet(redis_server, tmp_path_factory: pytest.TempPathFactory):
+    """The `tasks` app on a private redis-server, consumed by an in-process Celery worker running `JobRunner`."""
+    import tasks
+    from workers.jobs import JobRunner
+
+    settings = fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url)
+    tasks.configure(settings)
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    runtime = StandInRuntime()
+    previous = getattr(tasks.app, "fleet_runner", None)
+    JobRunner(runtime, client, settings).attach(tasks.app)
+    try:
+        with start_worker(tasks.app, pool="solo", perform_ping_check=False, loglevel="WARNING",
+                          queues=[queue_for(RELEASE)], hostname=WORKER, shutdown_timeout=30):
+            yield SimpleNamespace(tasks=tasks, client=client, runtime=runtime)
+    finally:
+        tasks.app.fleet_runner = previous
+        tasks.app.pool.force_close_all()
 
 
-def request(task_id: str) -> Context:
-    return Context(id=task_id, task=GENERATE_TASK, args=[], kwargs={"prompt": "a lighthouse", "seed": 3},
-                   hostname="w@node", retries=0, delivery_info={"routing_key": "fleet.m@base-v1.0.0"})
-
-
-def stored(client: redis.Redis, app: Celery, task_id: str) -> dict:
-    raw = client.get(app.backend.get_key_for_task(task_id))
-    assert raw is not None, f"no record for {task_id}"
-    return json.loads(raw)
-
-
-def without_ids(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("task_id", "date_done")}
-
-
-def test_the_records_the_scripts_write_are_the_ones_celery_writes(client, app):
-    assert isinstance(app.backend, FleetRedisBackend) and writes_celery_records(app)
-    for state, result in ((states.STARTED, {"pid": 7, "hostname": "w@node"}), (states.SUCCESS, RESULT)):
-        app.backend.store_result(f"celery-{state}", result, state, request=request(f"celery-{state}"))
-        key, value, ttl = app.backend.fleet_record(f"fleet-{state}", result, state, request(f"fleet-{state}"))
-        assert key == app.backend.get_key_for_task(f"fleet-{state}")
-        theirs, ours = stored(client, app, f"celery-{state}"), json.loads(value)
-        assert without_ids(ours) == without_ids(theirs)
-        assert ours["task_id"] == f"fleet-{state}" and (ours["date_done"] is None) == (state == states.STARTED)
-        assert ours["name"] == GENERATE_TASK and ours["worker"] == "w@node" and ours["queue"] == "fleet.m@base-v1.0.0"
-        assert ttl == app.backend.expires == 24 * 3600
-        assert 0 < client.ttl(app.backend.get_key_for_task(f"celery-{state}")) <= ttl
-
-
-def test_a_result_server_apart_from_the_fleets_keeps_celerys_own_stores(redis_server, tmp_path: Path):
-    other = configure(fleet_settings_for(tmp_path, redis_server.url, result_url=redis_server.url.rsplit("/", 1)[0] + "/1"),
-                      Celery("records-apart"))
-    assert not writes_celery_records(other)
-
-
-def test_claim_and_completion_write_and_publish_celerys_records(client, app):
-    backend, task_id = app.backend, "job-1"
-    channel = client.pubsub()
-    channel.subscribe(backend.get_key_for_task(task_id))
-    channel.get_message(timeout=1)  # the subscription's confirmation
-    with JobLease(client, task_id, "w@node", 5.0, poll_seconds=0.02) as lease:
-        assert lease.claim(backend.fleet_started(task_id, request(task_id))).run
-        assert stored(client, app, task_id)["status"] == states.STARTED
-        assert stored(client, app, task_id)["result"]["hostname"] == "w@node"
-        assert lease.complete(RESULT, succeeded=backend.fleet_record(task_id, RESULT, states.SUCCESS, request(task_id)))
-    published = []
-    deadline = time.monotonic() + 5
-    while len(published) < 2 and time.monotonic() < deadline:
-        message = channel.get_message(timeout=0.5)
+def published(channel: Any, count: int, timeout: float = 10.0) -> list[dict]:
+    """The next `count` records published on a subscribed result channel (fewer if none come within `timeout`)."""
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count and time.monotonic() < deadline:
+        message = channel.get_message(timeout=0.2)
         if message and message["type"] == "message":
-            published.append(json.loads(message["data"])["status"])
-    assert published == [states.STARTED, states.SUCCESS]
-    meta = backend.get_task_meta(task_id)
-    assert meta["status"] == states.SUCCESS and meta["result"] == RESULT
-    assert 0 < client.ttl(backend.get_key_for_task(task_id)) <= backend.expires
-
-    # a later delivery of the finished job: its stored result, and no STARTED written over the SUCCESS record
-    with JobLease(client, task_id, "w2@node", 5.0, poll_seconds=0.02) as again:
-        claim = again.claim(backend.fleet_started(task_id, request(task_id)))
-    assert not claim.run and claim.result == RESULT
-    assert stored(client, app, task_id)["status"] == states.SUCCESS
+            out.append(json.loads(message["data"]))
+    return out
 
 
-def test_celerys_own_store_is_skipped_once_after_the_completion_wrote_the_record(client, app):
-    written_by_fleet("job-2")
-    app.backend.store_result("job-2", RESULT, states.SUCCESS, request=request("job-2"))
-    assert client.get(app.backend.get_key_for_task("job-2")) is None  # skipped: the script wrote it (not here)
-    app.backend.store_result("job-2", RESULT, states.SUCCESS, request=request("job-2"))
-    assert stored(client, app, "job-2")["result"] == RESULT  # only once
-    app.backend.store_result("job-3", "boom", states.FAILURE, request=request("job-3"))
-    assert stored(client, app, "job-3")["status"] == states.FAILURE  # other states: Celery's own store
+def subscribed(client: redis.Redis, task_id: str) -> Any:
+    channel = client.pubsub()
+    channel.subscribe(CELERY_META_KEY.format(task_id=task_id))
+    channel.get_message(timeout=1)  # the subscription's confirmation
+    return channel
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_producer_reads_celerys_own_started_and_success_records(fleet):
+    task_id = "records-job-1"
+    channel = subscribed(fleet.client, task_id)
+    result = fleet.tasks.generate.apply_async(("a lighthouse",), {"seed": 3, "release": RELEASE},
+                                              task_id=task_id).get(timeout=30)
+    assert result["image_uri"] == f"file:///out/{task_id}.png" and result["release"] == RELEASE
+    records = published(channel, 2)
+    assert [r["status"] for r in records] == [states.STARTED, states.SUCCESS]
+    started, success = records
+    assert started["result"] == {"pid": os.getpid(), "hostname": WORKER}  # Celery's trace: this process's worker
+    assert success["result"] == result and success["date_done"]
+
+    meta = fleet.tasks.app.backend.get_task_meta(task_id)
+    assert (meta["status"], meta["result"], meta["name"], meta["queue"]) == (
+        states.SUCCESS, result, GENERATE_TASK, queue_for(RELEASE))
+    assert meta["kwargs"]["prompt"] == "a lighthouse" and meta["worker"]  # result_extended: Celery's own fields
+    assert 0 < fleet.client.ttl(CELERY_META_KEY.format(task_id=task_id)) <= 24 * 3600
+
+    record = job_record(fleet.client, task_id)  # the fleet's own record, beside Celery's
+    assert (record["runs"], record["completed"], json.loads(record["result"])) == ("1", "1", result)
+
+
+def test_a_later_delivery_of_a_finished_job_leaves_its_success_record(fleet):
+    task_id = "records-job-2"
+    first = fleet.tasks.generate.apply_async(("a harbour",), {"seed": 4, "release": RELEASE},
+                                             task_id=task_id).get(timeout=30)
+    channel = subscribed(fleet.client, task_id)
+    fleet.tasks.generate.apply_async(("a harbour",), {"seed": 4, "release": RELEASE}, task_id=task_id)  # again
+    wait_for(lambda: job_record(fleet.client, task_id).get("duplicates") == "1", "the second delivery")
+    assert published(channel, 1, timeout=1.0) == []  # Celery stores nothing over a SUCCESS: no STARTED, no SUCCESS
+    meta = fleet.tasks.app.backend.get_task_meta(task_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, first)
+    assert fleet.runtime.served.count(task_id) == 1 and job_record(fleet.client, task_id)["runs"] == "1"
+
+
+def test_the_fleets_scripts_write_no_celery_record(fleet):
+    task_id = "records-lease-only"
+    channel = subscribed(fleet.client, task_id)
+    with JobLease(fleet.client, task_id, "w@node", 5.0, poll_seconds=0.02) as lease:
+        assert lease.claim().run
+        assert lease.complete({"image_uri": "file:///x.png"})
+    assert fleet.client.get(CELERY_META_KEY.format(task_id=task_id)) is None
+    assert published(channel, 1, timeout=0.5) == []
+    assert job_record(fleet.client, task_id)["completed"] == "1"

@@ -56,10 +56,9 @@ def test_result_in_redis_carries_no_image_bytes(fleet_settings, producer, two_wo
     assert json.loads(raw)["result"]["image_uri"] == result["image_uri"]
 
 
-def test_the_worker_writes_celerys_started_and_success_records_in_its_own_scripts(fleet_settings, producer,
-                                                                                   two_workers):
-    """The claim writes STARTED and the completion SUCCESS (tasks/results.py): both published in order on the
-    result's channel, with the fields Celery's own records carry (those of a Celery task through the same worker)."""
+def test_celery_writes_its_own_started_and_success_records_for_a_job(fleet_settings, producer, two_workers):
+    """Celery's result backend writes STARTED before the job's body and SUCCESS after it: both published in order on
+    the result's channel, with the fields of any Celery task's records (a built-in task through the same worker)."""
     old, new = two_workers["releases"]
     client = redis.Redis.from_url(fleet_settings.broker_url)
     task_id = uuid()

@@ -20,6 +20,8 @@ from fleetctl.demo.builders import DEMO_RELEASES
 from fleetstate.client import redis_client
 from fleetstate.leases import job_record
 from fleetstate.routes import RouteTable
+from tasks.sentinel import BACKEND as FLEET_SENTINEL_BACKEND
+from tasks.sentinel import TRANSPORT as FLEET_SENTINEL_TRANSPORT
 from tasks.settings import FleetSettings
 
 from .sentinels import MASTER, SentinelSet
@@ -63,7 +65,8 @@ def workers(fleet_settings, producer, tmp_path_factory):
 
 def test_the_app_and_the_fleet_state_reach_the_primary_through_the_sentinels(fleet_settings, sentinels, producer):
     conf = producer.app.conf
-    assert conf.broker_url.startswith("sentinel://") and conf.result_backend.startswith("sentinel://")
+    assert conf.broker_url.startswith("sentinel://") and conf.broker_transport == FLEET_SENTINEL_TRANSPORT
+    assert conf.result_backend == f"{FLEET_SENTINEL_BACKEND}+{conf.broker_url}"  # celery's "class+URL" form
     assert conf.broker_transport_options["master_name"] == MASTER
     assert conf.result_backend_transport_options["master_name"] == MASTER
     client = redis_client(sentinels.url, MASTER)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task, states
+from celery import Task
 from celery.exceptions import Reject, TaskPredicate
 
 from cachemgr.names import release_of_queue
@@ -15,8 +15,6 @@ from fleetstate.timelimits import limit_or_default
 from tasks.errors import JobFailed, JobRefused, one_line
 from tasks.generate import NotServing, attach_runner
 from tasks.requests import BadRequest, GenerateRequest
-from tasks.results import FleetResults, writes_celery_records, written_by_fleet
-from tasks.router import GENERATE_TASK
 
 from .breaker import FailureBreaker
 from .gpu import is_out_of_memory, release_device_memory
@@ -41,15 +39,10 @@ class JobRunner:
         """Told of every try that ran past its time limit, just before the worker is recycled (a failure)."""
         if breaker is not None:
             self.on_timeout = lambda t: breaker.failure(t.task_id, f"ran past its time limit of {t.limit_s:g} s")
-        self.writes_celery_records = False
-        """Set by `attach`: the claim and completion scripts write Celery's STARTED and SUCCESS records."""
 
     def attach(self, celery_app: Any) -> JobRunner:
-        """Become the runner of `celery_app`'s `generate`; where its result backend is the fleet's own Redis, write
-        Celery's records in this runner's scripts and turn Celery's own STARTED store off for the task."""
-        self.writes_celery_records = writes_celery_records(celery_app)
-        if self.writes_celery_records:
-            celery_app.tasks[GENERATE_TASK].track_started = False
+        """Become the runner of `celery_app`'s `generate` (Celery writes the job's STARTED and SUCCESS records itself,
+        through its result backend)."""
         attach_runner(celery_app, self)
         return self
 
@@ -60,9 +53,8 @@ class JobRunner:
         queue = delivery.get("routing_key") or delivery.get("queue")
         sent_at = getattr(task.request, "fleet_sent_at", None)
         release = release_of_queue(queue) if queue else None
-        records = self._celery_records(task)
         with self._lease(task, str(release) if release else request.release) as lease:
-            claim = lease.claim(records.fleet_started(task.request.id, task.request) if records else None)
+            claim = lease.claim()
             if claim.result is not None:
                 return claim.result  # a duplicate delivery of a finished job: its stored result, nothing recomputed
             if claim.dead is not None:
@@ -81,17 +73,8 @@ class JobRunner:
                 raise self._retry_or_bury(task, exc, lease, queue) from None
             if self.breaker is not None:
                 self.breaker.success()
-            succeeded = records.fleet_record(task.request.id, result, states.SUCCESS, task.request) if records else None
-            # the registry's count and Celery's SUCCESS record, in the same script
-            if lease.complete(result, {"jobs": self.runtime.state.jobs}, succeeded) and succeeded is not None:
-                written_by_fleet(task.request.id)
+            lease.complete(result, {"jobs": self.runtime.state.jobs})  # the registry's count in the same script
             return result
-
-    def _celery_records(self, task: Task) -> FleetResults | None:
-        """The backend whose STARTED and SUCCESS records this job's scripts write (tasks/results.py), if they do."""
-        if not self.writes_celery_records or task.request.ignore_result:
-            return None
-        return task.backend
 
     def _serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
         """Serve the job; out of device memory, free what it held and try once more here, then refuse it."""

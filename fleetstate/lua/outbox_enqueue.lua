@@ -1,0 +1,8 @@
+-- A `generate` send (fleetstate/outbox.py, called by the broker transport in tasks/transport.py): the message pushed
+-- on its queue list and recorded in the outbox in one step, so a message is never queued without its entry.
+-- KEYS: outbox, outbox at, queue list. ARGV: delivery tag, entry json, message.
+-- Returns the list's length, as the LPUSH it replaces.
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+return redis.call('LPUSH', KEYS[3], ARGV[3])
