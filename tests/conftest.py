@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from fleetctl.demo.builders import DEMO_RELEASES, RANDOM_DEMO_VERSIONS, publish_
 from tasks.settings import FleetSettings  # noqa: E402
 
 from .layers import FAST, LAYERS, ORDER, layer_of  # noqa: E402
-from .support import OSS_AK, OSS_SK, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
+from .support import OSS_AK, OSS_SK, REPO, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
 
 pytest_plugins = ["pytester"]  # tests/test_layers.py runs a small suite of its own to show the layer rule failing
 
@@ -100,20 +103,59 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
 assert set(LAYERS) == set(ORDER)
 
 
+DEMO_SOURCES = ("fleetctl/demo", "workers/models", "cachemgr", "requirements/dev.txt")
+"""What the demo archive's bytes follow from: its builders and weights, the model families, publish, the lock."""
+
+
+def _demo_sources_key() -> str:
+    digest = hashlib.sha256()
+    for base in DEMO_SOURCES:
+        path = REPO / base
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and "__pycache__" not in file.parts:
+                digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo models, built once per test session and published into a local archive."""
-    root = tmp_path_factory.mktemp("archive")
-    publish_demo(LocalArchive(root), tmp_path_factory.mktemp("demo-build"), versions=RANDOM_DEMO_VERSIONS,
-                 log=lambda *_: None)
+    """The demo models published into a local archive: built once per change of their sources and kept in a cache
+    (~/.cache/warmfleet-tests, or $WARMFLEET_TEST_CACHE) keyed by a hash of those sources, then used by every
+    session. A cached archive whose bytes differ from what was built (a test wrote into it) is built again."""
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("WARMFLEET_TEST_CACHE") or Path.home() / ".cache" / "warmfleet-tests")
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _demo_sources_key()
+    root, stamp = cache / f"demo-archive-{key}", cache / f"demo-archive-{key}.sha256"
+    with FileLock(str(cache / "demo-archive.lock")):
+        if root.is_dir() and stamp.is_file() and stamp.read_text() == _tree_digest(root):
+            return root
+        shutil.rmtree(root, ignore_errors=True)
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+        try:
+            publish_demo(LocalArchive(build / "archive"), build / "work", versions=RANDOM_DEMO_VERSIONS,
+                         log=lambda *_: None)
+            os.replace(build / "archive", root)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        stamp.write_text(_tree_digest(root))
+        for old in cache.glob("demo-archive-*"):  # archives of older sources
+            if key not in old.name and not old.name.endswith(".lock"):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return root
 
 
 @pytest.fixture
 def archive_copy(demo_archive_dir: Path, tmp_path: Path) -> LocalArchive:
     """A private copy of the demo archive that a test may change."""
-    import shutil
-
     dest = tmp_path / "archive"
     shutil.copytree(demo_archive_dir, dest)
     return LocalArchive(dest)
