@@ -8,9 +8,9 @@ alternates): through the fleet (validate, route, send, queue, worker, store, res
 (`ResidentPipeline.generate` + writing the PNG to a local output store, so storing is on both sides). The
 overhead of a pair is fleet − direct; p50/p95 of those are reported. Both run 1 torch thread, 32×32, 1 step, so
 inference is short and the overhead is not lost in its noise.
-Target: p50 overhead ≤ 5 ms, and ≤ 1.15 × Celery's own no-op round trip (p50, same run): what the fleet adds
+Target: p50 overhead ≤ 5 ms, and ≤ 1.5 × Celery's own no-op round trip (p50, same run): what the fleet adds
 to Celery (validation, routing, the execution lease and its record, the delivery index, counters) must stay small
-beside what Celery itself costs.
+beside what Celery itself costs, Celery's own STARTED and SUCCESS records included on both sides.
 
 CPU (less noisy than wall time on a shared machine): the worker process's user+sys time (all its threads, from
 /proc) over `--cpu-jobs` jobs back to back, per job, minus what the same pipeline call + PNG store costs in this
@@ -35,20 +35,19 @@ from _plots import image_line, save_plot  # noqa: E402
 from _results import entry, merge_results, stamp, verdict, write_section  # noqa: E402
 
 TARGET_MS = 5.0
-TARGET_RATIO = 1.15
+TARGET_RATIO = 1.5
 PROFILE_PHASES = [  # (label, file fragment, function): cumulative time in the worker process
     ("a job, as Celery's trace runs it", "celery/app/trace.py", "trace_task"),
     ("the fleet's part: `JobRunner.run`", "workers/jobs.py", "run"),
     ("request validation (`request_of_job`)", "tasks/requests.py", "request_of_job"),
-    ("lease claim: one script (index, record, lease, time limit, Celery's STARTED)", "fleetstate/leases.py", "claim"),
+    ("Celery's result stores (its own STARTED and SUCCESS)", "celery/backends/base.py", "store_result"),
+    ("lease claim: one script (index, outbox entry, record, lease, time limit)", "fleetstate/leases.py", "claim"),
     ("serve: pipeline call, PNG, store", "workers/runtime.py", "serve"),
     ("pipeline call + PNG encode (`ResidentPipeline.generate`)", "workers/resident.py", "generate"),
     ("PNG write + fsync + rename", "workers/outputs/__init__.py", "put"),
-    ("lease completion: one script (record, Celery's SUCCESS, release, unindex, counters)", "fleetstate/leases.py",
-     "complete"),
+    ("lease completion: one script (record, release, unindex, counters)", "fleetstate/leases.py", "complete"),
     ("lease exit (nothing left to do after completion)", "fleetstate/leases.py", "__exit__"),
-    ("Celery result store (SUCCESS skipped: the completion wrote it)", "tasks/results.py", "store_result"),
-    ("the fleet's Redis scripts (calls)", "fleetstate/leases.py", "_script"),
+    ("the fleet's Redis scripts (calls)", "fleetstate/scripts.py", "__call__"),
     ("every Redis round trip in the process (calls)", "redis/connection.py", "send_packed_command"),
 ]
 
@@ -198,10 +197,10 @@ ms slower in the worker process (another allocator state, the other process's ca
 What the fleet adds to Celery's own round trip: producer-side validation and routing (the job names its release,
 so no route read), the worker's request validation, one Redis script to claim the job (delivery index, outbox entry,
 job record, lease, the release's time limit) and one to complete it (result record, lease release, unindexing, the
-served-jobs counter and the worker's job count in the registry), and a larger result. Celery's own STARTED and
-SUCCESS records are written inside those two scripts (`tasks/results.py`: the same bytes, expiry and channel), so
-Celery's two stores of two round trips each are not made for a `generate` job: the fleet's Redis work per job is
-two round trips where a Celery no-op makes four. Lease renewal and the time limit are alarms on one thread per
+served-jobs counter and the worker's job count in the registry), and a larger result. Celery writes a job's STARTED
+and SUCCESS records itself (`task_track_started`), as it does the no-op's, each a GET (so nothing overwrites a
+SUCCESS) then a SET + PUBLISH: the fleet's own Redis work per job is its two round trips, on top of the four that
+Celery's records cost on both sides. Lease renewal and the time limit are alarms on one thread per
 process each (`fleetstate/alarms.py`): no thread started or woken per job. Registry heartbeats and device-memory
 samples run on the heartbeat thread, not per job. The worker and this process share the machine's cores, so the
 load average above moves every wall figure; the CPU figures move much less. What bounds the overhead now: Celery's
