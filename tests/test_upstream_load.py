@@ -175,6 +175,10 @@ def test_an_fp16_sdxl_file_is_stored_in_fp16_and_serves_in_fp32_as_bare_diffuser
     assert meta["family"] == "sdxl" and meta["converted_from"]["precision"] == "fp16"
     assert meta["converted_from"]["sha256"] == sha256_file(studio["xl"])
     assert set(meta["precision"].values()) == {"fp16"} and "48.safetensors" not in meta["precision"]
+    listed = CliRunner().invoke(main, ["versions", "xl"], env={"FLEET_HOME": str(home),
+                                                              "FLEET_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert listed.exit_code == 0, listed.output
+    assert f"converted from 48.safetensors (sha256 {meta['converted_from']['sha256'][:12]}…)" in listed.output
     cache = Cache.at(tmp_path / "l2")
     resident = SingleFile.builder("xl", "xl@base-v1").with_archive(archive).with_cache(cache).on("cpu").build()
     assert resident.pipeline.unet.dtype == torch.float32

@@ -295,7 +295,8 @@ def publish_demo_cmd(ctx: click.Context) -> None:
 @click.pass_context
 @friendly
 def versions(ctx: click.Context, model: str | None) -> None:
-    """List the versions in the archive (and which are in this node's L2)."""
+    """List the versions in the archive (and which are in this node's L2); a base converted from a single-file
+    checkpoint at publish names that file and its sha256."""
     from cachemgr import Cache
     from cachemgr.names import ComponentRef
 
@@ -306,7 +307,13 @@ def versions(ctx: click.Context, model: str | None) -> None:
         for component in archive.list_components(m):
             for version in archive.list_versions(m, component):
                 ref = ComponentRef(m, component, version)
-                click.echo(f"{str(ref):<40} {'L2' if store.has(ref) else '  '}")
+                held = store.has(ref)
+                line = f"{str(ref):<40} {'L2' if held else '  '}"
+                if component == "base":  # the L2 copy of the manifest when there is one, else the archive's
+                    origin = (store.manifest(ref) if held else archive.read_manifest(ref)).meta.get("converted_from")
+                    if isinstance(origin, dict) and origin.get("file"):
+                        line += f"  converted from {origin['file']} (sha256 {str(origin.get('sha256', ''))[:12]}…)"
+                click.echo(line)
 
 
 @main.command()
