@@ -164,7 +164,8 @@ def test_image_build_context_installs_the_project(dockerfile_name, tmp_path):
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     [wheel] = (tmp_path / "dist").glob("warmfleet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("beat_schedule.py", "cachemgr/names.py", "tasks/app.py", "fleetctl/cli/main.py", "fleetctl/cli/health.py"):
+    for module in ("beat_schedule.py", "cachemgr/names.py", "tasks/app.py", "fleetctl/cli/main.py", "fleetctl/cli/health.py",
+                   "fleetstate/lua/token_lock.lua", "workers/models/configs/sdxl/model_index.json"):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "warmfleet = fleetctl.cli:main" in entry_points
