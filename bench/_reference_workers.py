@@ -166,13 +166,18 @@ def run(work: Path, endpoint: str, model: str, versions: dict[str, str], checkpo
         time.sleep(3.0)
         flip_ms = []
         for _ in range(flips):
-            expected = router.route(model).previous
+            before = router.route(model)
+            expected = before.previous
             seen = router.cache.generation
             t0 = time.perf_counter()
             rollback(client, model, actor="bench")
             if not router.cache.wait_generation(seen, timeout=10) or router.active(model) != expected:
                 raise SystemExit("a rollback never reached the producers' router")
             flip_ms.append((time.perf_counter() - t0) * 1000)
+            # a rollback only goes back down the route stack: promote the abandoned release again (not timed)
+            seen = router.cache.generation
+            promote(client, model, before.active, actor="bench")
+            router.cache.wait_generation(seen, timeout=10)
             time.sleep(1.5)
         stop.set()
         for t in threads:

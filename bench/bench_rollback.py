@@ -61,7 +61,8 @@ def measure_pings(client, count: int) -> list[float]:
 def measure_flips(client, router: FleetRouter, count: int) -> list[float]:
     out = []
     for _ in range(count):
-        expected = RouteTable(client).get(DEMO_MODEL).previous
+        before = RouteTable(client).get(DEMO_MODEL)
+        expected = before.previous
         seen = router.cache.generation
         t0 = time.perf_counter()
         rollback(client, DEMO_MODEL, actor="bench")
@@ -71,6 +72,10 @@ def measure_flips(client, router: FleetRouter, count: int) -> list[float]:
         out.append((time.perf_counter() - t0) * 1000)
         if active != expected:
             raise SystemExit(f"router says {active} after rolling back to {expected}; no figures recorded")
+        # a rollback only goes back down the route stack: put the abandoned release back on top (not timed)
+        seen = router.cache.generation
+        RouteTable(client).set_active(before.active, actor="bench")
+        router.cache.wait_generation(seen, timeout=10)
     return out
 
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from cachemgr import Archive, Release
-from cachemgr.names import InvalidName
+from cachemgr.names import InvalidName, queue_for
+from fleetstate.catalog import describe_missing, unarchived
 from fleetstate.live import reasons_to_keep
+from fleetstate.queues import queue_depth
 from fleetstate.registry import WarmRegistry, WorkerState
+from fleetstate.routes import RouteTable
 from tasks.prewarm import RETIRE_COMMAND, WARM_COMMAND, send_command
 
 ANSWER_SECONDS = 60.0
@@ -87,26 +91,58 @@ def warm(app: Any, client: redis.Redis, archive: Archive, release: str, on: list
          timeout: float = 300.0) -> LiveOutcome:
     """Every targeted worker on the release's base syncs its LoRA into L2, loads it between jobs and announces."""
     rel = _parse(release)
-    missing = [str(ref) for ref in rel.refs() if not archive.has_version(ref)]
+    missing = unarchived(client, rel, archive)  # the catalog learns what the archive said
     if missing:
-        raise LiveRefused(f"unknown release {rel}: the archive has no {', '.join(missing)}; publish it first")
+        raise LiveRefused(f"unknown release {rel}: {describe_missing(rel, missing)}")
     registry = WarmRegistry(client)
     workers = _targets(registry, list(on), everywhere)
     return _run(app, registry, WARM_COMMAND, str(rel), workers, timeout)
 
 
 def retire(app: Any, client: redis.Redis, release: str, on: list[str] = (), everywhere: bool = False,
-           force: bool = False, timeout: float = 120.0) -> LiveOutcome:
-    """Targeted workers stop consuming the release's queue and delete its adapter; refused while it must stay."""
+           force: bool = False, timeout: float = 120.0, confirm: Callable[[str], bool] | None = None) -> LiveOutcome:
+    """Targeted workers stop consuming the release's queue and delete its adapter; refused while it must stay.
+
+    With `force`, a retire that leaves a routed release (or its waiting jobs) with no warm worker is put to
+    `confirm` with what it leaves unserved, and refused unless it answers yes."""
     rel = str(_parse(release))
-    reasons = [] if force else reasons_to_keep(client, rel)
-    if reasons:
+    reasons = reasons_to_keep(client, rel)
+    if reasons and not force:
         raise LiveRefused(f"refusing to retire {rel}: {'; '.join(reasons)}; promote or roll back first, or --force")
     registry = WarmRegistry(client)
     if not registry.is_warm(rel):
         raise LiveRefused(f"no worker serves {rel}; nothing to retire")
     workers = _targets(registry, list(on), everywhere, serving=rel if everywhere else None)
+    unserved = _left_unserved(client, registry, rel, workers, reasons)
+    if unserved and not (confirm is not None and confirm(unserved)):
+        raise LiveRefused(f"not retired: {unserved}")
     return _run(app, registry, RETIRE_COMMAND, rel, workers, timeout)
+
+
+def _left_unserved(client: redis.Redis, registry: WarmRegistry, release: str, workers: list[str],
+                   reasons: list[str]) -> str | None:
+    """What a retire from `workers` would leave with no warm worker, in one line; None if a worker stays warm on
+    the release or nothing routes to it and no job waits for it."""
+    remaining = set(registry.warm_workers(release).get(release, [])) - set(workers)
+    if remaining or not reasons:
+        return None
+    rel = Release.parse(release)
+    route = RouteTable(client).get(rel.model)
+    roles = [role for role, routed in route.referenced() if routed == release]
+    effects = []
+    if "active" in roles:
+        effects.append(f"every new job of {rel.model} will wait unserved (it is the active release)")
+    if "canary" in roles:
+        effects.append(f"{route.canary_weight:g}% of new jobs of {rel.model} will wait unserved (it is the canary)")
+    if "previous" in roles:
+        effects.append(f"`warmfleet rollback {rel.model}` will pass over it")
+    waiting = queue_depth(client, queue_for(release))
+    if waiting:
+        effects.append(f"{waiting} job(s) already queued for it will wait (`warmfleet move-queued {release} <release>`)")
+    effects += [r for r in reasons if r.startswith(("declared", "pinned"))]
+    if not effects:
+        return None
+    return f"retiring {release} from {', '.join(workers)} leaves no worker warm on it: {'; '.join(effects)}"
 
 
 def _run(app: Any, registry: WarmRegistry, command: str, release: str, workers: list[str], timeout: float) -> LiveOutcome:

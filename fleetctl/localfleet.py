@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tasks.settings import FleetSettings, offline_environment
 
+from .localredis import RedisNotReady, compact_aof, redis_config, start_time, wait_redis
+
 
 class FleetError(RuntimeError):
     pass
@@ -45,6 +47,15 @@ class Proc:
     pid: int
     log: str
     stop_signal: int = signal.SIGTERM
+    started: float | None = None  # the process's start time (clock ticks since boot): a reused pid is not ours
+
+    def __post_init__(self) -> None:
+        if self.started is None:
+            self.started = start_time(self.pid)
+
+    def alive(self) -> bool:
+        """Running, and the very process that was started (not another that was given its pid since)."""
+        return alive(self.pid) and (self.started is None or start_time(self.pid) == self.started)
 
 
 @dataclass
@@ -101,9 +112,31 @@ class LocalFleet:
 
     def running(self) -> FleetState | None:
         state = FleetState.load(self.state_file)
-        if state and any(alive(p.pid) for p in state.procs):
+        if state is not None:
+            self.follow_redis(state)
+        if state and any(p.alive() for p in state.procs):
             return state
         return None
+
+    def follow_redis(self, state: FleetState) -> None:
+        """The fleet's Redis restarted by hand (same config, same port): take its new pid into the state file, so
+        `down` stops the server that runs, not a pid that is gone or now someone else's."""
+        import redis
+
+        proc = next((p for p in state.procs if p.name == "redis"), None)
+        if proc is None or proc.alive() or not state.broker_url:
+            return
+        try:
+            client = redis.Redis.from_url(state.broker_url, socket_connect_timeout=1, socket_timeout=2)
+            info = client.info("server")
+            client.close()
+        except redis.RedisError:
+            return  # not running: nothing to follow
+        pid = int(info.get("process_id") or 0)
+        expected = (self.settings.state_dir / "redis" / "redis.conf").resolve()
+        if pid and Path(str(info.get("config_file") or "")).resolve() == expected:
+            proc.pid, proc.started = pid, start_time(pid)
+            state.save(self.state_file)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -146,10 +179,14 @@ class LocalFleet:
             redis_dir.mkdir(parents=True, exist_ok=True)
             password = secrets.token_urlsafe(24)
             state.broker_url = f"redis://:{password}@127.0.0.1:{port}/0"  # kept in the 0600 state file only
-            state.procs.append(self._spawn("redis", [redis_server, str(_redis_config(redis_dir, port, password))],
+            state.procs.append(self._spawn("redis", [redis_server, str(redis_config(redis_dir, port, password))],
                                            os.environ.copy()))
             state.save(self.state_file)
             wait_port(port)
+            try:
+                wait_redis(state.broker_url, state.procs[-1])  # listening is not ready: it may still load its AOF
+            except RedisNotReady as exc:
+                raise FleetError(str(exc)) from None
             env = self.child_env(state.broker_url)
             self._route(state.broker_url, releases, active)
             for i, slot in enumerate(worker_plan(releases, gpus)):
@@ -284,7 +321,7 @@ class LocalFleet:
         since = time.time() - 1
         deadline = time.monotonic() + timeout
         while True:
-            dead = [p for p in state.procs if not alive(p.pid)]
+            dead = [p for p in state.procs if not p.alive()]
             if dead:
                 tail = Path(dead[0].log).read_text(errors="replace")[-2000:] if Path(dead[0].log).exists() else ""
                 raise FleetError(f"{dead[0].name} exited during start; its log ({dead[0].log}) ends:\n{tail}")
@@ -298,20 +335,26 @@ class LocalFleet:
                 raise FleetError(str(exc)) from None
 
     def down(self, state: FleetState | None = None, timeout: float = 15.0) -> list[str]:
-        """Stop what the fleet started: workers first, redis last. Nothing it did not start is touched."""
+        """Stop what the fleet started: workers first, redis last (its AOF compacted first, so the next `up` loads
+        it quickly). Nothing it did not start is touched: a process already gone, or a pid now someone else's, is
+        not signalled and not reported as stopped (`self.gone` names them)."""
         state = state or FleetState.load(self.state_file)
+        self.gone: list[str] = []
         if state is None:
             return []
+        self.follow_redis(state)
         stopped = []
         last = ("redis", "oss")  # the fleet's own services stop after everything that uses them
         for group in ([p for p in state.procs if p.name not in last], [p for p in state.procs if p.name in last]):
+            group = [p for p in group if p.alive() or self.gone.append(p.name)]
+            if any(p.name == "redis" for p in group):
+                compact_aof(state.broker_url, self.log)
             for p in group:
-                if alive(p.pid):
-                    try:
-                        os.killpg(p.pid, signal.SIGTERM)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            deadline = time.monotonic() + timeout
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + timeout * (4 if any(p.name == "redis" for p in group) else 1)
             for p in group:
                 while alive(p.pid) and time.monotonic() < deadline:
                     _reap(p.pid)
@@ -329,20 +372,6 @@ class LocalFleet:
             if current is None or current.broker_url == state.broker_url:
                 self.state_file.unlink(missing_ok=True)
         return stopped
-
-
-def _redis_config(folder: Path, port: int, password: str) -> Path:
-    """The local redis-server's configuration, password included, in a file only this user can read: never argv,
-    which every local user sees in `ps`."""
-    path = folder / "redis.conf"
-    lines = [f"port {port}", "bind 127.0.0.1", f'dir "{folder}"', 'save ""', "appendonly yes", "protected-mode yes",
-             f"requirepass {password}"]
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def redacted(url: str) -> str:

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from cachemgr import EventLog
 from cachemgr.names import Release, queue_for
 from fleetstate.keys import ALERTS_KEY
-from fleetstate.queues import queue_depths, queued_releases
+from fleetstate.queues import oldest_waiting, queue_depths, queued_releases
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
 from fleetstate.stats import FleetStats, cache_status, node_sync_bytes
@@ -37,7 +37,7 @@ def known_releases(client: redis.Redis) -> set[str]:
     for model in table.models():
         route = table.get(model)
         releases.update(release for _, release in route.referenced())
-        releases.update(queued_releases(client, model))
+    releases.update(queued_releases(client))  # every model's, routed or not
     return releases
 
 
@@ -124,6 +124,7 @@ class FleetCollector(Collector):
         for queue, n in depths.items():
             depth.add_metric([queue, queues[queue], Release.parse(queues[queue]).model], n)
         yield depth
+        yield from _waiting_families(self.redis, queues, depths, warm)
 
         if self.alert is not None:
             firing = GaugeMetricFamily("warmfleet_alert_firing", "1 while an alert fires", labels=["alert"])
@@ -134,6 +135,30 @@ class FleetCollector(Collector):
             if self.alert.last_ratio is not None:
                 window.add_metric([], self.alert.last_ratio)
             yield window
+
+
+def _waiting_families(client: redis.Redis, queues: dict[str, str], depths: dict[str, int],
+                      warm: dict[str, list[str]]) -> Iterator[Any]:
+    """How long each queue's oldest job has waited; and the same for queues no warm worker consumes (stranded
+    jobs: the WarmfleetJobsStranded alert in docker/prometheus/rules.yml fires on it)."""
+    waiting = sorted(q for q, n in depths.items() if n)
+    ages = oldest_waiting(client, waiting)
+    labels = ["queue", "release", "model"]
+    oldest = GaugeMetricFamily("warmfleet_queue_oldest_age_seconds", "How long the oldest job waiting in a release "
+                               "queue has waited (queues with jobs only)", labels=labels)
+    unserved = GaugeMetricFamily("warmfleet_unserved_queue_oldest_age_seconds", "How long the oldest job has "
+                                 "waited in a release queue that no warm worker consumes (stranded jobs)",
+                                 labels=labels)
+    for queue in waiting:
+        release = queues[queue]
+        age = ages.get(queue)
+        age = 0.0 if age is None else age
+        row = [queue, release, Release.parse(release).model]
+        oldest.add_metric(row, age)
+        if not warm.get(release):
+            unserved.add_metric(row, age)
+    yield oldest
+    yield unserved
 
 
 class MissRateAlert:

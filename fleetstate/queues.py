@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +37,38 @@ def queue_depths(client: redis.Redis, queues: list[str]) -> dict[str, int]:
     return {queue: sum(sizes[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
 
 
-def queued_releases(client: redis.Redis, model: str) -> list[str]:
-    """Releases of a model with jobs waiting, found by the names of their queue lists (empty lists do not exist)."""
+def oldest_waiting(client: redis.Redis, queues: list[str], now: float | None = None) -> dict[str, float | None]:
+    """How long the oldest job waiting in each queue has waited, in seconds (from the send stamp the producer puts
+    in its headers, `fleet_sent_at`); None for an empty queue or one whose oldest messages carry no stamp. kombu
+    pushes on the left and pops on the right, so each list's oldest message is its last element."""
+    now = time.time() if now is None else now
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for name in queue_lists(queue):
+                pipe.lindex(name, -1)
+        tails = pipe.execute()
+    steps = len(queue_lists("q"))
+    out: dict[str, float | None] = {}
+    for i, queue in enumerate(queues):
+        stamps = [s for s in (_sent_at(raw) for raw in tails[i * steps:(i + 1) * steps] if raw) if s is not None]
+        out[queue] = round(max(0.0, now - min(stamps)), 1) if stamps else None
+    return out
+
+
+def _sent_at(raw: bytes) -> float | None:
+    message = _decode(raw)
+    try:
+        return float(message["headers"]["fleet_sent_at"]) if message else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def queued_releases(client: redis.Redis, model: str | None = None) -> list[str]:
+    """Releases (of a model, or of every model) with jobs waiting, found by the names of their queue lists (empty
+    lists do not exist)."""
     found = set()
-    for key in client.scan_iter(match=f"{QUEUE_PREFIX}{validate_name(model, 'model')}@*", count=500):
+    pattern = f"{QUEUE_PREFIX}{validate_name(model, 'model')}@*" if model else f"{QUEUE_PREFIX}*"
+    for key in client.scan_iter(match=pattern, count=500):
         queue = key.decode(errors="replace").split(PRIORITY_SEP, 1)[0]
         try:
             release = release_of_queue(queue)
@@ -61,6 +90,7 @@ class MoveReport:
     unreadable: int = 0
     taken_meanwhile: int = 0
     moved_unacked: list[str] = field(default_factory=list)  # held unacked by dead workers, moved too
+    repinned: list[str] = field(default_factory=list)  # pinned jobs moved with their pin rewritten (on request)
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
@@ -90,6 +120,10 @@ PinnedTest = Callable[[list[Any], dict[str, Any]], bool]
 """Whether a job's (args, kwargs) name its release: such a job is served by that release only and never moved.
 The request model owns the parameter order, so callers pass `tasks.requests.is_pinned`."""
 
+Repin = Callable[[list[Any], dict[str, Any], str], tuple[list[Any], dict[str, Any]]]
+"""(args, kwargs, new release) → the args and kwargs of the same job pinned to the new release
+(`tasks.requests.repinned`)."""
+
 
 def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> dict[str, Any]:
     """The same message (same task id, same delivery tag) addressed to `target_queue`."""
@@ -101,12 +135,14 @@ def readdress(message: dict[str, Any], source_queue: str, target_queue: str) -> 
 
 
 def move_queued(client: redis.Redis, source_release: str, target_release: str, is_pinned: PinnedTest,
-                max_passes: int = 5) -> MoveReport:
+                max_passes: int = 5, repin: Repin | None = None) -> MoveReport:
     """Move the unpinned jobs waiting for `source_release` onto the queue of `target_release`, oldest served first,
     and the unpinned jobs of the source queue that dead workers hold unacknowledged (fleetstate/orphans.py).
 
     Each list moves in one atomic walk (fleetstate/lua/queue_move.lua), so consumers may keep running. Passes repeat while they
-    find something, to catch jobs sent by producers whose cached route had not flipped yet.
+    find something, to catch jobs sent by producers whose cached route had not flipped yet. With `repin`, pinned
+    jobs move too, their pin rewritten to the target (`repin(args, kwargs, target)` gives the new args and kwargs);
+    they are counted in `repinned` as well as `moved`.
     """
     source, target = queue_for(source_release), queue_for(target_release)
     if source == target:
@@ -122,9 +158,10 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, i
             for raw in client.lrange(src_list, 0, -1):
                 if raw in left_alone:
                     continue
-                task_id = _classify(report, left_alone, raw, is_pinned)
-                if task_id is not None:
-                    pairs += [raw, json.dumps(readdress(json.loads(raw), source, target))]
+                picked = _classify(report, left_alone, raw, is_pinned, repin, target_release)
+                if picked is not None:
+                    task_id, message = picked
+                    pairs += [raw, json.dumps(readdress(message, source, target))]
                     ids.append(task_id)
             if pairs:
                 moved = int(QUEUE_MOVE(client, [src_list, dst_list, OUTBOX_KEY], pairs))
@@ -142,8 +179,9 @@ def _moved_ids(client: redis.Redis, dst_list: str, ids: list[str]) -> list[str]:
     return [i for i in ids if i in there]
 
 
-def _classify(report: MoveReport, left_alone: set[bytes], raw: bytes, is_pinned: PinnedTest) -> str | None:
-    """The task id of a message to move, or None (pinned or unreadable: counted and left alone)."""
+def _classify(report: MoveReport, left_alone: set[bytes], raw: bytes, is_pinned: PinnedTest,
+              repin: Repin | None = None, target_release: str = "") -> tuple[str, dict[str, Any]] | None:
+    """The task id and message of a job to move, or None (pinned or unreadable: counted and left alone)."""
     message = _decode(raw)
     job = _job_kwargs(message) if message else None
     if message is None or job is None:
@@ -152,10 +190,23 @@ def _classify(report: MoveReport, left_alone: set[bytes], raw: bytes, is_pinned:
         return None
     task_id = str(message.get("headers", {}).get("id", "?"))
     if is_pinned(*job):
-        report.pinned.append(task_id)
-        left_alone.add(raw)
-        return None
-    return task_id
+        if repin is None:
+            report.pinned.append(task_id)
+            left_alone.add(raw)
+            return None
+        report.repinned.append(task_id)
+        return task_id, _with_body(message, *repin(*job, target_release))
+    return task_id, message
+
+
+def _with_body(message: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The same message carrying other args and kwargs, in its body's encoding (base64 JSON or plain JSON)."""
+    if message["properties"].get("body_encoding") == "base64":
+        body = json.loads(base64.b64decode(message["body"]))
+        text = json.dumps([args, kwargs, *body[2:]])
+        return {**message, "body": base64.b64encode(text.encode()).decode()}
+    body = json.loads(message["body"])
+    return {**message, "body": json.dumps([args, kwargs, *body[2:]])}
 
 
 def _move_orphans(client: redis.Redis, source: str, target: str, is_pinned: PinnedTest, report: MoveReport) -> list[str]:

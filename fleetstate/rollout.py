@@ -6,7 +6,6 @@ flipping to a release nobody serves lives here, so the CLI and any other caller 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +13,14 @@ import redis
 
 from cachemgr.names import Release, queue_for
 
-from .queues import MoveReport, PinnedTest, move_queued, queue_depths, queued_releases
-from .registry import MEMORY_FIELDS, WarmRegistry
+from .catalog import describe_missing, unarchived
+from .queues import MoveReport, PinnedTest, move_queued, queue_depth
+from .registry import WarmRegistry
 from .routes import Route, RouteError, RouteTable
 
 
 class RouteRefused(RuntimeError):
-    """A route change refused because no warm worker would serve the jobs it sends; the message says the fix."""
+    """A route change refused because the jobs it sends could not be served; the message says the fix."""
 
 
 @dataclass
@@ -30,11 +30,28 @@ class RouteChange:
     forced: bool = False
     abandoned: str | None = None  # the release jobs no longer go to (rollback)
     moved: MoveReport | None = None
+    waiting: str | None = None  # forced onto a release no worker serves: what will wait, and for what
+    skipped: list[str] = field(default_factory=list)  # rollback: earlier releases passed over, with the reason
 
 
-def _require_warm(client: redis.Redis, release: str, force: bool, action: str) -> None:
-    if force or WarmRegistry(client).is_warm(release):
-        return
+def _require_archived(client: redis.Redis, release: str, archive: Any, action: str) -> None:
+    """Never route to a release whose components the archive does not hold: no worker could ever load it, so
+    `--force` does not waive this."""
+    missing = unarchived(client, release, archive)
+    if missing:
+        raise RouteRefused(f"refusing to {action} {release}: {describe_missing(release, missing)}; "
+                           "--force does not route to versions no worker could load")
+
+
+def _require_warm(client: redis.Redis, release: str, force: bool, action: str) -> str | None:
+    """None when a worker is warm on `release`; with `force`, what will wait for one (refused without it)."""
+    if WarmRegistry(client).is_warm(release):
+        return None
+    if force:
+        waiting = queue_depth(client, queue_for(release))
+        return (f"no worker is warm on {release}: {waiting} job(s) already queued for it and every new job routed "
+                f"to it wait in {queue_for(release)} until one is (`warmfleet worker --release {release}`, or "
+                f"`warmfleet warm {release} --everywhere` on workers of its base); `warmfleet status` shows their age")
     raise RouteRefused(
         f"refusing to {action} {release}: no warm worker serves it, so its jobs would wait. Start one "
         f"(`warmfleet worker --release {release}`) and wait until `warmfleet status` shows it warm, or pass --force"
@@ -42,8 +59,11 @@ def _require_warm(client: redis.Redis, release: str, force: bool, action: str) -
 
 
 def promote(client: redis.Redis, model: str, release: str, canary: float | None = None, force: bool = False,
-            actor: str = "cli") -> RouteChange:
-    """`release` becomes active (ending any canary), or with `canary` gets that percentage of new jobs."""
+            actor: str = "cli", archive: Any = None) -> RouteChange:
+    """`release` becomes active (ending any canary), or with `canary` gets that percentage of new jobs.
+
+    Refused when the archive lacks one of its components (asked of `archive`, else of the catalog), and when no
+    worker is warm on it unless `force`; a forced change says what will wait (`RouteChange.waiting`)."""
     rel = Release.parse(release)
     if rel.model != model:
         raise RouteError(f"{rel} is not a release of {model}")
@@ -51,104 +71,75 @@ def promote(client: redis.Redis, model: str, release: str, canary: float | None 
     before = table.get(model)
     if canary is not None and canary <= 0:
         return RouteChange(before, table.clear_canary(model, actor=actor, reason="canary-off"))
-    _require_warm(client, str(rel), force, "canary" if canary is not None else "promote")
+    action = "canary" if canary is not None else "promote"
+    _require_archived(client, str(rel), archive, action)
+    waiting = _require_warm(client, str(rel), force, action)
+    forced = waiting is not None
     if canary is not None:
-        after = table.set_canary(rel, canary, actor=actor, forced=force)
+        after = table.set_canary(rel, canary, actor=actor, forced=forced)
     else:
-        after = table.set_active(rel, actor=actor, reason="promote", forced=force)
-    return RouteChange(before, after, forced=force)
+        after = table.set_active(rel, actor=actor, reason="promote", forced=forced)
+    return RouteChange(before, after, forced=forced, waiting=waiting)
 
 
 def rollback(client: redis.Redis, model: str, to: str | None = None, force: bool = False,
-             move: PinnedTest | None = None, actor: str = "cli") -> RouteChange:
-    """Undo the last change: drop a running canary, else make the previous (or `to`) release active again.
+             move: PinnedTest | None = None, actor: str = "cli", archive: Any = None) -> RouteChange:
+    """Undo: drop a running canary; else go back down the model's route stack to the newest earlier release that
+    the archive holds and a worker is warm on (with `force`, the newest the archive holds), or to `to`.
 
-    With `move` (the test that tells a pinned job, `tasks.requests.is_pinned`), unpinned jobs already queued for the abandoned release are moved to the target's queue, keeping
-    their task ids; pinned jobs stay where they are.
-    """
+    A rollback only ever goes back: the releases above its target are dropped from the stack, so a second rollback
+    goes further back. With `move` (the test that tells a pinned job, `tasks.requests.is_pinned`), unpinned jobs
+    already queued for the abandoned release are moved to the target's queue, keeping their task ids."""
     table = RouteTable(client)
     before = table.get(model)
+    if not before.active:
+        raise RouteError(f"{model} has no active release to roll back from; `warmfleet promote {model} <release>`")
+    skipped: list[str] = []
+    waiting = None
     if before.canary and to is None:
         target, abandoned = before.active, before.canary
-        _require_warm(client, str(target), force, "roll back to")
+        waiting = _require_warm(client, str(target), force, "roll back to")
         after = table.clear_canary(model, actor=actor, reason="rollback")
     else:
-        target = str(Release.parse(to)) if to else before.previous
-        if not target:
-            raise RouteError(f"{model} has no previous release to roll back to; see `warmfleet routes history {model}`")
-        if Release.parse(target).model != model:
-            raise RouteError(f"{target} is not a release of {model}")
+        if to:
+            target = str(Release.parse(to))
+            if Release.parse(target).model != model:
+                raise RouteError(f"{target} is not a release of {model}")
+            _require_archived(client, target, archive, "roll back to")
+        else:
+            target, skipped = _rollback_target(client, table, model, force, archive)
         abandoned = before.active
-        _require_warm(client, target, force, "roll back to")
-        after = table.set_active(target, actor=actor, reason="rollback", forced=force)
+        waiting = _require_warm(client, target, force, "roll back to")
+        after = table.rewind(target, actor=actor, reason="rollback", forced=waiting is not None)
     moved = move_queued(client, abandoned, str(target), move) if move and abandoned and abandoned != target else None
-    return RouteChange(before, after, forced=force, abandoned=abandoned, moved=moved)
+    return RouteChange(before, after, forced=waiting is not None, abandoned=abandoned, moved=moved, waiting=waiting,
+                       skipped=skipped)
 
 
-@dataclass
-class ReleaseStatus:
-    release: str
-    roles: list[str]
-    queued: int
-    workers: list[dict[str, Any]] = field(default_factory=list)
-    l2: dict[str, dict[str, bool]] = field(default_factory=dict)  # node → component ref → present
-
-
-def fleet_status(client: redis.Redis) -> dict[str, Any]:
-    """One read of everything an operator asks first: routes, queue depths, warm workers, L2 per node."""
-    table = RouteTable(client)
+def _rollback_target(client: redis.Redis, table: RouteTable, model: str, force: bool,
+                     archive: Any) -> tuple[str, list[str]]:
+    """The newest release below the top of the stack that the archive holds and a worker is warm on (with `force`,
+    the newest the archive holds), and the newer ones passed over with why."""
+    stack = table.stack(model)
+    earlier = [entry.release for entry in reversed(stack[:-1]) if entry.release != (stack[-1].release if stack else "")]
+    if not earlier:
+        raise RouteError(f"{model} has no earlier release to roll back to; see `warmfleet routes history {model}`")
     registry = WarmRegistry(client)
-    warm = registry.warm_workers()
-    workers = {w.worker: w for w in registry.workers()}
-    nodes = registry.l2_by_node()
-    now = time.time()
-    models = sorted(set(table.models()) | {Release.parse(r).model for r in warm})
-    out: dict[str, Any] = {"models": {}, "workers": [], "nodes": {}}
-    for model in models:
-        route = table.get(model)
-        roles = _roles(route)
-        releases = sorted(set(roles) | {r for r in warm if Release.parse(r).model == model}
-                          | set(queued_releases(client, model)))
-        depths = queue_depths(client, [queue_for(r) for r in releases])
-        out["models"][model] = {
-            "active": route.active, "previous": route.previous, "canary": route.canary,
-            "canary_weight": route.canary_weight if route.canary else 0.0, "updated_at": route.updated_at,
-            "releases": [
-                ReleaseStatus(
-                    release=r, roles=roles.get(r, []), queued=depths[queue_for(r)],
-                    workers=[_worker_row(workers.get(name), name, now) for name in warm.get(r, [])],
-                    l2={node: {str(ref): str(ref) in info.refs for ref in Release.parse(r).refs()}
-                        for node, info in nodes.items()},
-                ).__dict__
-                for r in releases
-            ],
-        }
-    out["workers"] = [_worker_row(w, w.worker, now) | {"state": w.state, "releases": w.releases, "error": w.error,
-                                                       "warm_error": w.warm_error, "lora_params": w.lora_params,
-                                                       "lora_bytes": w.lora_bytes,
-                                                       "device": w.device,
-                                                       "memory": {k: getattr(w, k) for k in MEMORY_FIELDS}}
-                      for w in workers.values()]
-    out["nodes"] = {node: {"reported_by": info.reported_by, "age_s": round(now - info.at, 1), "root": info.root,
-                           "refs": sorted(info.refs)} for node, info in nodes.items()}
-    from .nodes import NodeRegistry
-    from .stats import FleetStats, node_sync_bytes
-
-    peers = NodeRegistry(client).peers()
-    out["sync_bytes"] = {node: sources | {"peer_server": peers.get(node)}
-                         for node, sources in node_sync_bytes(FleetStats(client).snapshot()).items()}
-    return out
+    skipped, cold = [], None
+    for release in dict.fromkeys(earlier):
+        if unarchived(client, release, archive):
+            skipped.append(f"{release} (not in the archive)")
+        elif registry.is_warm(release):
+            return release, skipped
+        else:
+            cold = cold or release
+            skipped.append(f"{release} (no warm worker)")
+    if force and cold:
+        return cold, [s for s in skipped if not s.startswith(cold + " ")]
+    hint = "; pass --force to route to the newest one the archive holds anyway" if cold else ""
+    raise RouteRefused(f"refusing to roll back {model}: no earlier release is warm and in the archive "
+                       f"({', '.join(skipped)}); start a worker for one, or `warmfleet rollback {model} --to RELEASE`"
+                       f"{hint}")
 
 
-def _roles(route: Route) -> dict[str, list[str]]:
-    roles: dict[str, list[str]] = {}
-    for role, release in route.referenced():
-        roles.setdefault(release, []).append(role)
-    return roles
-
-
-def _worker_row(state: Any, name: str, now: float) -> dict[str, Any]:
-    if state is None:  # warm key alive, state record gone: report what is known
-        return {"worker": name, "node": "", "heartbeat_age_s": None, "loads": None, "jobs": None, "pid": None}
-    return {"worker": name, "node": state.node, "heartbeat_age_s": round(now - state.heartbeat_at, 1),
-            "loads": state.loads, "jobs": state.jobs, "pid": state.pid}
+from .status import fleet_status  # noqa: E402,F401  (status was first written here; callers still import it)

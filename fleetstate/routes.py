@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 
 from cachemgr.names import Release, validate_name
 
-from .keys import PREWARM_KEY, ROUTE_CHANNEL, ROUTE_HISTORY, ROUTE_KEY, ROUTE_MODELS
+from .keys import PREWARM_KEY, ROUTE_CHANNEL, ROUTE_HISTORY, ROUTE_KEY, ROUTE_MODELS, ROUTE_STACK_KEY
+
+STACK_DEPTH = 50
+"""Releases a model's route stack keeps (the newest); rollback can go back this far."""
 
 
 class RouteError(ValueError):
@@ -47,9 +51,34 @@ class Route:
         return self.active
 
 
+@dataclass(frozen=True)
+class StackEntry:
+    """One release a model was routed to: who routed it, when, why (promote, rollback, initial route)."""
+
+    release: str
+    actor: str = "?"
+    at: float = 0.0
+    reason: str = ""
+    forced: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> StackEntry:
+        data = json.loads(raw)
+        return cls(str(data["release"]), str(data.get("actor", "?")), float(data.get("at", 0.0)),
+                   str(data.get("reason", "")), bool(data.get("forced", False)))
+
+
 class RouteTable:
-    """The routes in Redis. Every change is one MULTI/EXEC that writes the hash, appends to the history stream
-    and publishes the model on the change channel, so readers see the change, its record and its notice together."""
+    """The routes in Redis. Every change is one MULTI/EXEC that writes the hash, the model's route stack, appends to
+    the history stream and publishes the model on the change channel, so readers see the change, its record and its
+    notice together.
+
+    The stack holds the releases the model was routed to, oldest first, the active one last: a promote pushes, a
+    rollback rewinds to an earlier entry (dropping the ones above it), so a second rollback goes further back and
+    never forward. `previous` in the hash is the entry below the active one."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -64,16 +93,41 @@ class RouteTable:
     def models(self) -> list[str]:
         return sorted(m.decode() for m in self.redis.smembers(ROUTE_MODELS))
 
+    def stack(self, model: str) -> list[StackEntry]:
+        """The model's route stack, oldest first (the active release last)."""
+        return self._stack(self.redis, model, self.get(model))
+
+    @staticmethod
+    def _stack(reader: Any, model: str, route: Route) -> list[StackEntry]:
+        raw = reader.lrange(ROUTE_STACK_KEY.format(model=validate_name(model, "model")), 0, -1)
+        if raw:
+            return [StackEntry.from_json(item) for item in raw]
+        # a route written before stacks existed: its previous and active release, as far as it knows
+        return [StackEntry(r, "?", route.updated_at, "initial route") for r in (route.previous, route.active) if r]
+
     def set_active(self, release: str | Release, actor: str = "cli", reason: str = "promote",
                    forced: bool = False) -> Route:
-        """All new jobs of the model go to `release`. Ends any canary: the route is now exactly one release."""
+        """All new jobs of the model go to `release` (pushed on its stack). Ends any canary: the route is now exactly
+        one release."""
         rel = str(Release.parse(str(release)))
 
-        def change(current: Route) -> dict[str, str]:
-            mapping = {"active": rel, "canary": "", "canary_weight": "0"}
-            if current.active and current.active != rel:
-                mapping["previous"] = current.active
-            return mapping
+        def change(current: Route, stack: list[StackEntry]) -> tuple[dict[str, str], list[StackEntry] | None]:
+            new = stack if stack and stack[-1].release == rel else \
+                [*stack, StackEntry(rel, actor, time.time(), reason, forced)]
+            return _active_mapping(new), (None if new is stack else new)
+
+        return self._change(Release.parse(rel).model, change, actor, reason, forced)
+
+    def rewind(self, release: str | Release, actor: str = "cli", reason: str = "rollback",
+               forced: bool = False) -> Route:
+        """Roll back to `release`: the stack is cut back to its newest entry below the top naming it (what was routed
+        after it is dropped), or, when no earlier entry names it, the top is replaced by it. Ends any canary."""
+        rel = str(Release.parse(str(release)))
+
+        def change(current: Route, stack: list[StackEntry]) -> tuple[dict[str, str], list[StackEntry] | None]:
+            below = [i for i, entry in enumerate(stack[:-1]) if entry.release == rel]
+            new = stack[:below[-1] + 1] if below else [*stack[:-1], StackEntry(rel, actor, time.time(), reason, forced)]
+            return _active_mapping(new), new
 
         return self._change(Release.parse(rel).model, change, actor, reason, forced)
 
@@ -84,29 +138,36 @@ class RouteTable:
         if not 0 < weight <= 100:
             raise RouteError(f"canary weight must be a percentage above 0 and at most 100, got {weight}")
 
-        def change(current: Route) -> dict[str, str]:
+        def change(current: Route, stack: list[StackEntry]) -> tuple[dict[str, str], None]:
             if not current.active:
                 raise RouteError(f"{current.model} has no active release to share jobs with; promote one first")
             if current.active == rel:
                 raise RouteError(f"{rel} is already the active release of {current.model}")
-            return {"canary": rel, "canary_weight": _fmt_weight(weight)}
+            return {"canary": rel, "canary_weight": _fmt_weight(weight)}, None
 
         return self._change(Release.parse(rel).model, change, actor, reason, forced)
 
     def clear_canary(self, model: str, actor: str = "cli", reason: str = "canary-off") -> Route:
-        return self._change(model, lambda current: {"canary": "", "canary_weight": "0"}, actor, reason, False)
+        return self._change(model, lambda current, stack: ({"canary": "", "canary_weight": "0"}, None), actor,
+                            reason, False)
 
     def _change(self, model: str, change: Any, actor: str, reason: str, forced: bool) -> Route:
         key = ROUTE_KEY.format(model=validate_name(model, "model"))
+        stack_key = ROUTE_STACK_KEY.format(model=model)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, stack_key)
                     current = _route_from_hash(model, {k.decode(): v.decode() for k, v in pipe.hgetall(key).items()})
-                    mapping = {**change(current), "updated_at": repr(time.time())}
+                    mapping, stack = change(current, self._stack(pipe, model, current))
+                    mapping = {**mapping, "updated_at": repr(time.time())}
                     after = _route_from_hash(model, {**_route_to_hash(current), **mapping})
                     pipe.multi()
                     pipe.hset(key, mapping=mapping)
+                    if stack is not None:
+                        pipe.delete(stack_key)
+                        if stack:
+                            pipe.rpush(stack_key, *[entry.to_json() for entry in stack[-STACK_DEPTH:]])
                     pipe.sadd(ROUTE_MODELS, model)
                     pipe.xadd(ROUTE_HISTORY, _history_entry(current, after, actor, reason, forced),
                               maxlen=10000, approximate=True)
@@ -151,6 +212,12 @@ class RouteTable:
                     out.append(item)
             last = entries[-1][0].decode()
         return out[:count]
+
+
+def _active_mapping(stack: list[StackEntry]) -> dict[str, str]:
+    """The hash fields of a route whose stack is `stack`: its top active, the entry below previous, no canary."""
+    return {"active": stack[-1].release, "previous": stack[-2].release if len(stack) > 1 else "", "canary": "",
+            "canary_weight": "0"}
 
 
 def _fmt_weight(weight: float) -> str:

@@ -17,6 +17,7 @@ from cachemgr.audit import execute_audit, plan_audit
 from cachemgr.names import ComponentRef, node_queue
 from cachemgr.sync import sync_refs
 from cachemgr.variants import default_dtype, files_for
+from fleetstate.catalog import Catalog
 from fleetstate.fanout import FanOutRuns
 from fleetstate.locks import run_lock
 from fleetstate.nodes import NodeRegistry
@@ -98,6 +99,10 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
     if client is not None:
         WarmRegistry(client, ttl=max(settings.warm_ttl_seconds, 24 * 3600)).publish_l2(
             settings.node_name, cache.store, f"maintenance@{settings.node_name}")
+        try:  # what the archive holds now, for routing and producers (fleetstate/catalog.py)
+            Catalog(client).refresh(archive)
+        except Exception as exc:  # the sync itself succeeded; the catalog is corrected at the next listing
+            events.emit("CATALOG", outcome="FAILED", reason=f"{type(exc).__name__}: {exc}")
     return {
         "node": settings.node_name,
         "versions": [f"{r.ref} {r.outcome}" for r in summary.reports],

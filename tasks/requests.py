@@ -186,6 +186,19 @@ def is_pinned(args: Any, kwargs: Any) -> bool:
         return bool((kwargs or {}).get("release")) if isinstance(kwargs, dict) else False
 
 
+def repinned(args: Any, kwargs: Any, release: str) -> tuple[list[Any], dict[str, Any]]:
+    """The same job pinned to `release` instead (an operator's `move-queued --include-pinned`): every parameter as a
+    named one, the release replaced, a `model` that names another model dropped."""
+    try:
+        params = params_of_call(args, kwargs)
+    except BadRequest:
+        params = dict(kwargs or {})
+    params["release"] = str(Release.parse(release))
+    if params.get("model") and params["model"] != Release.parse(release).model:
+        params.pop("model")
+    return [], params
+
+
 def stable_seed(request: GenerateRequest, task_id: str) -> GenerateRequest:
     """A job without a seed gets one derived from its task id, so a redelivered job makes the same image."""
     if request.seed is not None:

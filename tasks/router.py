@@ -6,10 +6,12 @@ import uuid
 from typing import Any
 
 from cachemgr.names import InvalidName, Release, queue_for
-from fleetstate.keys import ROUTE_CHANNEL
+from fleetstate.catalog import Catalog, Known, describe_missing
+from fleetstate.keys import CATALOG_CHANNEL, ROUTE_CHANNEL
 from fleetstate.routecache import RouteCache
 from fleetstate.routes import Route, RouteTable
 
+from .errors import JobRefused
 from .requests import BadRequest
 
 GENERATE_TASK = "warmfleet.generate"
@@ -28,9 +30,11 @@ class FleetNotConfigured(RuntimeError):
 class FleetRouter:
     """Celery `task_routes` entry: sends `generate` to the queue of the release that should serve it.
 
-    An explicit `release=` on the job wins; otherwise the route of the job's model, read through a cache that
-    pub/sub invalidates, so a send costs no Redis round trip in the common case. Canary jobs are picked by a hash
-    of the task id (`GenerateTask.apply_async` passes it in a header: Celery never shows the router the id).
+    An explicit `release=` on the job wins, once the catalog of what the archive holds (fleetstate/catalog.py) says
+    its components exist (else `JobRefused`, before anything is queued); otherwise the route of the job's model. Both
+    are read through caches that pub/sub invalidates, so a send costs no Redis round trip in the common case and
+    never an archive listing. Canary jobs are picked by a hash of the task id (`GenerateTask.apply_async` passes it
+    in a header: Celery never shows the router the id).
     """
 
     def __init__(self, redis_url: str | None, default_model: str, ttl: float = 2.0,
@@ -40,9 +44,18 @@ class FleetRouter:
         self.ttl = ttl
         self.cache = RouteCache(redis_url, lambda client, model: RouteTable(client).get(model), ttl, ROUTE_CHANNEL,
                                 master_name)
+        self.catalog = RouteCache(redis_url, lambda client, model: Catalog(client).known(model), ttl, CATALOG_CHANNEL,
+                                  master_name)
 
     def invalidate(self, model: str | None = None) -> None:
         self.cache.invalidate(model)
+        self.catalog.invalidate(model)
+
+    def known(self, model: str) -> Known:
+        """What the archive holds of `model`, as the catalog says (cached like the routes)."""
+        if self.redis_url is None:
+            return Known(model, False, frozenset())
+        return self.catalog.get(model)
 
     def route(self, model: str) -> Route:
         if self.redis_url is None:
@@ -60,9 +73,13 @@ class FleetRouter:
         release = kwargs.get("release")
         if release:
             try:
-                return str(Release.parse(release))
+                rel = Release.parse(release)
             except InvalidName as exc:
                 raise BadRequest(f"bad generate request: release: {exc}") from None
+            missing = self.known(rel.model).missing(rel)
+            if missing:
+                raise JobRefused(f"refused: no worker can ever serve {rel}: {describe_missing(rel, missing)}")
+            return str(rel)
         model = kwargs.get("model") or self.default_model
         chosen = self.route(model).release_for(key or uuid.uuid4().hex)
         if not chosen:

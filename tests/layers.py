@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_orphans", "test_ossserver_archive", "test_peers_security", "test_piece_hashing", "test_queue_moves",
         "test_requests", "test_retention", "test_routing_unit", "test_settings", "test_store", "test_verify_trust",
         "test_layers", "test_ossserver", "test_ossserver_link", "test_archive_proxy", "test_deployment_k8s",
-        "test_deployment_images", "test_deployment_compose", "test_upstream",
+        "test_deployment_images", "test_deployment_compose", "test_upstream", "test_route_history", "test_stranded_unit",
         "test_layers_probe",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     PIPELINE: (
@@ -37,13 +37,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_batching", "test_beat", "test_demo_fleet", "test_deployment_health", "test_fleet", "test_fleet_oss",
         "test_fleetwide", "test_live_lora", "test_localfleet_auth", "test_main_job", "test_observability",
         "test_peers_fleet", "test_peers_live", "test_real_models", "test_retention_fleet", "test_routing_fleet",
-        "test_security", "test_sync_while_serving", "test_gpu_ops",
+        "test_security", "test_sync_while_serving", "test_gpu_ops", "test_stranding_fleet",
         "test_layers_probe_fleet",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     FAULT: (
         "test_bounded_memory", "test_gpu_faults", "test_reliability", "test_reliability_boot", "test_reliability_cache",
         "test_reliability_disk", "test_reliability_lease", "test_reliability_outbox", "test_reliability_prod",
-        "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits",
+        "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits", "test_localfleet_restart",
     ),
 }
 

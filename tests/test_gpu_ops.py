@@ -31,7 +31,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_the_alerting_rules_are_valid():
     checked = promtool("check", "rules", "rules.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "5 rules found" in checked.stdout
+    assert "6 rules found" in checked.stdout
 
 
 def test_each_alert_fires_on_its_history_in_promtools_unit_tests():

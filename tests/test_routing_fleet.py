@@ -84,7 +84,8 @@ def test_promote_and_rollback_back_and_forth_while_a_producer_keeps_sending(flee
 
     sender = threading.Thread(target=send_continuously)
     sender.start()
-    actions = ["rollback", "promote new", "rollback", "rollback", "promote old", "rollback", "promote new"]
+    # a rollback only goes back down the route stack (old, new): promote between rollbacks to flip back and forth
+    actions = ["rollback", "promote new", "rollback", "promote new", "promote old", "rollback", "promote new"]
     try:
         for action in actions:
             time.sleep(0.45)
@@ -144,16 +145,22 @@ def test_promote_refuses_a_release_with_no_warm_worker_unless_forced(fleet_setti
     back = run_cli(fleet_settings, "rollback", "nano-banana")
     assert back.exit_code == 0, back.output
     assert table.active("nano-banana") == new
-    # a rollback to a release nobody serves is refused the same way
-    refused_back = run_cli(fleet_settings, "rollback", "nano-banana")
+    # a second rollback goes further back down the stack (to old, warm), never forward to the forced release
+    further = run_cli(fleet_settings, "rollback", "nano-banana")
+    assert further.exit_code == 0 and table.active("nano-banana") == old, further.output
+    # a rollback --to a release nobody serves is refused the same way as a promote
+    refused_back = run_cli(fleet_settings, "rollback", "nano-banana", "--to", UNSERVED)
     assert refused_back.exit_code == 1 and f"refusing to roll back to {UNSERVED}" in refused_back.output
-    assert table.active("nano-banana") == new
+    assert table.active("nano-banana") == old
 
-    history = run_cli(fleet_settings, "routes", "history", "nano-banana", "-n", "2")
+    history = run_cli(fleet_settings, "routes", "history", "nano-banana", "-n", "3")
     assert history.exit_code == 0
     lines = history.output.splitlines()
-    assert "rollback" in lines[0] and f"active {UNSERVED} → {new}" in lines[0]
-    assert "promote" in lines[1] and "FORCED" in lines[1]
+    changes = lines[lines.index("changes, newest first:") + 1:]
+    assert "rollback" in changes[0] and f"active {new} → {old}" in changes[0]
+    assert "rollback" in changes[1] and f"active {UNSERVED} → {new}" in changes[1]
+    assert "promote" in changes[2] and "FORCED" in changes[2]
+    assert run_cli(fleet_settings, "promote", "nano-banana", new).exit_code == 0  # as the next tests expect
 
 
 def test_the_commands_work_from_a_separate_process(fleet_settings, two_workers):

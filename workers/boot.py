@@ -52,6 +52,17 @@ def build_verified(build, verify):
     return resident
 
 
+def _catalog(client, archive) -> None:  # noqa: ANN001 - redis.Redis, cachemgr.Archive
+    """List the whole archive into the fleet's catalog (fleetstate/catalog.py), so routing and producers know what can
+    be served; a listing that fails leaves the catalog as it was (the sync below says what is wrong)."""
+    from fleetstate.catalog import Catalog
+
+    try:
+        Catalog(client).refresh(archive)
+    except Exception as exc:  # the archive unreachable: the worker may still boot from its L2
+        log.warning("could not list the archive for the catalog: %s", exc)
+
+
 def run_worker(settings: FleetSettings, releases: list[str], name: str | None = None, loglevel: str = "INFO") -> int:
     offline_environment()
     import redis
@@ -59,7 +70,8 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
 
     from cachemgr import Cache, EventLog, Release
     from cachemgr.names import queue_for
-    from cachemgr.sync import sync_release, verify_ref
+    from cachemgr.repair import verify_ref
+    from cachemgr.sync import sync_release
     from fleetstate.orphans import SWEEP_SECONDS, Sweeper
     from fleetstate.registry import Heartbeat, WarmRegistry, WorkerState
     from fleetstate.stats import FleetStats
@@ -104,6 +116,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     pipelines = {}
     try:
         archive = settings.open_archive()
+        _catalog(registry.redis, archive)
         for group in group_by_base([Release.parse(text) for text in releases]):
             dtype = resolve_dtype(settings.dtype, device)
             for release in group:  # a node fetches only the precision it computes in, from its peers first
@@ -146,6 +159,9 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
     live = LiveAdapters(runtime, registry, archive, cache.store, events, settings.max_resident_adapters,
                         settings.max_adapter_bytes)
     attach_live(app, live)  # `warmfleet warm` / `retire`: adapters loaded and deleted between two jobs
+    rewarm = live.rewarm_recorded()  # what was warmed live before a restart: loaded again between the first jobs
+    if rewarm:
+        log.info("worker %s warms again what was warmed live before: %s", hostname, ", ".join(rewarm))
     state.lora_params, state.lora_bytes = live.footprint()
     state.state = "warm"
     sample_into(state, device)

@@ -23,7 +23,7 @@ from celery.worker.control import control_command
 from cachemgr import Archive, EventLog, Release, SnapshotStore
 from cachemgr.names import InvalidName, queue_for
 from cachemgr.sync import sync_release
-from fleetstate.live import reasons_to_keep
+from fleetstate.live import LiveWarms, reasons_to_keep
 from fleetstate.registry import WarmRegistry, WorkerState
 from tasks.prewarm import RETIRE_COMMAND, WARM_COMMAND
 
@@ -136,7 +136,37 @@ class LiveAdapters:
         self._consume(queue_for(rel), True)
         self.state.releases = [*self.state.releases, text]
         self._emit("L1_LIVE_LOAD", release=text, adapter=adapter_name(lora[0].version), seconds=round(seconds, 4))
+        self._record(text, True)
         self._finish(ticket, release=text)
+
+    def _record(self, text: str, held: bool) -> None:
+        """Keep the live warms record (fleetstate/live.py) in step, so a restart warms what this worker held."""
+        try:
+            (LiveWarms(self.registry.redis).add if held else LiveWarms(self.registry.redis).remove)(text,
+                                                                                                   self.state.worker)
+        except Exception as exc:  # the adapter is loaded (or gone) all the same; only the record missed it
+            log.warning("could not record the live warm of %s: %s", text, exc)
+
+    def rewarm_recorded(self) -> list[str]:
+        """At boot: warm again every release warmed live before (on any worker) whose base this worker serves and
+        which it does not serve yet, as `warmfleet warm` would (sync, load between two jobs, consume, announce).
+        Returns the releases asked for; each one's outcome shows in the registry like a live warm's."""
+        asked = []
+        for text in sorted(LiveWarms(self.registry.redis).all()):
+            try:
+                rel = Release.parse(text)
+            except InvalidName:
+                continue
+            if text in self.runtime.pipelines or not any(
+                    shared_base_key(Release.parse(served)) == shared_base_key(rel) for served in self.runtime.pipelines):
+                continue
+            answer = self.request_warm(text, f"boot-{text}")
+            if "ok" in answer:
+                asked.append(text)
+                self._emit("L1_REWARM", release=text)
+            else:
+                log.warning("not warming %s again at boot: %s", text, answer.get("refused"))
+        return asked
 
     def _retire_step(self, text: str, ticket: str) -> None:
         if text not in self.runtime.pipelines:
@@ -155,6 +185,7 @@ class LiveAdapters:
         resident.remove_release(text)
         self.state.releases = [r for r in self.state.releases if r != text]
         self.registry.withdraw_release(self.state, text)
+        self._record(text, False)
 
     def _finish(self, ticket: str, error: str = "", release: str | None = None) -> None:
         if release:

@@ -33,6 +33,9 @@ def prune(ctx: click.Context, dry_run: bool, keep: int | None) -> None:
         click.echo(f"dry run: {len(plan.to_delete)} version(s) would be deleted")
         return
     deleted = execute(plan, archive, protected_refs(client, settings.worker_releases))
+    from fleetstate.catalog import Catalog
+
+    Catalog(client).forget(deleted)  # routing and producers now refuse releases that named them
     click.echo(f"deleted {len(deleted)} version(s)")
 
 

@@ -18,8 +18,8 @@ import click
 
 from cachemgr.events import human_bytes
 
+from .common import _archive, _settings
 from .common import _redis as _broker
-from .common import _settings
 from .common import friendly as _common_friendly
 
 
@@ -57,39 +57,48 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("release")
 @click.option("--canary", type=click.FloatRange(0, 100), metavar="PERCENT",
               help="send only this share of new jobs to RELEASE (0 ends a canary); without it, promote fully")
-@click.option("--force", is_flag=True, help="change the route even with no warm worker for the release")
+@click.option("--force", is_flag=True, help="change the route even with no warm worker for the release yet (never to "
+              "a release whose versions the archive lacks)")
 @click.pass_context
 @friendly
 def promote(ctx: click.Context, model: str, release: str, canary: float | None, force: bool) -> None:
     """Send new jobs for MODEL to RELEASE (all of them, or a --canary share)."""
     from fleetstate.rollout import promote as promote_route
 
-    change = promote_route(_redis(ctx), model, release, canary=canary, force=force, actor=_actor())
+    change = promote_route(_redis(ctx), model, release, canary=canary, force=force, actor=_actor(),
+                           archive=_archive(_settings(ctx)))
     route = change.after
     if route.canary:
         click.echo(f"{model}: canary {route.canary} gets {route.canary_weight:g}% of new jobs; "
                    f"active {route.active} the rest")
     else:
         click.echo(f"{model}: active {route.active} (previous {route.previous or '-'})")
-    if change.forced:
-        click.echo("forced: no warm worker was required")
+    if change.waiting:
+        click.echo(f"forced: {change.waiting}")
 
 
 @click.command()
 @click.argument("model")
-@click.option("--to", "to", metavar="RELEASE", help="roll back to this release instead of the previous one")
+@click.option("--to", "to", metavar="RELEASE", help="roll back to this release (any the archive holds) instead of the "
+              "newest earlier warm one")
 @click.option("--move-queued", is_flag=True, help="also move unpinned jobs queued for the abandoned release")
 @click.option("--force", is_flag=True, help="roll back even with no warm worker for the target")
 @click.pass_context
 @friendly
 def rollback(ctx: click.Context, model: str, to: str | None, move_queued: bool, force: bool) -> None:
-    """Undo the last route change of MODEL: end a canary, else return to the previous release."""
+    """Undo the last route change of MODEL: end a canary, else go back down its route stack to the newest earlier
+    release that is warm (never forward: a second rollback goes further back)."""
     from fleetstate.rollout import rollback as rollback_route
     from tasks.requests import is_pinned
 
-    change = rollback_route(_redis(ctx), model, to=to, force=force, move=is_pinned if move_queued else None, actor=_actor())
+    change = rollback_route(_redis(ctx), model, to=to, force=force, move=is_pinned if move_queued else None,
+                            actor=_actor(), archive=_archive(_settings(ctx)))
     after = change.after
     click.echo(f"{model}: active {after.active}; no longer routed: {change.abandoned or '-'}")
+    if change.skipped:
+        click.echo(f"passed over: {', '.join(change.skipped)}")
+    if change.waiting:
+        click.echo(f"forced: {change.waiting}")
     if change.moved is not None:
         m = change.moved
         click.echo(f"moved {len(m.moved)} queued job(s) from {m.source} to {m.target}; "
@@ -163,16 +172,30 @@ def routes_prewarm(ctx: click.Context, model: str, release: str | None, remove: 
 @click.pass_context
 @friendly
 def routes_history(ctx: click.Context, model: str | None, last: int) -> None:
-    """Who changed which route, when, from what to what (newest first)."""
+    """Each model's route stack (what rollback goes back to, newest first), then who changed which route, when, from
+    what to what (newest first)."""
     from fleetstate.routes import RouteTable
 
-    entries = RouteTable(_redis(ctx)).history(model, count=last)
+    table = RouteTable(_redis(ctx))
+    for name in [model] if model else table.models():
+        stack = table.stack(name)
+        click.echo(f"{name}: route stack, newest first ({len(stack)}; `warmfleet rollback {name}` goes down it)")
+        for i, entry in enumerate(reversed(stack)):
+            click.echo(f"  {'active  ' if i == 0 else '        '}{entry.release:<44} {_when(entry.at)}  "
+                       f"{entry.actor:<24} {entry.reason}{'  FORCED' if entry.forced else ''}")
+    entries = table.history(model, count=last)
+    click.echo("changes, newest first:")
     if not entries:
         click.echo("no route changes recorded")
     for e in entries:
-        when = dt.datetime.fromtimestamp(e["ts"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        click.echo(f"{when}Z  {e.get('actor', '?'):<24} {e.get('reason', '?'):<10} {e.get('model')}: "
+        click.echo(f"{_when(e['ts'])}  {e.get('actor', '?'):<24} {e.get('reason', '?'):<10} {e.get('model')}: "
                    f"{_history_change(e)}{'  FORCED' if e.get('forced') else ''}")
+
+
+def _when(ts: float) -> str:
+    if not ts:
+        return f"{'?':<24}"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def _history_change(e: dict[str, Any]) -> str:
@@ -193,17 +216,20 @@ def _history_change(e: dict[str, Any]) -> str:
 @friendly
 def status(ctx: click.Context, as_json: bool) -> None:
     """Per model: routes, and per release its queue depth, warm workers and the L2 state of its components."""
-    from fleetstate.rollout import fleet_status
+    from fleetstate.status import fleet_status
 
     report = fleet_status(_redis(ctx))
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
+    for stranded in report["stranded"]:
+        click.echo(f"STRANDED {_stranded_line(stranded)}")
     for model, info in report["models"].items():
         canary = f"{info['canary']} ({info['canary_weight']:g}% of new jobs)" if info["canary"] else "-"
         click.echo(f"model {model}: active {info['active'] or '-'}  canary {canary}  previous {info['previous'] or '-'}")
         for rel in info["releases"]:
-            click.echo(f"  {rel['release']:<44} {','.join(rel['roles']) or '-':<16} queued {rel['queued']:>5}")
+            age = f"  oldest {rel['oldest_s']:.0f}s" if rel["queued"] and rel["oldest_s"] is not None else ""
+            click.echo(f"  {rel['release']:<44} {','.join(rel['roles']) or '-':<16} queued {rel['queued']:>5}{age}")
             for w in rel["workers"]:
                 age = f"{w['heartbeat_age_s']:.1f}s" if w["heartbeat_age_s"] is not None else "?"
                 click.echo(f"      warm  {w['worker']:<28} beat {age:>6}  loads {w['loads']}  jobs {w['jobs']}")
@@ -218,6 +244,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for node, sync in report.get("sync_bytes", {}).items():
         click.echo(f"sync {node}: from_peers={human_bytes(sync['peers'])} from_l3={human_bytes(sync['l3'])}"
                    f"  peer server {sync['peer_server'] or '-'}")
+
+
+def _stranded_line(row: dict[str, Any]) -> str:
+    from fleetstate.status import StrandedQueue
+
+    return StrandedQueue(**row).line()
 
 
 def _gib(n: int) -> str:

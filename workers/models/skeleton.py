@@ -115,9 +115,11 @@ def check_single_file(plan: VersionPlan) -> None:
               "sd2": [("cond_stage_model.model.token_embedding.weight", "text_encoder")]}
     for key, sub in widths.get(plan.family, []):
         width = json.loads((root / sub / "config.json").read_text())["hidden_size"]
-        if key not in found or found[key][-1] != width:
-            raise LayoutError(f"{checkpoint.name}: its {sub} is {found.get(key, ('none',))[-1]} wide, the config "
-                              f"says {width}; {hint}")
+        if key not in found:
+            raise LayoutError(f"{checkpoint.name}: it holds no {sub} weights (no {key}), which a {plan.family} "
+                              f"checkpoint carries; publish the full checkpoint, or {hint}")
+        if found[key][-1] != width:
+            raise LayoutError(f"{checkpoint.name}: its {sub} is {found[key][-1]} wide, the config says {width}; {hint}")
 
 
 def check_boots(plan: VersionPlan) -> None:
