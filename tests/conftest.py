@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def _tree_digest(root: Path) -> str:
 def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo models published into a local archive: built once per change of their sources and kept in a cache
     (~/.cache/warmfleet-tests, or $WARMFLEET_TEST_CACHE) keyed by a hash of those sources, then used by every
-    session. A cached archive whose bytes differ from what was built (a test wrote into it) is built again."""
+    session. A cached archive whose bytes differ from what was built (a test wrote into it) is built again. Archives
+    of other sources are removed once unused for a day (another checkout's session may be using one now)."""
     from filelock import FileLock
 
     cache = Path(os.environ.get("WARMFLEET_TEST_CACHE") or Path.home() / ".cache" / "warmfleet-tests")
@@ -136,7 +138,11 @@ def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     key = _demo_sources_key()
     root, stamp = cache / f"demo-archive-{key}", cache / f"demo-archive-{key}.sha256"
     with FileLock(str(cache / "demo-archive.lock")):
+        for old in cache.glob("demo-archive-*"):  # archives of other sources unused for a day
+            if key not in old.name and not old.name.endswith(".lock") and time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         if root.is_dir() and stamp.is_file() and stamp.read_text() == _tree_digest(root):
+            os.utime(root)
             return root
         shutil.rmtree(root, ignore_errors=True)
         build = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
@@ -147,9 +153,6 @@ def demo_archive_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         finally:
             shutil.rmtree(build, ignore_errors=True)
         stamp.write_text(_tree_digest(root))
-        for old in cache.glob("demo-archive-*"):  # archives of older sources
-            if key not in old.name and not old.name.endswith(".lock"):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return root
 
 
