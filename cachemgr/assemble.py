@@ -55,8 +55,10 @@ def range_plan(buffer_bytes: int) -> tuple[int, int]:
     return size, max(1, min(FETCH_AHEAD, buffer_bytes // size))
 
 
-def coalesce(pieces: list[Piece], max_range: int = MAX_RANGE) -> list[tuple[int, int]]:
-    """Byte ranges covering `pieces` (in file order): adjacent ones merged up to `max_range`, larger ones split."""
+def coalesce(pieces: list[Piece], max_range: int = MAX_RANGE, split: int | None = None) -> list[tuple[int, int]]:
+    """Byte ranges covering `pieces` (in file order): adjacent ones merged up to `max_range`; a piece larger than
+    `split` (default `max_range`) is split."""
+    split = max(split or max_range, max_range)
     ranges: list[tuple[int, int]] = []
     for p in pieces:
         if ranges and ranges[-1][1] == p.start and p.end - ranges[-1][0] <= max_range:
@@ -65,15 +67,20 @@ def coalesce(pieces: list[Piece], max_range: int = MAX_RANGE) -> list[tuple[int,
             ranges.append((p.start, p.end))
     out = []
     for start, end in ranges:
-        for s in range(start, end, max_range):
-            out.append((s, min(end, s + max_range)))
+        for s in range(start, end, split):
+            out.append((s, min(end, s + split)))
     return out
 
 
 def assemble(reader: _RangeReader, ref: ComponentRef, entry: FileEntry, index: _Finder, fh: BinaryIO,
-             progress: Progress | None = None, buffer_bytes: int = DEFAULT_BUFFER) -> tuple[str, int, AssemblyResult]:
-    """Write `entry` into `fh` front to back; returns (sha256, size, what was fetched/reused/resumed)."""
-    result = AssemblyResult()
+             progress: Progress | None = None, buffer_bytes: int = DEFAULT_BUFFER, max_range: int | None = None,
+             result: AssemblyResult | None = None) -> tuple[str, int, AssemblyResult]:
+    """Write `entry` into `fh` front to back; returns (sha256, size, what was fetched/reused/resumed).
+
+    `max_range` asks for smaller ranges than the memory bound allows (pieces are merged up to it, and split only
+    above the bound); `result`, when given, is filled as the assembly goes, so it tells what was written even when
+    the assembly is interrupted."""
+    result = result if result is not None else AssemblyResult()
     digest = hashlib.sha256()
     start_piece, digest = _resume(fh, entry, digest)
     pieces = entry.pieces[start_piece:]
@@ -92,7 +99,7 @@ def assemble(reader: _RangeReader, ref: ComponentRef, entry: FileEntry, index: _
             missing.append(piece)
         else:
             steps.append((piece.start, piece.end, hit))
-    steps.extend((s, e, None) for s, e in coalesce(missing, range_size))
+    steps.extend((s, e, None) for s, e in coalesce(missing, min(max_range or range_size, range_size), range_size))
     steps.sort(key=lambda step: step[0])
     fetches = deque((s, e) for s, e, hit in steps if hit is None)
     sources: dict[Path, int] = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .archive import Archive
 from .events import EventLog
 from .names import ComponentRef
+from .peersync import PeerSource
 from .retention import plan_retention_l2
 from .store import BlobCheck, SnapshotStore
 
@@ -84,9 +85,10 @@ def plan_audit(store: SnapshotStore, keep: int | None = None,
 
 
 def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None = None,
-                  archive: Archive | None = None) -> AuditResult:
+                  archive: Archive | None = None, peers: PeerSource | None = None) -> AuditResult:
     """Quarantine corrupt blobs (kept for inspection) and unlink the snapshots that used them, re-fetch
-    those from the archive when one is given, clear stale temp files, retire, then collect orphans."""
+    those when an archive is given (from `peers` first, under the site's one origin pull), clear stale temp files,
+    retire, then collect orphans."""
     from .sync import sync_ref
 
     started = time.monotonic()
@@ -99,8 +101,12 @@ def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None
         if events:
             events.emit("L2_AUDIT", outcome="QUARANTINED", model=check.ref.model, component=check.ref.component,
                         version=check.ref.version, file=check.path, reason=check.reason)
+    subsets: dict[ComponentRef, set[str]] = {}  # a snapshot of some files only (one precision) is refetched as such
     for ref in sorted(broken):
         if store.has(ref):
+            kept = store.manifest(ref)
+            if kept.meta.get("omitted"):
+                subsets[ref] = {f.path for f in kept.files}
             store.remove_snapshot(ref)
             result.removed_snapshots.append(str(ref))
     for name in plan.stale_temp_files:
@@ -122,7 +128,9 @@ def execute_audit(store: SnapshotStore, plan: AuditPlan, events: EventLog | None
             result.collected_blobs += 1
     if archive is not None:
         for ref in sorted(broken - set(plan.retire)):
-            sync_ref(archive, store, ref, events=events)
+            subset = subsets.get(ref)
+            sync_ref(archive, store, ref, events=events, peers=peers,
+                     select=(lambda m, subset=subset: subset) if subset is not None else None)
             result.refetched.append(str(ref))
     result.seconds = time.monotonic() - started
     if events:

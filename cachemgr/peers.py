@@ -41,8 +41,21 @@ MAX_TTL = 600
 SEND_CHUNK = 256 << 10
 
 
+RATE_GRACE = 0.5
+"""Seconds a request to a peer gets for connecting and its first bytes before its rate is judged."""
+READ_CHUNK = 64 << 10
+
+
 class PeerError(OSError):
-    """A peer that could not answer: gone, slow, refused us, or sent a short or malformed body."""
+    """A peer that could not answer: gone, slow, refused us, or sent a short or malformed body. `kind` says which:
+    timeout (silent for the read timeout), slow (under the minimum rate), refused (our signature), error (the rest)."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def signature(secret: str, method: str, path: str, byte_range: str, expires: int) -> str:
@@ -241,34 +254,48 @@ class PeerServer:
 
 
 class PeerClient:
-    """Asks one peer (`host:port`) for blobs. Every failure is a PeerError; the caller drops the peer."""
+    """Asks one peer (`host:port`) for blobs. Every failure is a PeerError; the caller drops the peer.
 
-    def __init__(self, node: str, address: str, secret: str, timeout: float = 10.0) -> None:
+    `min_rate` (bytes/s; None = no floor) is the least a GET must deliver: after RATE_GRACE seconds for connecting
+    and the first bytes, a request that has received fewer than (elapsed - RATE_GRACE) × min_rate bytes is given up
+    (kind "slow"), so a peer that keeps sending, but slowly, costs a range about RATE_GRACE, not its whole transfer.
+    `timeout` bounds any single silent wait (connect, headers, a read)."""
+
+    def __init__(self, node: str, address: str, secret: str, timeout: float = 10.0,
+                 min_rate: float | None = None) -> None:
         self.node = node
         self.address = address
         self.secret = secret
         self.timeout = timeout
+        self.min_rate = min_rate or None
         host, _, port = address.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
 
     def __repr__(self) -> str:
         return f"PeerClient({self.node}@{self.address})"
 
-    def _request(self, method: str, sha256: str, byte_range: str = "") -> tuple[int, bytes]:
-        path = f"/blobs/{sha256}"
+    def _headers(self, method: str, path: str, byte_range: str) -> dict[str, str]:
         expires = int(time.time()) + SIGNATURE_TTL
         headers = {HDR_EXPIRES: str(expires),
                    HDR_SIGNATURE: signature(self.secret, method, path, byte_range, expires)}
         if byte_range:
             headers["Range"] = byte_range
+        return headers
+
+    def _fail(self, exc: BaseException) -> PeerError:
+        kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+        return PeerError(f"peer {self.node} at {self.address}: {type(exc).__name__}: {exc}", kind)
+
+    def _request(self, method: str, sha256: str, byte_range: str = "") -> tuple[int, bytes]:
+        path = f"/blobs/{sha256}"
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         try:
-            conn.request(method, path, headers=headers)
+            conn.request(method, path, headers=self._headers(method, path, byte_range))
             response = conn.getresponse()
             body = response.read() if method == "GET" else b""
             return response.status, body
         except (OSError, http.client.HTTPException) as exc:
-            raise PeerError(f"peer {self.node} at {self.address}: {type(exc).__name__}: {exc}") from exc
+            raise self._fail(exc) from exc
         finally:
             conn.close()
 
@@ -276,12 +303,47 @@ class PeerClient:
         status, _ = self._request("HEAD", sha256)
         if status == 403:
             raise PeerError(f"peer {self.node} at {self.address} refused our signature (is FLEET_PEER_SECRET the "
-                            "same on every node?)")
+                            "same on every node?)", "refused")
         return status == 200
+
+    def _wait(self, began: float, got: int) -> float:
+        """How long the next read may block: the read timeout, or less when the rate floor is due sooner."""
+        if self.min_rate is None:
+            return self.timeout
+        due = began + RATE_GRACE + got / self.min_rate - time.monotonic()
+        if due <= 0:
+            raise TimeoutError("rate floor")
+        return min(self.timeout, max(0.01, due))
 
     def read(self, sha256: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a blob the peer holds."""
-        status, body = self._request("GET", sha256, f"bytes={start}-{end - 1}")
-        if status != 206 or len(body) != end - start:
-            raise PeerError(f"peer {self.node} at {self.address}: HTTP {status}, {len(body)} of {end - start} bytes")
-        return body
+        path, byte_range, want = f"/blobs/{sha256}", f"bytes={start}-{end - 1}", end - start
+        began = time.monotonic()
+        got = 0
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._wait(began, 0))
+        try:
+            conn.request("GET", path, headers=self._headers("GET", path, byte_range))
+            conn.sock.settimeout(self._wait(began, 0))
+            response = conn.getresponse()
+            if response.status != 206:
+                raise PeerError(f"peer {self.node} at {self.address}: HTTP {response.status} for {want} bytes")
+            body = bytearray()
+            while got < want:
+                conn.sock.settimeout(self._wait(began, got))
+                data = response.read1(min(READ_CHUNK, want - got))
+                if not data:
+                    raise PeerError(f"peer {self.node} at {self.address}: {got} of {want} bytes, then the end")
+                body += data
+                got += len(data)
+            return bytes(body)
+        except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, PeerError):
+                raise
+            elapsed = time.monotonic() - began
+            if self.min_rate is not None and isinstance(exc, TimeoutError) and \
+                    elapsed >= RATE_GRACE + got / self.min_rate - 0.02:
+                raise PeerError(f"peer {self.node} at {self.address}: {got} of {want} bytes in {elapsed:.2f} s, "
+                                f"under the floor of {self.min_rate * 8 / 1e6:g} Mbit/s", "slow") from exc
+            raise self._fail(exc) from exc
+        finally:
+            conn.close()

@@ -1,10 +1,15 @@
 """Peers first, L3 last: where a sync gets the bytes no local blob holds.
 
 For each file it needs, a syncing node asks its peers (HEAD /blobs/<sha256>) which of them hold the verified blob.
-When some do, the missing ranges are spread over them (one peer per range, in turn, a few ranges in flight), and
-every piece a peer sends is hashed against the manifest before it is written; a peer that fails, times out or sends
-a bad piece is dropped for the rest of the run and that range is asked of the next peer, and finally of L3. L3 stays
-the source of truth: whatever the peers do, the file is verified whole before it enters L2.
+When some do, the missing ranges are spread over them: each range goes to the holder with the fewest of this node's
+requests in flight (at most `PER_PEER` each), then the fewest bytes given so far, ties broken by a rendezvous hash
+of (blob, range), so a release comes from all its holders about evenly and two nodes do not pick the same order.
+Every piece a peer sends is hashed against the manifest before it is written. A peer that fails, times out, sends
+under the minimum rate or sends a bad piece is dropped for the rest of the run and the range is asked of another
+holder; the trouble is reported (an event, and `on_trouble`, which the fleet wires to a site-wide quarantine and to
+telling the peer to verify its blob). When every holder of a blob has been dropped, the file goes back to its turn:
+other holders, or the site's one origin pull (the partial file is resumed, its verified pieces kept). L3 stays the
+source of truth: whatever the peers do, the file is verified whole before it enters L2.
 
 One origin pull per site: when no peer holds the blob yet, the node takes a short lease on it (an `OriginGate`,
 Redis in the fleet) and pulls it from L3 itself, renewing the lease while it works. Nodes that find the lease taken
@@ -17,22 +22,50 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
+from .events import EventLog
 from .manifest import FileEntry, Piece
 from .names import ComponentRef
 from .peers import PeerClient, PeerError
 
 ORIGIN_KEY = "blob:{sha256}"
+PER_PEER = 2
+"""Requests one sync keeps in flight to one peer; the minimum rate is asked of each."""
+PEER_MAX_RANGE = 2 << 20
+PEER_MIN_RANGE = 128 << 10
+SHARED_KINDS = frozenset({"bad_piece", "slow", "timeout"})
+"""Troubles worth telling the site about (a peer refused or gone is seen by each node at no cost)."""
 
 
 class BadPiece(ValueError):
     """A peer sent bytes whose hash is not the manifest's."""
+
+    def __init__(self, piece: Piece) -> None:
+        super().__init__(f"bytes {piece.start}-{piece.end} do not match the manifest")
+        self.piece = piece
+
+
+class NoPeerLeft(Exception):  # noqa: N818 - a state, not an error: the file goes back to its turn
+    """Every holder of a blob was dropped while the file was being assembled."""
+
+
+@dataclass(frozen=True)
+class PeerTrouble:
+    """Why a peer was dropped during a sync: kind is bad_piece, slow, timeout, refused or error."""
+
+    peer: str
+    kind: str
+    detail: str
+    blob: str | None = None
+    start: int | None = None
+    end: int | None = None
+    path: str | None = None
 
 
 class OriginGate(Protocol):
@@ -43,10 +76,6 @@ class OriginGate(Protocol):
     def renew(self, key: str) -> bool: ...
 
     def release(self, key: str) -> None: ...
-
-
-class _RangeReader(Protocol):
-    def read_range(self, ref: ComponentRef, path: str, start: int, end: int) -> bytes: ...
 
 
 class MemoryGate:
@@ -75,30 +104,74 @@ class MemoryGate:
             self.held.pop(key, None)
 
 
+def _rank(key: str, node: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\n{node}".encode(), digest_size=8).digest(), "big")
+
+
 class PeerSource:
-    """The peers one sync run may ask, and which of them were dropped (and why) during the run."""
+    """The peers one sync run may ask, which of them were dropped (and why), and what each was given.
+
+    `skip()` names peers the site has quarantined (asked before each file); `on_trouble` is called once per dropped
+    peer (never raising into the sync); `events` gets a PEER_BAD_PIECE or PEER_DROPPED line for each."""
 
     def __init__(self, clients: list[PeerClient], gate: OriginGate | None = None, lease_seconds: float = 30.0,
-                 poll_seconds: float = 0.25, wait_seconds: float = 900.0) -> None:
+                 poll_seconds: float = 0.25, wait_seconds: float = 900.0, events: EventLog | None = None,
+                 on_trouble: Callable[[PeerTrouble], None] | None = None,
+                 skip: Callable[[], Iterable[str]] | None = None) -> None:
         self.clients = list(clients)
         self.gate = gate
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.wait_seconds = wait_seconds
+        self.events = events
+        self.on_trouble = on_trouble
+        self.skip = skip
         self.dropped: dict[str, str] = {}
-        self.lock = threading.Lock()
+        self.troubles: list[PeerTrouble] = []
+        self.inflight: dict[str, int] = {}
+        self.given: dict[str, int] = {}
+        self.cond = threading.Condition()
+
+    def quarantined(self) -> set[str]:
+        if self.skip is None:
+            return set()
+        try:
+            return set(self.skip())
+        except Exception:  # noqa: BLE001 - no shared list (Redis away): every peer is asked, each piece still checked
+            return set()
 
     def alive(self) -> list[PeerClient]:
-        with self.lock:
+        with self.cond:
             return [c for c in self.clients if c.node not in self.dropped]
 
-    def drop(self, client: PeerClient, reason: str) -> None:
-        with self.lock:
-            self.dropped.setdefault(client.node, reason)
+    def drop(self, client: PeerClient, trouble: PeerTrouble | str) -> None:
+        if isinstance(trouble, str):
+            trouble = PeerTrouble(client.node, "error", trouble)
+        with self.cond:
+            first = client.node not in self.dropped
+            if first:
+                self.dropped[client.node] = f"{trouble.kind}: {trouble.detail}"
+                self.troubles.append(trouble)
+            self.cond.notify_all()
+        if first:
+            self._report(trouble)
+
+    def _report(self, t: PeerTrouble) -> None:
+        if self.events is not None:
+            where = {"blob": t.blob, "start": t.start, "end": t.end, "file": t.path} if t.blob else {}
+            self.events.emit("PEER_BAD_PIECE" if t.kind == "bad_piece" else "PEER_DROPPED", outcome="DROPPED",
+                             peer=t.peer, kind=t.kind, **{k: v for k, v in where.items() if v is not None},
+                             reason=t.detail)
+        if self.on_trouble is not None:
+            try:
+                self.on_trouble(t)
+            except Exception:  # noqa: BLE001 - telling others is best effort; this node already dropped the peer
+                pass
 
     def holders(self, sha256: str) -> list[PeerClient]:
-        """The live peers that hold a verified copy of the blob (asked all at once)."""
-        clients = self.alive()
+        """The live, unquarantined peers that hold a verified copy of the blob (asked all at once)."""
+        skip = self.quarantined()
+        clients = [c for c in self.alive() if c.node not in skip]
         if not clients:
             return []
 
@@ -106,12 +179,34 @@ class PeerSource:
             try:
                 return client.has(sha256)
             except PeerError as exc:
-                self.drop(client, str(exc))
+                self.drop(client, PeerTrouble(client.node, exc.kind, str(exc)))
                 return False
 
         with ThreadPoolExecutor(max_workers=min(8, len(clients)), thread_name_prefix="peer-has") as pool:
             answers = list(pool.map(ask, clients))
         return [c for c, yes in zip(clients, answers, strict=True) if yes]
+
+    def acquire(self, holders: list[PeerClient], key: str, nbytes: int) -> PeerClient | None:
+        """A holder to ask for `nbytes` (a slot taken: `release` it), waiting while all are busy; None when every
+        holder has been dropped."""
+        with self.cond:
+            while True:
+                options = [c for c in holders if c.node not in self.dropped]
+                if not options:
+                    return None
+                free = [c for c in options if self.inflight.get(c.node, 0) < PER_PEER]
+                if free:
+                    best = min(free, key=lambda c: (self.inflight.get(c.node, 0), self.given.get(c.node, 0),
+                                                    -_rank(key, c.node)))
+                    self.inflight[best.node] = self.inflight.get(best.node, 0) + 1
+                    self.given[best.node] = self.given.get(best.node, 0) + nbytes
+                    return best
+                self.cond.wait(0.5)
+
+    def release(self, client: PeerClient) -> None:
+        with self.cond:
+            self.inflight[client.node] -= 1
+            self.cond.notify_all()
 
     @contextlib.contextmanager
     def turn(self, sha256: str) -> Iterator[list[PeerClient]]:
@@ -158,69 +253,66 @@ def check_pieces(pieces: list[Piece], start: int, data: bytes) -> None:
     for piece in pieces:
         chunk = memoryview(data)[piece.start - start:piece.end - start]
         if hashlib.sha256(chunk).hexdigest() != piece.sha256:
-            raise BadPiece(f"bytes {piece.start}-{piece.end} do not match the manifest")
+            raise BadPiece(piece)
+
+
+def peer_range(missing: int, holders: int) -> int:
+    """The range size to ask peers for: small enough that a file's missing bytes make several ranges per holder
+    (a small file is spread too), within [PEER_MIN_RANGE, PEER_MAX_RANGE]. Pieces are never cut below it."""
+    return max(PEER_MIN_RANGE, min(PEER_MAX_RANGE, missing // (4 * max(1, holders))))
 
 
 class PeerRanges:
-    """A range reader for `assemble`: ranges of one file from the peers holding its blob, else from L3.
+    """A range reader for `assemble`: ranges of one file from the peers holding its blob. Raises NoPeerLeft when
+    every holder has been dropped (the caller goes back to the blob's turn).
 
     Ranges that are whole pieces are verified piece by piece as they arrive. A piece larger than one range (a big
     tensor split over several ranged reads) is fetched whole from a peer, verified, and its slices handed out from
     memory: at most one such piece is held at a time."""
 
-    def __init__(self, source: PeerSource, archive: _RangeReader, entry: FileEntry,
-                 holders: list[PeerClient]) -> None:
+    def __init__(self, source: PeerSource, entry: FileEntry, holders: list[PeerClient]) -> None:
         self.source = source
-        self.archive = archive
         self.entry = entry
         self.holders = holders
         self.from_peers = 0
-        self.from_l3 = 0
         self.by_peer: dict[str, int] = {}
-        self._turn = itertools.count()
         self._lock = threading.Lock()
         self._big_lock = threading.Lock()
         self._big: tuple[int, int, bytes] | None = None
 
-    def _candidates(self) -> list[PeerClient]:
-        alive = [c for c in self.holders if c.node not in self.source.dropped]
-        if not alive:
-            return []
-        k = next(self._turn) % len(alive)
-        return alive[k:] + alive[:k]
-
-    def _whole(self, client: PeerClient, pieces: list[Piece]) -> bytes:
-        lo, hi = pieces[0].start, pieces[-1].end
-        with self._big_lock:
-            if self._big and self._big[:2] == (lo, hi):
-                return self._big[2]
-            data = client.read(self.entry.sha256, lo, hi)
-            check_pieces(pieces, lo, data)
-            self._big = (lo, hi, data)
+    def _fetch(self, pieces: list[Piece], start: int, end: int) -> bytes:
+        """Bytes [start, end) (whole pieces) from some holder, verified."""
+        sha = self.entry.sha256
+        while (client := self.source.acquire(self.holders, f"{sha}:{start}", end - start)) is not None:
+            try:
+                data = client.read(sha, start, end)
+                check_pieces(pieces, start, data)
+            except PeerError as exc:
+                self.source.drop(client, PeerTrouble(client.node, exc.kind, str(exc), sha, start, end,
+                                                     self.entry.path))
+                continue
+            except BadPiece as exc:
+                self.source.drop(client, PeerTrouble(client.node, "bad_piece", str(exc), sha, exc.piece.start,
+                                                     exc.piece.end, self.entry.path))
+                continue
+            finally:
+                self.source.release(client)
             with self._lock:
                 self.by_peer[client.node] = self.by_peer.get(client.node, 0) + len(data)
             return data
+        raise NoPeerLeft(f"every peer holding {self.entry.path} was dropped")
 
     def read_range(self, ref: ComponentRef, path: str, start: int, end: int) -> bytes:
         pieces = [p for p in self.entry.pieces if p.start < end and p.end > start]
-        if pieces:
-            lo, hi = pieces[0].start, pieces[-1].end
-            for client in self._candidates():
-                try:
-                    if (lo, hi) == (start, end):
-                        data = client.read(self.entry.sha256, start, end)
-                        check_pieces(pieces, start, data)
-                        with self._lock:
-                            self.by_peer[client.node] = self.by_peer.get(client.node, 0) + len(data)
-                    else:
-                        data = self._whole(client, pieces)[start - lo:end - lo]
-                except (PeerError, BadPiece) as exc:
-                    self.source.drop(client, f"{type(exc).__name__}: {exc}")
-                    continue
-                with self._lock:
-                    self.from_peers += len(data)
-                return data
-        data = self.archive.read_range(ref, path, start, end)
+        lo, hi = pieces[0].start, pieces[-1].end
+        if (lo, hi) == (start, end):
+            data = self._fetch(pieces, start, end)
+        else:
+            with self._big_lock:
+                if not (self._big and self._big[:2] == (lo, hi)):
+                    self._big = None
+                    self._big = (lo, hi, self._fetch(pieces, lo, hi))
+                data = self._big[2][start - lo:end - lo]
         with self._lock:
-            self.from_l3 += len(data)
+            self.from_peers += len(data)
         return data

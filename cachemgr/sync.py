@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .archive import Archive, ArchiveError
+from .archive import Archive
 from .archive.piecehash import PieceHashes
-from .assemble import DEFAULT_BUFFER, assemble
+from .assemble import DEFAULT_BUFFER, AssemblyResult, assemble
 from .events import EventLog
 from .manifest import FileEntry, Manifest, Piece
 from .names import ComponentRef, Release
-from .peersync import PeerRanges, PeerSource
+from .peersync import NoPeerLeft, PeerRanges, PeerSource, peer_range
 from .store import ChecksumMismatch, SnapshotStore
 
 Progress = Callable[[int], None]
@@ -55,6 +55,8 @@ class SyncReport:
     ranged_gets: int = 0
     bytes_from_peers: int = 0
     """Of bytes_fetched, those the node's peers sent (verified like the rest); the others came from L3."""
+    by_peer: dict[str, int] = field(default_factory=dict)
+    """Verified bytes each peer sent (node → bytes)."""
 
     @property
     def bytes_from_l3(self) -> int:
@@ -80,6 +82,14 @@ class SyncSummary:
     @property
     def bytes_from_l3(self) -> int:
         return sum(r.bytes_from_l3 for r in self.reports)
+
+    @property
+    def by_peer(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.reports:
+            for node, n in r.by_peer.items():
+                out[node] = out.get(node, 0) + n
+        return dict(sorted(out.items()))
 
     @property
     def updated(self) -> list[ComponentRef]:
@@ -117,6 +127,14 @@ class _FileResult:
     reused: int = 0
     ranged_gets: int = 0
     from_peers: int = 0
+    by_peer: dict[str, int] = field(default_factory=dict)
+
+    def add(self, done: AssemblyResult, resumed: bool) -> None:
+        """Count one assembly (a try): bytes it fetched and copied; what it resumed only for the first try (a later
+        try resumes what the earlier ones wrote, counted there)."""
+        self.fetched += done.fetched
+        self.reused += done.reused + (done.resumed if resumed else 0)
+        self.ranged_gets += done.ranged_gets
 
 
 def _pieces(entry: FileEntry) -> tuple[Piece, ...]:
@@ -186,46 +204,65 @@ def _fetch_file(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry
                 progress(entry.size)
             return result
         if peers is None or not entry.pieces:
-            _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
+            _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result, first=True)
             return result
-        with peers.turn(entry.sha256) as holders:
-            if not holders:  # this node is the site's one origin pull of the blob (or there are no peers)
-                _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result)
-                return result
-            reader = PeerRanges(peers, archive, entry, holders)
+        missing = sum(p.size for p in entry.pieces if index.find(p) is None)
+        first = True
+        while True:  # a try per turn: when every holder is dropped, the blob's turn is asked again
+            with peers.turn(entry.sha256) as holders:
+                if not holders:  # this node is the site's one origin pull of the blob (or there are no peers)
+                    _fill_from_l3(archive, store, ref, entry, index, progress, buffer_bytes, held, result, first)
+                    return result
+                reader = PeerRanges(peers, entry, holders)
+                done = AssemblyResult()
 
-            def from_peers(fh: BinaryIO) -> tuple[str, int]:
-                digest, size, done = assemble(reader, ref, entry, index, fh, progress, buffer_bytes)
-                result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
-                result.reused += done.resumed
-                return digest, size
+                def from_peers(fh: BinaryIO, reader: PeerRanges = reader, done: AssemblyResult = done) -> tuple[str, int]:
+                    digest, size, _ = assemble(reader, ref, entry, index, fh, progress, buffer_bytes,
+                                               max_range=peer_range(missing, len(reader.holders)), result=done)
+                    return digest, size
 
-            try:
-                store.write_blob(entry.sha256, entry.size, from_peers, resumable=held)
-            finally:
-                result.from_peers = reader.from_peers
-    return result
+                try:
+                    store.write_blob(entry.sha256, entry.size, from_peers, resumable=held)
+                    return result
+                except NoPeerLeft:
+                    continue
+                finally:
+                    result.add(done, resumed=first)
+                    result.from_peers += done.fetched
+                    for node, n in reader.by_peer.items():
+                        result.by_peer[node] = result.by_peer.get(node, 0) + n
+                    first = False
 
 
 def _fill_from_l3(archive: Archive, store: SnapshotStore, ref: ComponentRef, entry: FileEntry, index: PieceIndex,
-                  progress: Progress | None, buffer_bytes: int, held: bool, result: _FileResult) -> None:
+                  progress: Progress | None, buffer_bytes: int, held: bool, result: _FileResult,
+                  first: bool) -> None:
     reusable = sum(p.size for p in entry.pieces if index.find(p))
-    if reusable:
+    # after a try from peers in this run, the partial file's verified pieces are kept and only the rest is fetched
+    partial = not first and held and store.partial_path(entry.sha256).is_file()
+    if reusable or partial:  # copy local pieces, fetch the rest
+        done = AssemblyResult()
+
         def fill(fh: BinaryIO) -> tuple[str, int]:
-            digest, size, done = assemble(archive, ref, entry, index, fh, progress, buffer_bytes)
-            result.fetched, result.reused, result.ranged_gets = done.fetched, done.reused, done.ranged_gets
-            result.reused += done.resumed
+            digest, size, _ = assemble(archive, ref, entry, index, fh, progress, buffer_bytes, result=done)
             return digest, size
-    else:
-        def fill(fh: BinaryIO) -> tuple[str, int] | None:
-            fh.seek(0)
-            hashes = PieceHashes(_pieces(entry))  # hashed in the download threads as the bytes are written
-            archive.download(ref, entry.path, fh, progress, size=entry.size, hashes=hashes)
-            fh.truncate()  # a longer stale partial must not leave its tail behind
-            result.fetched = entry.size
-            fh.flush()
-            return _verify_pieces(fh, entry, hashes.digests)
-    store.write_blob(entry.sha256, entry.size, fill, resumable=held)
+
+        try:
+            store.write_blob(entry.sha256, entry.size, fill, resumable=held)
+        finally:
+            result.add(done, resumed=first)
+        return
+
+    def download(fh: BinaryIO) -> tuple[str, int] | None:
+        fh.seek(0)
+        hashes = PieceHashes(_pieces(entry))  # hashed in the download threads as the bytes are written
+        archive.download(ref, entry.path, fh, progress, size=entry.size, hashes=hashes)
+        fh.truncate()  # a longer stale partial must not leave its tail behind
+        result.fetched += entry.size
+        fh.flush()
+        return _verify_pieces(fh, entry, hashes.digests)
+
+    store.write_blob(entry.sha256, entry.size, download, resumable=held)
 
 
 def sync_ref(
@@ -258,6 +295,7 @@ def sync_ref(
         manifest = manifest.subset(keep)
     index = PieceIndex.for_component(store, ref.model, ref.component)
     fetched = reused = files = gets = from_peers = 0
+    by_peer: dict[str, int] = {}
     todo: list[FileEntry] = []
     twins: list[FileEntry] = []  # the same bytes under another name in this version: fetched once
     for entry in manifest.files:
@@ -301,47 +339,13 @@ def sync_ref(
         gets += result.ranged_gets
         from_peers += result.from_peers
         files += 1 if result.fetched else 0
+        for node, n in result.by_peer.items():
+            by_peer[node] = by_peer.get(node, 0) + n
     store.commit_snapshot(manifest)
-    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets, from_peers)
+    report = SyncReport(ref, "UPDATED", fetched, reused, files, time.monotonic() - started, gets, from_peers,
+                        dict(sorted(by_peer.items())))
     _log(events, report)
     return report
-
-
-def verify_ref(archive: Archive | None, store: SnapshotStore, ref: ComponentRef,
-               events: EventLog | None = None, trust_seconds: float = 0.0) -> list[str]:
-    """Re-hash a snapshot against its manifest before anything loads it. Corrupt or missing blobs are quarantined
-    (kept for inspection), the snapshot is unlinked and fetched again from the archive, then checked again.
-
-    Returns the paths that were repaired; raises ChecksumMismatch when the snapshot is still bad (or there is no
-    archive to repair it from), so a worker refuses to load bytes that are not the published ones."""
-    bad = [c for c in store.check(ref, trust_seconds) if not c.ok]  # `trust_seconds`: SnapshotStore.check
-    if not bad:
-        return []
-    for check in bad:
-        if check.reason == "checksum mismatch":
-            store.quarantine_blob(check.sha256)
-        if events:
-            events.emit("L2_VERIFY", outcome="QUARANTINED", model=ref.model, component=ref.component,
-                        version=ref.version, file=check.path, reason=check.reason)
-    kept = store.manifest(ref)
-    store.remove_snapshot(ref)
-    subset = {f.path for f in kept.files} if kept.meta.get("omitted") else None
-    what = ", ".join(f"{c.path} ({c.reason})" for c in bad)
-    if archive is None:
-        raise ChecksumMismatch(f"{ref} in L2 at {store.root} is corrupt: {what}; no archive to fetch it again from")
-    try:
-        sync_ref(archive, store, ref, events=events, select=(lambda m: subset) if subset is not None else None)
-    except (ChecksumMismatch, ArchiveError) as exc:
-        raise ChecksumMismatch(f"{ref} in L2 at {store.root} was corrupt ({what}) and could not be fetched "
-                               f"again: {exc}") from exc
-    still = [c for c in store.check(ref) if not c.ok]
-    if still:
-        raise ChecksumMismatch(f"{ref} is still corrupt after a fresh fetch: "
-                               + ", ".join(f"{c.path} ({c.reason})" for c in still))
-    if events:
-        events.emit("L2_VERIFY", outcome="REPAIRED", model=ref.model, component=ref.component, version=ref.version,
-                    files=len(bad))
-    return [c.path for c in bad]
 
 
 def sync_release(
@@ -384,5 +388,6 @@ def _log(events: EventLog | None, report: SyncReport) -> None:
         bytes_reused=report.bytes_reused,
         from_peers=report.bytes_from_peers,
         from_l3=report.bytes_from_l3,
+        **({"by_peer": report.by_peer} if report.by_peer else {}),
         seconds=round(report.seconds, 3),
     )

@@ -26,6 +26,7 @@ from fleetstate.stats import FleetStats, cache_status, node_sync_bytes
 from tasks.settings import FleetSettings
 
 from .metrics_gpu import worker_families
+from .metrics_peers import peer_families
 
 log = logging.getLogger("warmfleet.metrics")
 
@@ -72,6 +73,7 @@ class FleetCollector(Collector):
             for source, value in sources.items():
                 per_node.add_metric([node, source], value)
         yield per_node
+        yield from peer_families(self.redis)
         ratio = GaugeMetricFamily("warmfleet_cache_hit_ratio", "Share of bytes or jobs served by each tier",
                                   labels=["tier"])
         for tier, key in (("l1", "l1_hit_ratio"), ("l2", "l2_hit_ratio")):

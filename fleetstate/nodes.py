@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis
 
@@ -35,9 +36,10 @@ class NodeRegistry:
         self.redis.hdel(NODES_KEY, node)
         self.redis.hdel(PEERS_KEY, node)
 
-    def announce_peer(self, node: str, address: str) -> None:
-        """Where this node's peer piece server listens (`host:port`), for the other nodes of the site."""
-        self.redis.hset(PEERS_KEY, node, json.dumps({"address": address, "ts": time.time()}))
+    def announce_peer(self, node: str, address: str, served: dict[str, int] | None = None) -> None:
+        """Where this node's peer piece server listens (`host:port`), for the other nodes of the site; `served`:
+        the server's own counters (bytes_served, requests_served, requests_refused), shown by `status`."""
+        self.redis.hset(PEERS_KEY, node, json.dumps({"address": address, "ts": time.time(), **(served or {})}))
 
     def withdraw_peer(self, node: str) -> None:
         self.redis.hdel(PEERS_KEY, node)
@@ -54,4 +56,17 @@ class NodeRegistry:
                 continue
             if node.decode() != exclude and now - ts < PEER_STALE_AFTER:
                 out[node.decode()] = address
+        return dict(sorted(out.items()))
+
+    def peer_servers(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """node → its last announcement (address, ts, and the server's counters when it sent them), recent ones."""
+        now = time.time() if now is None else now
+        out = {}
+        for node, raw in self.redis.hgetall(PEERS_KEY).items():
+            try:
+                info = json.loads(raw)
+                if now - float(info["ts"]) < PEER_STALE_AFTER:
+                    out[node.decode()] = info
+            except (ValueError, KeyError, TypeError):
+                continue
         return dict(sorted(out.items()))

@@ -16,6 +16,26 @@ NODE_FIELD = "node:{node}:{source}_bytes"
 """Per node, the bytes its syncs got from its peers and from L3 (source = peers | l3)."""
 
 
+PEER_FIELD = "peer:{peer}:{what}"
+"""Per peer, as the nodes that fetched from it saw it: sent_bytes (verified bytes it sent them), bad_pieces, and
+drops:<kind> (bad_piece, slow, timeout, refused, error)."""
+
+
+def peer_counters(stats: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """peer → {"bad_pieces": n, "drops": {kind: n}, "sent_bytes": n} from a snapshot."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in stats.items():
+        if not key.startswith("peer:"):
+            continue
+        peer, _, what = key[len("peer:"):].partition(":")
+        row = out.setdefault(peer, {"bad_pieces": 0, "drops": {}, "sent_bytes": 0})
+        if what.startswith("drops:"):
+            row["drops"][what[len("drops:"):]] = int(value)
+        elif what in ("bad_pieces", "sent_bytes"):
+            row[what] = int(value)
+    return dict(sorted(out.items()))
+
+
 def node_sync_bytes(stats: dict[str, float]) -> dict[str, dict[str, int]]:
     """node → {"peers": bytes, "l3": bytes} from a snapshot."""
     out: dict[str, dict[str, int]] = {}
@@ -66,7 +86,15 @@ class FleetStats:
                    NODE_FIELD.format(node=node, source="l3"): from_l3},
                 l2_lookups_hit=1 if outcome == "UNCHANGED" else 0,
                 l2_lookups_miss=1 if outcome == "UPDATED" else 0,
+                **{PEER_FIELD.format(peer=peer, what="sent_bytes"): int(n)
+                   for peer, n in (r.get("by_peer") or {}).items()},
             )
+        elif event in ("PEER_BAD_PIECE", "PEER_DROPPED") and r.get("peer"):
+            kind = str(r.get("kind") or "error")
+            fields = {PEER_FIELD.format(peer=r["peer"], what=f"drops:{kind}"): 1}
+            if event == "PEER_BAD_PIECE":
+                fields[PEER_FIELD.format(peer=r["peer"], what="bad_pieces")] = 1
+            self.incr(**fields)
         elif event == "L2_VERIFY" and outcome == "REJECTED":
             self.incr(l2_verify_rejected=1)
         elif event == "L1_LOAD" and outcome != "FAILED":

@@ -21,6 +21,7 @@ from fleetstate.catalog import Catalog
 from fleetstate.fanout import FanOutRuns
 from fleetstate.locks import run_lock
 from fleetstate.nodes import NodeRegistry
+from fleetstate.peerhealth import PeerQuarantine
 from fleetstate.pins import protected_refs
 from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
@@ -87,7 +88,7 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
         archive = settings.open_archive()
         refs = refs if refs is not None else wanted_refs(settings, client)
         summary = sync_refs(archive, cache.store, refs, progress=progress, events=events,
-                            peers=peer_source(settings, client), select=files_for(node_dtype(settings)))
+                            peers=peer_source(settings, client, events), select=files_for(node_dtype(settings)))
     except Exception as exc:
         events.emit("SYNC_RUN", outcome="FAILED", reason=f"{type(exc).__name__}: {exc}",
                     seconds=round(time.monotonic() - started, 3))
@@ -95,6 +96,7 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
     events.emit("SYNC_RUN", outcome="UPDATED" if summary.updated else "UNCHANGED", versions=len(summary.reports),
                 bytes_fetched=summary.bytes_fetched, bytes_reused=summary.bytes_reused,
                 from_peers=summary.bytes_from_peers, from_l3=summary.bytes_from_l3,
+                **({"by_peer": summary.by_peer} if summary.by_peer else {}),
                 seconds=round(time.monotonic() - started, 3))
     if client is not None:
         WarmRegistry(client, ttl=max(settings.warm_ttl_seconds, 24 * 3600)).publish_l2(
@@ -110,6 +112,7 @@ def run_sync(settings: FleetSettings, refs: list[ComponentRef] | None = None, pr
         "bytes_reused": summary.bytes_reused,
         "from_peers": summary.bytes_from_peers,
         "from_l3": summary.bytes_from_l3,
+        "by_peer": summary.by_peer,
     }
 
 
@@ -122,7 +125,10 @@ def run_audit(settings: FleetSettings, dry_run: bool = False) -> dict[str, Any]:
     result = None
     if not dry_run:
         archive = settings.open_archive()
-        result = execute_audit(store, plan, events, archive=archive)
+        result = execute_audit(store, plan, events, archive=archive, peers=peer_source(settings, client, events))
+        if client is not None:  # repaired here: the site may ask this node for those blobs again
+            for sha in result.quarantined:
+                PeerQuarantine(client).clear(settings.node_name, sha)
     status = cache_status(FleetStats(client).snapshot()) if client is not None else None
     if status is not None and not dry_run:
         events.emit("CACHE_STATUS", line=render_cache_status(status), **status)
@@ -194,7 +200,8 @@ def _node_run(settings: FleetSettings, name: str, fanout: str | None, body: Any)
 
 def _summary(name: str, result: dict[str, Any]) -> str:
     if name == "sync":
-        return f"{len(result['versions'])} version(s), {result['bytes_fetched']} B fetched"
+        return (f"{len(result['versions'])} version(s), {result['bytes_fetched']} B fetched "
+                f"({result['from_peers']} B from peers, {result['from_l3']} B from L3)")
     return f"{result['blobs_checked']} blob(s) checked, {len(result['corrupt'])} corrupt"
 
 

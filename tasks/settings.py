@@ -119,6 +119,12 @@ class FleetSettings(BaseSettings):
     peer_advertise: str | None = Field(None, description="host[:port] peers should dial; unset = the bound address")
     peer_upload_mbps: float | None = Field(None, gt=0, description="cap on what this node uploads to all peers")
     peer_timeout: float = Field(10.0, gt=0, description="seconds before a silent peer is dropped for the run")
+    peer_min_mbps: float = Field(
+        8.0, ge=0, description="the least each request to a peer must deliver (Mbit/s) once its first 0.5 s are "
+        "past; a request under it is given up, asked of another peer, and the peer dropped for the run; 0 = no floor")
+    peer_quarantine_seconds: float = Field(
+        600.0, gt=0, description="how long the site skips a peer that sent a bad piece, was under the rate floor or "
+        "fell silent (a bad piece's entry goes as soon as the peer has verified and repaired the blob)")
     peer_lease_seconds: float = Field(30.0, gt=0, description="the site's origin-pull lease on a blob, renewed "
                                       "while its holder pulls; others take over this long after it dies")
     peer_wait_seconds: float = Field(900.0, ge=0, description="longest a node waits for another's origin pull")

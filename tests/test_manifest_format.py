@@ -12,7 +12,8 @@ import pytest
 
 from cachemgr import Cache, LocalArchive
 from cachemgr.names import ComponentRef, Release
-from cachemgr.sync import sync_release, verify_ref
+from cachemgr.repair import verify_ref
+from cachemgr.sync import sync_release
 from cachemgr.variants import files_for
 from tasks.requests import GenerateRequest
 from workers.models import builder_for, family_of

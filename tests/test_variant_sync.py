@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from cachemgr import Cache, LocalArchive
 from cachemgr.names import ComponentRef
-from cachemgr.sync import sync_ref, verify_ref
+from cachemgr.repair import verify_ref
+from cachemgr.sync import sync_ref
 from cachemgr.variants import files_for
 from tasks.maintenance import run_sync
 from tasks.settings import FleetSettings

@@ -121,7 +121,7 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
             dtype = resolve_dtype(settings.dtype, device)
             for release in group:  # a node fetches only the precision it computes in, from its peers first
                 sync_release(archive, cache.store, release, events=events, select=files_for(dtype),
-                             peers=peer_source(settings, registry.redis))
+                             peers=peer_source(settings, registry.redis, events))
                 events.emit("L2_WARMUP", release=str(release), outcome="READY")
             first = group[0]
 
@@ -130,8 +130,10 @@ def run_worker(settings: FleetSettings, releases: list[str], name: str | None = 
                         .also_serving(*group[1:]).with_cache(cache).on(device, dtype).with_events(events).build())
 
             def verify(refs=tuple(dict.fromkeys(ref for release in group for ref in release.refs()))):
+                peers = peer_source(settings, registry.redis, events)  # a repair asks the site's peers first
                 return [path for ref in refs for path in verify_ref(archive, cache.store, ref, events=events,
-                                                                     trust_seconds=settings.verify_l2_trust_seconds)]
+                                                                     trust_seconds=settings.verify_l2_trust_seconds,
+                                                                     peers=peers)]
 
             # bit rot on disk: quarantine and fetch again, or refuse to load; re-hashed beside the build
             resident = build_verified(build, verify) if settings.verify_l2_at_boot else build()
@@ -216,7 +218,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
     if not broker:
         print("warmfleet maintenance-worker: no broker; set FLEET_BROKER_URL or start a local fleet", file=sys.stderr)
         return 2
-    from tasks.peering import advertised_address, start_peer_server
+    from tasks.peering import announce, start_peer_server
 
     nodes = NodeRegistry(settings.state_client())
     stop = threading.Event()
@@ -232,7 +234,7 @@ def run_maintenance_worker(settings: FleetSettings, name: str | None = None, log
             try:
                 nodes.seen(settings.node_name)
                 if peer_server is not None:
-                    nodes.announce_peer(settings.node_name, advertised_address(settings, peer_server))
+                    announce(nodes.redis, settings, peer_server)
             except redis.RedisError:
                 pass
             if stop.wait(60):

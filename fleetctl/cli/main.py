@@ -227,7 +227,9 @@ def sync(ctx: click.Context, releases: tuple[str, ...], fleet: bool, timeout: fl
         result = run_sync(settings, refs, progress=bar.update)
     for line in result["versions"]:
         click.echo(f"  {line}")
-    click.echo(f"fetched {result['bytes_fetched']} B from L3, reused {result['bytes_reused']} B already on disk")
+    peers = ", ".join(f"{node} {n} B" for node, n in result["by_peer"].items())
+    click.echo(f"fetched {result['bytes_fetched']} B: {result['from_peers']} B from peers" + (f" ({peers})" if peers else "")
+               + f", {result['from_l3']} B from L3; reused {result['bytes_reused']} B already on disk")
 
 
 @main.command()

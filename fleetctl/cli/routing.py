@@ -219,6 +219,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from fleetstate.status import fleet_status
 
     report = fleet_status(_redis(ctx))
+    from fleetstate.peerhealth import peer_health, render_peer_line
+
+    report["peers"] = peer_health(_redis(ctx))  # per peer: quarantine, bad pieces, drops, bytes sent, its server
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -244,6 +247,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for node, sync in report.get("sync_bytes", {}).items():
         click.echo(f"sync {node}: from_peers={human_bytes(sync['peers'])} from_l3={human_bytes(sync['l3'])}"
                    f"  peer server {sync['peer_server'] or '-'}")
+    for peer, info in report["peers"].items():  # peers in trouble only
+        if info["trouble"]:
+            click.echo(render_peer_line(peer, info))
 
 
 def _stranded_line(row: dict[str, Any]) -> str:
