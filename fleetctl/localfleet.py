@@ -109,6 +109,7 @@ class LocalFleet:
         self.log = log
         self.state_file = settings.local_fleet_file()
         self.logs = settings.state_dir / "logs"
+        self.gone: list[str] = []  # what the last `down` found already gone (not signalled, not "stopped")
 
     def running(self) -> FleetState | None:
         state = FleetState.load(self.state_file)
@@ -339,7 +340,7 @@ class LocalFleet:
         it quickly). Nothing it did not start is touched: a process already gone, or a pid now someone else's, is
         not signalled and not reported as stopped (`self.gone` names them)."""
         state = state or FleetState.load(self.state_file)
-        self.gone: list[str] = []
+        self.gone = []
         if state is None:
             return []
         self.follow_redis(state)
@@ -350,20 +351,14 @@ class LocalFleet:
             if any(p.name == "redis" for p in group):
                 compact_aof(state.broker_url, self.log)
             for p in group:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                _signal(p.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout * (4 if any(p.name == "redis" for p in group) else 1)
             for p in group:
                 while alive(p.pid) and time.monotonic() < deadline:
                     _reap(p.pid)
                     time.sleep(0.05)
                 if alive(p.pid):
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                    _signal(p.pid, signal.SIGKILL)
                     time.sleep(0.1)
                 _reap(p.pid)
                 stopped.append(p.name)
@@ -372,6 +367,22 @@ class LocalFleet:
             if current is None or current.broker_url == state.broker_url:
                 self.state_file.unlink(missing_ok=True)
         return stopped
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal the process group a fleet process leads (it was started in a session of its own), or the process
+    alone when it leads none (a Redis the operator restarted by hand, followed by `follow_redis`)."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def redacted(url: str) -> str:

@@ -166,14 +166,18 @@ def no_process_left(pids: list[int]) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def run_cli(settings: FleetSettings, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201 - click's Result
-    """The CLI in this process (click's runner), pointed at a test fleet's broker and home (and `env`'s settings)."""
+def run_cli(settings: FleetSettings, *args: str, env: dict[str, str] | None = None,  # noqa: ANN201 - click's Result
+            input: str | None = None):
+    """The CLI in this process (click's runner), pointed at a test fleet's broker, home and archive (and `env`'s
+    settings)."""
     from click.testing import CliRunner
 
     from fleetctl.cli import main as cli
 
-    return CliRunner().invoke(cli, list(args), env={"FLEET_BROKER_URL": settings.broker_url,
-                                                    "FLEET_HOME": str(settings.home), **(env or {})})
+    archive = {"FLEET_ARCHIVE_URL": settings.archive_url} if settings.archive_url else {}
+    return CliRunner().invoke(cli, list(args), input=input, env={"FLEET_BROKER_URL": settings.broker_url,
+                                                                 "FLEET_HOME": str(settings.home), **archive,
+                                                                 **(env or {})})
 
 
 OSS_AK, OSS_SK, OSS_TOKEN = "LTAI-test-key", "test-secret", "sts-token-123"

@@ -116,8 +116,12 @@ def check_single_file(plan: VersionPlan) -> None:
     for key, sub in widths.get(plan.family, []):
         width = json.loads((root / sub / "config.json").read_text())["hidden_size"]
         if key not in found:
-            raise LayoutError(f"{checkpoint.name}: it holds no {sub} weights (no {key}), which a {plan.family} "
-                              f"checkpoint carries; publish the full checkpoint, or {hint}")
+            cut = ".transformer." if ".transformer." in key else ".model."
+            prefix = key[:key.index(cut) + len(cut)]
+            what = (f"lacks its {sub}'s token embedding ({key})" if any(k.startswith(prefix) for k in found)
+                    else f"holds no {sub} weights (nothing under {prefix})")
+            raise LayoutError(f"{checkpoint.name}: it {what}, which a {plan.family} checkpoint carries; publish the "
+                              f"complete checkpoint, or {hint}")
         if found[key][-1] != width:
             raise LayoutError(f"{checkpoint.name}: its {sub} is {found[key][-1]} wide, the config says {width}; {hint}")
 
