@@ -25,20 +25,23 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
 from .events import EventLog
 from .manifest import FileEntry, Piece
 from .names import ComponentRef
-from .peers import PeerClient, PeerError
+from .peers import RATE_GRACE, PeerClient, PeerError
 
 ORIGIN_KEY = "blob:{sha256}"
 PER_PEER = 2
 """Requests one sync keeps in flight to one peer; the minimum rate is asked of each."""
 PEER_MAX_RANGE = 2 << 20
 PEER_MIN_RANGE = 128 << 10
+HEDGE_FACTOR, HEDGE_MIN, HEDGE_MAX = 3.0, 0.05, 4 << 20
+"""A range (≤ HEDGE_MAX bytes) still running after HEDGE_FACTOR × what the recent requests' median pace needs for it
+(at least HEDGE_MIN s, at most RATE_GRACE) is asked of a second holder too; the first good answer wins."""
 SHARED_KINDS = frozenset({"bad_piece", "slow", "timeout"})
 """Troubles worth telling the site about (a peer refused or gone is seen by each node at no cost)."""
 
@@ -130,6 +133,8 @@ class PeerSource:
         self.troubles: list[PeerTrouble] = []
         self.inflight: dict[str, int] = {}
         self.given: dict[str, int] = {}
+        self.paces: list[float] = []
+        self.hedges = 0
         self.cond = threading.Condition()
 
     def quarantined(self) -> set[str]:
@@ -186,12 +191,14 @@ class PeerSource:
             answers = list(pool.map(ask, clients))
         return [c for c, yes in zip(clients, answers, strict=True) if yes]
 
-    def acquire(self, holders: list[PeerClient], key: str, nbytes: int) -> PeerClient | None:
-        """A holder to ask for `nbytes` (a slot taken: `release` it), waiting while all are busy; None when every
-        holder has been dropped."""
+    def acquire(self, holders: list[PeerClient], key: str, nbytes: int, skip: Iterable[str] = (),
+                block: bool = True) -> PeerClient | None:
+        """A holder (not in `skip`) to ask for `nbytes` (a slot taken: `release` it), waiting while all are busy
+        (unless not `block`); None when every such holder has been dropped."""
+        skip = set(skip)
         with self.cond:
             while True:
-                options = [c for c in holders if c.node not in self.dropped]
+                options = [c for c in holders if c.node not in self.dropped and c.node not in skip]
                 if not options:
                     return None
                 free = [c for c in options if self.inflight.get(c.node, 0) < PER_PEER]
@@ -201,12 +208,25 @@ class PeerSource:
                     self.inflight[best.node] = self.inflight.get(best.node, 0) + 1
                     self.given[best.node] = self.given.get(best.node, 0) + nbytes
                     return best
+                if not block:
+                    return None
                 self.cond.wait(0.5)
 
-    def release(self, client: PeerClient) -> None:
+    def release(self, client: PeerClient, nbytes: int = 0, seconds: float | None = None) -> None:
+        """Give a slot back; with `seconds`, the request succeeded and its pace counts for hedging."""
         with self.cond:
             self.inflight[client.node] -= 1
+            if seconds is not None:
+                self.paces = [*self.paces[-31:], nbytes / max(seconds, 1e-6)]
             self.cond.notify_all()
+
+    def hedge_after(self, nbytes: int) -> float:
+        """Seconds after which a range of `nbytes` still running is asked of a second holder too."""
+        with self.cond:
+            paces = sorted(self.paces)
+        if len(paces) < 2:
+            return RATE_GRACE
+        return min(RATE_GRACE, max(HEDGE_MIN, HEDGE_FACTOR * nbytes / paces[len(paces) // 2]))
 
     @contextlib.contextmanager
     def turn(self, sha256: str) -> Iterator[list[PeerClient]]:
@@ -249,6 +269,20 @@ class PeerSource:
                 pass
 
 
+def _spawn(fn: Callable[..., bytes | None], *args: object) -> Future[bytes | None]:
+    """Run `fn` on a daemon thread of its own: a request that lost a hedge may outlive the sync that asked."""
+    future: Future[bytes | None] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="peer-read", daemon=True).start()
+    return future
+
+
 def check_pieces(pieces: list[Piece], start: int, data: bytes) -> None:
     for piece in pieces:
         chunk = memoryview(data)[piece.start - start:piece.end - start]
@@ -280,26 +314,46 @@ class PeerRanges:
         self._big_lock = threading.Lock()
         self._big: tuple[int, int, bytes] | None = None
 
-    def _fetch(self, pieces: list[Piece], start: int, end: int) -> bytes:
-        """Bytes [start, end) (whole pieces) from some holder, verified."""
-        sha = self.entry.sha256
-        while (client := self.source.acquire(self.holders, f"{sha}:{start}", end - start)) is not None:
-            try:
-                data = client.read(sha, start, end)
-                check_pieces(pieces, start, data)
-            except PeerError as exc:
-                self.source.drop(client, PeerTrouble(client.node, exc.kind, str(exc), sha, start, end,
-                                                     self.entry.path))
-                continue
-            except BadPiece as exc:
-                self.source.drop(client, PeerTrouble(client.node, "bad_piece", str(exc), sha, exc.piece.start,
-                                                     exc.piece.end, self.entry.path))
-                continue
-            finally:
-                self.source.release(client)
-            with self._lock:
-                self.by_peer[client.node] = self.by_peer.get(client.node, 0) + len(data)
+    def _attempt(self, client: PeerClient, pieces: list[Piece], start: int, end: int) -> bytes | None:
+        """One request for bytes [start, end) (whole pieces), verified; None when it failed (the peer dropped)."""
+        sha, began, seconds = self.entry.sha256, time.monotonic(), None
+        try:
+            data = client.read(sha, start, end)
+            check_pieces(pieces, start, data)
+            seconds = time.monotonic() - began
             return data
+        except PeerError as exc:
+            self.source.drop(client, PeerTrouble(client.node, exc.kind, str(exc), sha, start, end, self.entry.path))
+        except BadPiece as exc:
+            self.source.drop(client, PeerTrouble(client.node, "bad_piece", str(exc), sha, exc.piece.start,
+                                                 exc.piece.end, self.entry.path))
+        finally:
+            self.source.release(client, end - start, seconds)
+        return None
+
+    def _fetch(self, pieces: list[Piece], start: int, end: int) -> bytes:
+        """Bytes [start, end) (whole pieces) from some holder, verified; a range that lags is hedged."""
+        key, nbytes, asked = f"{self.entry.sha256}:{start}", end - start, set()
+        while (client := self.source.acquire(self.holders, key, nbytes, asked)) is not None:
+            asked.add(client.node)
+            began, hedged = time.monotonic(), nbytes > HEDGE_MAX
+            running = {_spawn(self._attempt, client, pieces, start, end): client}
+            while running:
+                done, _ = wait(running, timeout=0.02, return_when=FIRST_COMPLETED)
+                for future in done:
+                    peer, data = running.pop(future), future.result()
+                    if data is not None:  # a loser still running finishes (or fails) on its own
+                        with self._lock:
+                            self.by_peer[peer.node] = self.by_peer.get(peer.node, 0) + len(data)
+                        return data
+                if running and not hedged and time.monotonic() - began > self.source.hedge_after(nbytes):
+                    other = self.source.acquire(self.holders, key, nbytes, asked, block=False)
+                    if other is not None:
+                        hedged = True
+                        asked.add(other.node)
+                        running[_spawn(self._attempt, other, pieces, start, end)] = other
+                        with self.source.cond:
+                            self.source.hedges += 1
         raise NoPeerLeft(f"every peer holding {self.entry.path} was dropped")
 
     def read_range(self, ref: ComponentRef, path: str, start: int, end: int) -> bytes:
