@@ -41,6 +41,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("diff_sync", []),
     ("oss_download", []),
     ("peers", []),
+    ("peer_faults", []),
 ]
 LARGE_SCRIPTS = [("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
