@@ -75,6 +75,8 @@ def render(record: dict[str, Any]) -> str:
             continue
         if key in SIZE_FIELDS and isinstance(value, int | float):
             value = human_bytes(value)
+        elif key == "by_peer" and isinstance(value, dict):  # node → bytes it sent
+            value = ",".join(f"{node}:{human_bytes(n)}" for node, n in value.items())
         parts.append(f"{key}={value}")
     if "outcome" in record:
         parts.append(f"→ {record['outcome']}")
