@@ -199,6 +199,8 @@ def commands_in(node: Any) -> Iterator[list[str]]:
 def dockerfile_commands(path: Path) -> Iterator[list[str]]:
     for kw, rest in dockerfile(path):
         if kw == "HEALTHCHECK":
+            if rest.strip().upper() == "NONE":
+                continue
             rest = rest.split(" CMD ", 1)[1]
         elif kw not in ("CMD", "ENTRYPOINT", "RUN"):
             continue
