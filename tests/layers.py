@@ -26,7 +26,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_orphans", "test_ossserver_archive", "test_peers_security", "test_piece_hashing", "test_queue_moves",
         "test_requests", "test_retention", "test_routing_unit", "test_settings", "test_store", "test_verify_trust",
         "test_layers", "test_ossserver", "test_ossserver_link", "test_archive_proxy", "test_deployment_k8s",
-        "test_deployment_images", "test_deployment_compose", "test_upstream", "test_deployment_validators", "test_route_history", "test_stranded_unit",
+        "test_deployment_images", "test_deployment_compose", "test_upstream", "test_deployment_validators",
+        "test_deployment_redis", "test_route_history", "test_stranded_unit",
         "test_peers_spread",
         "test_layers_probe",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),

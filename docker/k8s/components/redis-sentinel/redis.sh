@@ -5,7 +5,8 @@
 # min-replicas-to-write 1, so a primary demoted while alive refuses writes instead of losing them.
 # Environment: POD_NAME, POD_NAMESPACE, REDIS_PASSWORD_FILE (or REDIS_PASSWORD); optional: REDIS_HOST_SUFFIX (default
 # .redis-headless.$POD_NAMESPACE.svc), REDIS_PORT (6379), SENTINEL_PORT (26379), MASTER_NAME (warmfleet),
-# REDIS_REPLICAS (3), CONF_DIR (/conf), DATA_DIR (/data).
+# REDIS_REPLICAS (3), REDIS_HOSTS (the pods' addresses, instead of their DNS names), REDIS_BIND (the interface to
+# listen on; default all), SENTINEL_DOWN_AFTER_MS (5000), CONF_DIR (/conf), DATA_DIR (/data).
 set -eu
 REDIS_PASSWORD="${REDIS_PASSWORD:-$(cat "${REDIS_PASSWORD_FILE:?set REDIS_PASSWORD_FILE or REDIS_PASSWORD}")}"
 suffix="${REDIS_HOST_SUFFIX:-.redis-headless.${POD_NAMESPACE}.svc}"
@@ -14,12 +15,17 @@ sport="${SENTINEL_PORT:-26379}"
 name="${MASTER_NAME:-warmfleet}"
 conf="${CONF_DIR:-/conf}/redis.conf"
 set_name="${POD_NAME%-*}"
-me="${POD_NAME}${suffix}"
+# the address of the set's pod N: its stable DNS name (or the N+1th of REDIS_HOSTS, a space-separated list)
+host_of() {
+  if [ -n "${REDIS_HOSTS:-}" ]; then echo "$REDIS_HOSTS" | cut -d' ' -f"$(($1 + 1))"; else echo "${set_name}-$1${suffix}"; fi
+}
+me="$(host_of "${POD_NAME##*-}")"
 
+# who is the primary now? ask the other pods' sentinels
 primary=""
 i=0
 while [ "$i" -lt "${REDIS_REPLICAS:-3}" ]; do
-  peer="${set_name}-${i}${suffix}"
+  peer="$(host_of "$i")"
   i=$((i + 1))
   [ "$peer" = "$me" ] && continue
   answer="$(redis-cli -h "$peer" -p "$sport" --raw sentinel get-master-addr-by-name "$name" 2>/dev/null | head -n 1 || true)"
@@ -28,7 +34,7 @@ while [ "$i" -lt "${REDIS_REPLICAS:-3}" ]; do
   break
 done
 # nobody knows yet: the first start of the set, where pod 0 is the primary
-[ -n "$primary" ] || primary="${set_name}-0${suffix}"
+[ -n "$primary" ] || primary="$(host_of 0)"
 
 mkdir -p "$(dirname "$conf")"
 umask 077
@@ -44,6 +50,9 @@ replica-announce-ip ${me}
 min-replicas-to-write 1
 min-replicas-max-lag 10
 CONF
+if [ -n "${REDIS_BIND:-}" ]; then
+  echo "bind ${REDIS_BIND}" >> "$conf"
+fi
 if [ "$primary" != "$me" ]; then
   echo "replicaof ${primary} ${port}" >> "$conf"
 fi
