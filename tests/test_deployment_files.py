@@ -83,3 +83,33 @@ def test_runbook_walks_a_release_through_its_life_with_real_commands():
     for expected in ("publish", "sync", "promote", "rollback", "status", "routes history"):
         assert expected in seen, expected
     assert any("--canary" in " ".join(argv) for argv in runbook_commands())
+
+
+def test_runbook_walks_an_empty_cluster_to_the_reference_deployment():
+    """The Kubernetes section names the prerequisites the manifests rely on (GPU Feature Discovery's label, KEDA, the
+    Prometheus Operator), creates exactly the Secrets and keys the rendered pods read, and checks monitoring."""
+    from .deployment_files import K8S, kustomize, pod_specs
+
+    text = RUNBOOK.read_text()
+    assert re.search(r"^### Kubernetes: from an empty cluster to the reference deployment", text, re.M)
+    for needed in ("gpu-operator", "nvidia.com/gpu.present=true", "GPU Feature Discovery", "kedacore/keda",
+                   "kube-prometheus-stack", "docker/k8s/generate.py", "docker/release/pin-images.py",
+                   "kubectl apply -k docker/k8s/overlays/production", "servicemonitor", "install -d -o 10001"):
+        assert needed in text, needed
+    created: dict[str, set[str]] = {}
+    for argv in runbook_commands():
+        script = argv[2]
+        m = re.search(r"create secret generic (\S+)", script)
+        if m:
+            created[m.group(1)] = set(re.findall(r"--from-literal=([A-Z0-9_]+)=", script))
+    read: dict[str, set[str]] = {}
+    for _, pod in pod_specs(kustomize(K8S / "overlays" / "production")):
+        for c in pod["containers"]:
+            for e in c.get("env") or []:
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    read.setdefault(ref["name"], set()).add(ref["key"])
+        for v in pod.get("volumes") or []:
+            if "secret" in v:
+                read.setdefault(v["secret"]["secretName"], set()).update(i["key"] for i in v["secret"]["items"])
+    assert created == read
