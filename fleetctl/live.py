@@ -121,8 +121,8 @@ def retire(app: Any, client: redis.Redis, release: str, on: list[str] = (), ever
 
 def _left_unserved(client: redis.Redis, registry: WarmRegistry, release: str, workers: list[str],
                    reasons: list[str]) -> str | None:
-    """What a retire from `workers` would leave with no warm worker, in one line; None if a worker stays warm on
-    the release or nothing routes to it and no job waits for it."""
+    """What a retire from `workers` would leave unserved, in one line; None if a worker stays warm on the release,
+    or no job would be left waiting (nothing routes new jobs to it and none is queued for it)."""
     remaining = set(registry.warm_workers(release).get(release, [])) - set(workers)
     if remaining or not reasons:
         return None
@@ -139,9 +139,8 @@ def _left_unserved(client: redis.Redis, registry: WarmRegistry, release: str, wo
     waiting = queue_depth(client, queue_for(release))
     if waiting:
         effects.append(f"{waiting} job(s) already queued for it will wait (`warmfleet move-queued {release} <release>`)")
-    effects += [r for r in reasons if r.startswith(("declared", "pinned"))]
-    if not effects:
-        return None
+    if not ({"active", "canary"} & set(roles) or waiting):
+        return None  # no job left unserved (a rollback target, a pin, a prewarm): --force is answer enough
     return f"retiring {release} from {', '.join(workers)} leaves no worker warm on it: {'; '.join(effects)}"
 
 

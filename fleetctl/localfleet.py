@@ -55,7 +55,7 @@ class Proc:
 
     def alive(self) -> bool:
         """Running, and the very process that was started (not another that was given its pid since)."""
-        return alive(self.pid) and (self.started is None or start_time(self.pid) == self.started)
+        return self.pid > 0 and alive(self.pid) and (self.started is None or start_time(self.pid) == self.started)
 
 
 @dataclass

@@ -141,24 +141,22 @@ class FleetCollector(Collector):
 
 def _waiting_families(client: redis.Redis, queues: dict[str, str], depths: dict[str, int],
                       warm: dict[str, list[str]]) -> Iterator[Any]:
-    """How long each queue's oldest job has waited; and the same for queues no warm worker consumes (stranded
-    jobs: the WarmfleetJobsStranded alert in docker/prometheus/rules.yml fires on it)."""
-    waiting = sorted(q for q, n in depths.items() if n)
-    ages = oldest_waiting(client, waiting)
+    """How long each release queue's oldest job has waited (0 when empty); and the same for queues no warm worker
+    consumes (0 for a served or empty one): stranded jobs, on which WarmfleetJobsStranded
+    (docker/prometheus/rules.yml) fires."""
+    ages = oldest_waiting(client, sorted(q for q, n in depths.items() if n))
     labels = ["queue", "release", "model"]
     oldest = GaugeMetricFamily("warmfleet_queue_oldest_age_seconds", "How long the oldest job waiting in a release "
-                               "queue has waited (queues with jobs only)", labels=labels)
+                               "queue has waited (0: none waits)", labels=labels)
     unserved = GaugeMetricFamily("warmfleet_unserved_queue_oldest_age_seconds", "How long the oldest job has "
-                                 "waited in a release queue that no warm worker consumes (stranded jobs)",
+                                 "waited in a release queue that no warm worker consumes (stranded jobs; 0: none)",
                                  labels=labels)
-    for queue in waiting:
+    for queue in sorted(depths):
         release = queues[queue]
-        age = ages.get(queue)
-        age = 0.0 if age is None else age
+        age = ages.get(queue) or 0.0
         row = [queue, release, Release.parse(release).model]
         oldest.add_metric(row, age)
-        if not warm.get(release):
-            unserved.add_metric(row, age)
+        unserved.add_metric(row, 0.0 if warm.get(release) else age)
     yield oldest
     yield unserved
 

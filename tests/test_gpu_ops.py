@@ -128,6 +128,7 @@ def record_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: list[int] |
     monkeypatch.setattr(LocalFleet, "_route", lambda self, url, releases, active: None)
     monkeypatch.setattr(LocalFleet, "_wait_warm", lambda self, state, releases, timeout: None)
     monkeypatch.setattr(localfleet, "wait_port", lambda port, timeout=15.0: None)
+    monkeypatch.setattr(localfleet, "wait_redis", lambda *args, **kwargs: None)
     monkeypatch.setattr(localfleet.shutil, "which", lambda name: f"/usr/bin/{name}")
     LocalFleet(FleetSettings(home=tmp_path), log=lambda *_: None).up(releases, None, flower=False, beat=False,
                                                                      gpus=gpus)

@@ -88,7 +88,7 @@ def test_metrics_show_warm_workers_loads_jobs_and_queue_depth_of_unconsumed_queu
     port, _ = exporter
     old, new = two_workers["releases"]
     producer.generate.delay("counted", seed=1).get(timeout=120)
-    nobody = "nano-banana@base-v9.9.9"
+    nobody = "nano-banana@base-v1.0.0+lora-v2.3.1"  # archived (a producer may pin it), served by no worker
     for i in range(3):
         producer.generate.delay(f"waiting {i}", release=nobody)
     for i in range(2):

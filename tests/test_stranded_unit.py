@@ -123,6 +123,34 @@ def test_jobs_on_a_queue_no_worker_serves_are_listed_with_their_age(client, prod
         drain(client, COLD, OTHER)
 
 
+def test_the_exporter_serves_the_age_of_stranded_jobs_for_the_alert(client, producer, listed):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.registry import CollectorRegistry
+
+    from fleetctl.metrics import FleetCollector
+
+    drain(client, COLD, OTHER)
+    served = WorkerState(worker="sim@n", node="n", pid=1, state="warm", releases=[OTHER])
+    registry = WarmRegistry(client, ttl=600)
+    registry.publish(served)
+    try:
+        for release in (COLD, OTHER):
+            producer.generate.delay("waiting", release=release)
+        time.sleep(1.2)  # ages are read from the send stamps, to the tenth of a second
+        exported = CollectorRegistry()
+        exported.register(FleetCollector(client))
+        samples = {(s.name, s.labels["release"]): s.value
+                   for family in text_string_to_metric_families(generate_latest(exported).decode())
+                   for s in family.samples if s.name.endswith("oldest_age_seconds")}
+        assert samples[("warmfleet_unserved_queue_oldest_age_seconds", COLD)] >= 1.0
+        assert samples[("warmfleet_unserved_queue_oldest_age_seconds", OTHER)] == 0.0  # a warm worker serves it
+        assert samples[("warmfleet_queue_oldest_age_seconds", OTHER)] >= 1.0
+    finally:
+        registry.withdraw(served)
+        drain(client, COLD, OTHER)
+
+
 def test_move_keeps_task_ids_and_order_and_re_pins_pinned_jobs_only_on_request(client, producer, listed):
     drain(client, COLD, OTHER)
     sent = [producer.generate.delay(f"pinned {i}", release=COLD, seed=i) for i in range(3)]
