@@ -4,6 +4,7 @@
 #   dev.txt   CI, the demo, contributors: runtime + test + bench tools, the CPU torch wheel (Python 3.11)
 #   cpu.txt   the slim image (docker/Dockerfile): runtime only, the same pins as dev.txt
 #   cuda.txt  the GPU image (docker/Dockerfile.gpu, Python 3.12): runtime only, the same pins but torch's CUDA build
+#   validators.txt  the deployment validators' own venv (.fleet/validators; docker/validators/install.sh)
 # Every line carries its sha256 hashes; installs use `pip install --require-hashes --no-deps -r <lock>`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,4 +24,5 @@ grep -v '^torch==' "$pins" > "$pins.cuda"
   --python-version 3.11 -o cpu.txt
 "$UV" pip compile ../pyproject.toml cuda.in build.in "${common[@]}" --constraints "$pins.cuda" \
   --python-version 3.12 -o cuda.txt
+"$UV" pip compile validators.in --generate-hashes --no-header -q --python-version 3.11 -o validators.txt
 echo "locked: $(grep -cE '^[A-Za-z]' dev.txt) packages (dev), $(grep -cE '^[A-Za-z]' cpu.txt) (cpu), $(grep -cE '^[A-Za-z]' cuda.txt) (cuda)"
