@@ -8,7 +8,9 @@ date, and every metric that has a target, met or not. One script: `python bench/
 the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
 `python -m bench reference [--scale S] [--cache DIR] [--clean]` runs the reference deployment at real size (an 8 GB
 SDXL single file + kohya LoRA): its transfers over an emulated line, then its worker rows on real worker processes.
-`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py).
+`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py). `python -m bench upstream` runs, in one
+run, the three figures of loading and dispatch through the libraries' public APIs: dispatch, live LoRA on the large
+release, and the full-size warm restart vs bare diffusers.
 """
 
 from __future__ import annotations
@@ -102,11 +104,41 @@ Redis redelivers it after the visibility timeout; a redelivered job writes the s
 """
 
 
+UPSTREAM = [  # what loading and dispatch through the libraries' public APIs cost, at the reference size where it fits
+    ("dispatch", ["bench_dispatch.py"]),
+    ("live_lora_large", ["bench_live_lora.py", "--size", "large"]),
+    ("reference_restart", ["bench_reference.py", "--workers-only", "--restart-only", "--worker-scale", "1",
+                           "--worker-dtype", "bfloat16"]),
+]
+
+
+def upstream(extra: list[str]) -> int:
+    """`python -m bench upstream`: dispatch (Celery writing its own records), a live LoRA warm on the large release,
+    and the full-size warm restart vs bare diffusers, one after the other in one run; extra arguments go to the
+    reference script (e.g. `--cache DIR` to keep its 8 GB release between runs)."""
+    outcomes: dict[str, str] = {}
+    for label, (script, *args) in UPSTREAM:
+        argv = [sys.executable, str(HERE / script), *args, *(extra if label == "reference_restart" else [])]
+        print(f"== {' '.join(argv[1:])}", flush=True)
+        started = time.perf_counter()
+        try:
+            rc = subprocess.run(argv, timeout=2 * TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        outcomes[label] = "ok" if rc == 0 else f"failed ({rc})"
+        print(f"== {label}: {outcomes[label]} in {time.perf_counter() - started:.0f} s", flush=True)
+    write_section("suite", summary(outcomes), first=True)
+    return 0 if all(v == "ok" for v in outcomes.values()) else 1
+
+
 def main() -> int:
     if sys.argv[1:2] == ["chaos"]:  # the soak: `python -m bench chaos --minutes N`, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_chaos.py"), *sys.argv[2:]]).returncode
     if sys.argv[1:2] == ["reference"]:  # the full-size scenario: its own options, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_reference.py"), *sys.argv[2:]]).returncode
+
+    if sys.argv[1:2] == ["upstream"]:  # the figures of "upstream first": one run of the three, never part of the suite
+        return upstream(sys.argv[2:])
 
     if sys.argv[1:2] == ["gpu"]:  # the GPU run: its own script, never part of the CPU suite
         import bench_gpu
