@@ -6,7 +6,15 @@ leaving the route at OLD → NEW."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from cachemgr import LocalArchive
 from cachemgr.names import ComponentRef, queue_for
 from fleetctl.demo.builders import DEMO_MODEL, DEMO_RELEASES, SINGLE_FILE_CHECKPOINT, build_lora, build_sdxl
+from fleetctl.localfleet import free_port, wait_port
 from fleetstate.keys import queue_lists
 from fleetstate.live import LiveWarms
 from fleetstate.queues import queue_depth
@@ -23,7 +32,7 @@ from fleetstate.registry import WarmRegistry
 from fleetstate.routes import RouteTable
 from tasks.errors import JobRefused
 
-from .support import fleet_settings_for, run_cli, start_worker, wait_for, wait_warm
+from .support import REPO, child_env, fleet_settings_for, run_cli, start_worker, wait_for, wait_warm
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +256,39 @@ def test_archive_commands_refuse_in_one_line(fleet_settings, archive_dir, tmp_pa
                               "--config", str(folder / "config"), "--dry-run"))
     assert f"it lacks its text_encoder's token embedding ({embedding}), which a sd checkpoint carries" in line
     assert "none wide" not in line
+
+
+# 7. smaller: Flower's API answers a bad generate request with 400 and the reason, not an empty 500
+def test_flower_answers_a_bad_generate_request_with_its_reason(fleet_settings, producer, fleet, tmp_path):
+    port = free_port()
+    env = child_env(fleet_settings, FLOWER_BASIC_AUTH="admin:s3cret")
+    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.flower", "--address=127.0.0.1", f"--port={port}"],
+                            env=env, cwd=REPO, stdout=open(tmp_path / "flower.log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    token = base64.b64encode(b"admin:s3cret").decode()
+
+    def post(body: dict, auth: bool = True) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/task/async-apply/warmfleet.generate",
+                                         data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  **({"Authorization": f"Basic {token}"} if auth else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        wait_port(port, timeout=60)
+        assert post({"kwargs": {"prompt": "x", "release": TYPO}}, auth=False)[0] == 401  # auth comes first
+        code, body = post({"kwargs": {"prompt": "x", "release": TYPO}})
+        assert code == 400 and f"the archive has no {DEMO_MODEL}/lora/v2.3.9" in body and "\n" not in body.strip()
+        code, body = post({"kwargs": {"prompt": "x", "steps": 0}})
+        assert code == 400 and "steps must be between 1 and 150, got 0" in body
+        code, body = post({"args": ["a red circle"], "kwargs": {"seed": 5, **SMALL}})
+        assert code == 200, body
+        task_id = json.loads(body)["task-id"]
+        assert producer.app.AsyncResult(task_id).get(timeout=300)["task_id"] == task_id
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
