@@ -1,7 +1,9 @@
-"""Promote, canary and rollback: route changes that only ever point jobs at releases some worker holds warm.
+"""Promote, canary and rollback: route changes that only ever point jobs at releases the archive holds and some
+worker holds warm (`--force` waives the second only, and says what will wait).
 
-A route flip costs one Redis transaction and a pub/sub message; no worker loads or restarts. The guard against
-flipping to a release nobody serves lives here, so the CLI and any other caller share it.
+A route flip costs one Redis transaction and a pub/sub message; no worker loads or restarts. The guards against
+flipping to a release nobody serves, and the rollback rule (back down the model's route stack to the newest earlier
+warm release, never forward), live here, so the CLI and any other caller share them.
 """
 
 from __future__ import annotations
