@@ -26,6 +26,7 @@ from fleetstate.stats import FleetStats, cache_status, node_sync_bytes
 from tasks.settings import FleetSettings
 
 from .metrics_gpu import worker_families
+from .metrics_jobs import job_families
 from .metrics_peers import peer_families
 
 log = logging.getLogger("warmfleet.metrics")
@@ -118,6 +119,7 @@ class FleetCollector(Collector):
         yield per_worker
 
         yield from worker_families(registry, RouteTable(self.redis))
+        yield from job_families(self.redis, releases)
 
         queues = {queue_for(r): r for r in releases}
         depths = queue_depths(self.redis, sorted(queues))

@@ -9,6 +9,7 @@ from celery import Task
 from celery.exceptions import Reject, TaskPredicate
 
 from cachemgr.names import release_of_queue
+from fleetstate import jobstats
 from fleetstate.dead import DeadJob, DeadLetters
 from fleetstate.leases import Claim, JobDead, JobLease, effective_lease_seconds
 from fleetstate.timelimits import limit_or_default
@@ -62,7 +63,11 @@ class JobRunner:
             try:
                 with self._time_limit(lease, claim, queue, task):
                     result = self._serve(request, task.request.id, queue, sent_at)
-            except (BadRequest, TaskPredicate):
+            except BadRequest as exc:
+                self._count(task, release or request.release, "failed",
+                            "out_of_memory" if "out of device memory" in str(exc) else "bad_request")
+                raise
+            except TaskPredicate:
                 raise
             except Exception as exc:
                 lease.release()  # the retry's delivery takes the lease afresh
@@ -74,7 +79,20 @@ class JobRunner:
             if self.breaker is not None:
                 self.breaker.success()
             lease.complete(result, {"jobs": self.runtime.state.jobs})  # the registry's count in the same script
+            self._count(task, result.get("release"), "served", result.get("timings") or {})
             return result
+
+    def _count(self, task: Task, release: Any, what: str, detail: Any) -> None:
+        """The release's job counters (fleetstate/jobstats.py); review jobs are never counted; best effort."""
+        if not release or getattr(task.request, jobstats.REVIEW_HEADER, None):
+            return
+        try:
+            if what == "served":
+                jobstats.record_served(self.redis, str(release), detail)
+            else:
+                jobstats.record_failed(self.redis, str(release), detail)
+        except Exception:  # the job's outcome must not depend on its statistics
+            pass
 
     def _serve(self, request: GenerateRequest, task_id: str, queue: str | None, sent_at: float | None) -> dict[str, Any]:
         """Serve the job; out of device memory, free what it held and try once more here, then refuse it."""
@@ -117,8 +135,16 @@ class JobRunner:
     def _time_limit(self, lease: JobLease, claim: Claim, queue: str | None, task: Task) -> JobWatchdog:
         """The job's release's own limit (read by the claim), else the fleet's (`FLEET_JOB_TIME_LIMIT_S`)."""
         limit = limit_or_default(claim.time_limit, self.settings.job_time_limit_s)
+        release = release_of_queue(queue) if queue else None
+
+        def timed_out(outcome: TimedOut) -> None:
+            if outcome.dead:  # the job's last try: it fails for its time limit
+                self._count(task, release, "failed", "time_limit")
+            if self.on_timeout is not None:
+                self.on_timeout(outcome)
+
         return JobWatchdog(lease, limit, self.settings.job_max_retries, queue, dict(task.request.kwargs or {}),
-                           on_timeout=self.on_timeout)
+                           on_timeout=timed_out)
 
     def _retry_or_bury(self, task: Task, exc: Exception, lease: JobLease, queue: str | None) -> BaseException:
         """Retry with exponential backoff while retries are left; then record the job as dead and fail it."""
@@ -132,6 +158,7 @@ class JobRunner:
                 return Reject(exc, requeue=True)
         reason = one_line(exc)
         lease.bury(reason)
+        self._count(task, release_of_queue(queue) if queue else None, "failed", "other")
         try:
             DeadLetters(lease.redis).record(DeadJob(task.request.id, reason, dict(task.request.kwargs or {}), retries,
                                                     task.request.hostname or "?", queue))

@@ -16,6 +16,7 @@ from tasks.generate import NotServing
 from tasks.requests import BadRequest, GenerateRequest
 
 from .outputs import OutputStore
+from .provenance import provenance, with_text
 from .resident import ResidentPipeline
 
 
@@ -96,6 +97,7 @@ class WorkerRuntime:
             png, params, inference, started = prepared.png, prepared.params, prepared.inference, prepared.started
         else:
             png, params, inference = resident.generate(request, release)
+        png = with_text(png, provenance(request.prompt, {"negative_prompt": request.negative_prompt, **params}, release))
         stored_at = time.perf_counter()
         uri = self.outputs.put(f"{task_id}.png", png, "image/png")
         store_seconds = time.perf_counter() - stored_at
