@@ -139,6 +139,29 @@ class FleetSettings(BaseSettings):
     alert_window_seconds: float = Field(300.0, gt=0, description="…for this long")
     alert_eval_seconds: float = Field(15.0, gt=0)
     alert_webhook_url: str | None = Field(None, description="POSTed a JSON body when an alert fires or resolves")
+    canary_steps: str = Field("10,25,50,100", description="canary shares (%) `promote --analyze` steps through")
+    canary_window_s: float = Field(300.0, gt=0, description="how long each canary share is watched before a step")
+    canary_tick_s: float = Field(5.0, gt=0, description="how often beat runs the canary analysis tick")
+    canary_max_failure_delta: float = Field(0.02, ge=0, le=1, description="a canary whose failure rate exceeds the "
+                                            "active release's by more than this is rolled back")
+    canary_max_p95_ratio: float = Field(1.5, gt=0, description="…or whose p95 total latency exceeds this times the "
+                                        "active's (plus canary_p95_slack_s)")
+    canary_p95_slack_s: float = Field(0.05, ge=0)
+    canary_min_jobs: int = Field(5, ge=1, description="jobs a canary must finish in a window before it is judged")
+
+    api_address: str = Field("127.0.0.1", description="the interface `warmfleet api` (HTTP for producers) binds to")
+    api_port: int = Field(9820, ge=0, le=65535, description="its port; 0 = any free one")
+    api_public_url: str | None = Field(None, description="the API's URL as clients reach it (signed image URLs); "
+                                       "unset = http://<address>:<port>")
+    api_keys_file: Path | None = Field(None, description="the API's keys, hashed (`warmfleet api-key add`); "
+                                       "unset = <home>/state/api-keys.json")
+    api_url_secret: str | None = Field(None, description="signs the API's image URLs; unset = one per API process "
+                                       "(URLs then die with it)")
+    api_url_ttl_seconds: float = Field(900.0, gt=0, description="how long a signed image URL works")
+    api_rate_per_minute: float = Field(120.0, gt=0, description="requests one API key may make per minute "
+                                       "(bursts up to api_burst); per API process")
+    api_burst: int = Field(20, ge=1, description="requests one API key may make at once before the rate applies")
+    api_max_queued: int = Field(32, ge=1, description="jobs of one API key queued or running at once; more: 429")
 
     @field_validator("node_name", mode="before")
     @classmethod
@@ -200,6 +223,10 @@ class FleetSettings(BaseSettings):
     @property
     def event_log_path(self) -> Path:
         return self.home / "events.jsonl"
+
+    @property
+    def resolved_api_keys_file(self) -> Path:
+        return (self.api_keys_file or self.state_dir / "api-keys.json").expanduser().absolute()
 
     def local_fleet_file(self) -> Path:
         return self.state_dir / "fleet.json"
