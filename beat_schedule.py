@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from celery.schedules import crontab
+from celery.schedules import schedule as every
 
 SYNC_TASK = "warmfleet.sync"  # one node's L2, sent to that node's queue
 AUDIT_TASK = "warmfleet.audit"
 SYNC_FLEET_TASK = "warmfleet.sync_fleet"  # fans out to every node with an L2
 AUDIT_FLEET_TASK = "warmfleet.audit_fleet"
 AUTO_WARM_TASK = "warmfleet.auto_warm"  # declared prewarms onto running workers (FLEET_AUTO_WARM)
+CANARY_TICK_TASK = "warmfleet.canary_tick"  # the automatic canary analysis (fleetstate/canary.py)
 MAINTENANCE_QUEUE = "fleet.maintenance"
 
 
@@ -39,6 +42,10 @@ def build_schedule(settings: Any, app: Any = None) -> dict[str, dict[str, Any]]:
             "options": {"queue": MAINTENANCE_QUEUE},
         },
     }
+    tick = getattr(settings, "canary_tick_s", None)
+    if tick:
+        schedule["canary-analysis"] = {"task": CANARY_TICK_TASK, "schedule": every(timedelta(seconds=tick), app=app),
+                                       "options": {"queue": MAINTENANCE_QUEUE, "expires": tick}}
     if getattr(settings, "auto_warm", False):
         schedule["auto-warm"] = {"task": AUTO_WARM_TASK, "schedule": settings.auto_warm_seconds,
                                  "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.auto_warm_seconds}}

@@ -54,7 +54,7 @@ class FleetCelery(Celery):
         return backend
 
 
-app = FleetCelery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm"])
+app = FleetCelery("warmfleet", include=["tasks.generate", "tasks.maintenance", "tasks.prewarm", "tasks.canary"])
 
 
 def repoint(target: Celery) -> None:

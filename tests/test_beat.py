@@ -51,7 +51,7 @@ def test_the_celery_app_carries_the_schedule_and_its_timezone(monkeypatch, tmp_p
     env = {k: v for k, v in os.environ.items()}
     env["PYTHONPATH"] = str(REPO)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert out.stdout.split(maxsplit=1) == ["Europe/Berlin", "['l2-audit', 'nightly-l2-sync']\n"], out.stderr
+    assert out.stdout.split(maxsplit=1) == ["Europe/Berlin", "['canary-analysis', 'l2-audit', 'nightly-l2-sync']\n"], out.stderr
 
 
 def start_maintenance(settings, node: str, cache_root, logdir):
