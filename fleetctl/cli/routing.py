@@ -59,14 +59,32 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="send only this share of new jobs to RELEASE (0 ends a canary); without it, promote fully")
 @click.option("--force", is_flag=True, help="change the route even with no warm worker for the release yet (never to "
               "a release whose versions the archive lacks)")
+@click.option("--analyze", is_flag=True, help="with --canary: step the share up (FLEET_CANARY_STEPS) while the canary's "
+              "failures and p95 latency stay within bounds of the active release's, roll back by itself otherwise")
 @click.pass_context
 @friendly
-def promote(ctx: click.Context, model: str, release: str, canary: float | None, force: bool) -> None:
+def promote(ctx: click.Context, model: str, release: str, canary: float | None, force: bool, analyze: bool) -> None:
     """Send new jobs for MODEL to RELEASE (all of them, or a --canary share)."""
+    from fleetstate import canary as analysis
     from fleetstate.rollout import promote as promote_route
 
-    change = promote_route(_redis(ctx), model, release, canary=canary, force=force, actor=_actor(),
+    if analyze and not canary:
+        raise click.ClickException("--analyze needs --canary PERCENT (the first share to watch)")
+    client = _redis(ctx)
+    if analyze:
+        running = analysis.read(client, model)
+        if running and running.get("state") == "running":
+            raise click.ClickException(f"an analysis of {model} already runs ({running['release']} at "
+                                       f"{running['share']}%); wait for it or `warmfleet rollback {model}`")
+    change = promote_route(client, model, release, canary=canary, force=force, actor=_actor(),
                            archive=_archive(_settings(ctx)))
+    if analyze:
+        try:
+            state = analysis.start(client, model, release, analysis.Bounds.of(_settings(ctx)))
+        except analysis.AnalysisError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{model}: analysing {release}: shares {state['steps']}%, a window of "
+                   f"{_settings(ctx).canary_window_s:g}s each (beat's warmfleet.canary_tick; `warmfleet status`)")
     route = change.after
     if route.canary:
         click.echo(f"{model}: canary {route.canary} gets {route.canary_weight:g}% of new jobs; "
@@ -222,6 +240,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from fleetstate.peerhealth import peer_health, render_peer_line
 
     report["peers"] = peer_health(_redis(ctx))  # per peer: quarantine, bad pieces, drops, bytes sent, its server
+    from fleetstate.canary import analyses
+
+    report["canary_analysis"] = analyses(_redis(ctx))  # each model's canary analysis, running or last finished
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
@@ -230,6 +251,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for model, info in report["models"].items():
         canary = f"{info['canary']} ({info['canary_weight']:g}% of new jobs)" if info["canary"] else "-"
         click.echo(f"model {model}: active {info['active'] or '-'}  canary {canary}  previous {info['previous'] or '-'}")
+        if model in report["canary_analysis"]:
+            a = report["canary_analysis"][model]
+            click.echo(f"  canary analysis of {a['release']}: {a['state']} at {a['share']}%"
+                       f"{'  ' + a['reason'] if a['reason'] else ''}")
         for rel in info["releases"]:
             age = f"  oldest {rel['oldest_s']:.0f}s" if rel["queued"] and rel["oldest_s"] is not None else ""
             click.echo(f"  {rel['release']:<44} {','.join(rel['roles']) or '-':<16} queued {rel['queued']:>5}{age}")
