@@ -71,6 +71,8 @@ class JobRunner:
                 raise
             except Exception as exc:
                 lease.release()  # the retry's delivery takes the lease afresh
+                if not isinstance(exc, NotServing):  # each failed try of the release counts (a retry may succeed)
+                    self._count(task, release, "failed", "other")
                 if (self.breaker is not None and not isinstance(exc, NotServing)
                         and self.breaker.failure(task.request.id, one_line(exc))):
                     # this worker is sick, not the job: it goes back whole to its queue, no retry spent
@@ -138,8 +140,7 @@ class JobRunner:
         release = release_of_queue(queue) if queue else None
 
         def timed_out(outcome: TimedOut) -> None:
-            if outcome.dead:  # the job's last try: it fails for its time limit
-                self._count(task, release, "failed", "time_limit")
+            self._count(task, release, "failed", "time_limit")  # each try past its limit, as for any failed try
             if self.on_timeout is not None:
                 self.on_timeout(outcome)
 
@@ -158,7 +159,6 @@ class JobRunner:
                 return Reject(exc, requeue=True)
         reason = one_line(exc)
         lease.bury(reason)
-        self._count(task, release_of_queue(queue) if queue else None, "failed", "other")
         try:
             DeadLetters(lease.redis).record(DeadJob(task.request.id, reason, dict(task.request.kwargs or {}), retries,
                                                     task.request.hostname or "?", queue))
