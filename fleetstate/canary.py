@@ -34,7 +34,7 @@ class Bounds:
     steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     max_failure_delta: float = 0.02  # the canary's failure rate may exceed the active's by at most this
     max_p95_ratio: float = 1.5  # the canary's p95 total latency may be at most this times the active's…
-    p95_slack_s: float = 0.05  # …plus this (tiny latencies jitter by more than any ratio)
+    p95_slack_s: float = 0.25  # …plus this (tiny latencies jitter by more than any ratio)
     min_jobs: int = 5  # jobs the canary must have finished in a window before it is judged
 
     @classmethod

@@ -146,7 +146,7 @@ class FleetSettings(BaseSettings):
                                             "active release's by more than this is rolled back")
     canary_max_p95_ratio: float = Field(1.5, gt=0, description="…or whose p95 total latency exceeds this times the "
                                         "active's (plus canary_p95_slack_s)")
-    canary_p95_slack_s: float = Field(0.05, ge=0)
+    canary_p95_slack_s: float = Field(0.25, ge=0, description="seconds of p95 slack: small latencies jitter by more than any ratio")
     canary_min_jobs: int = Field(5, ge=1, description="jobs a canary must finish in a window before it is judged")
 
     api_address: str = Field("127.0.0.1", description="the interface `warmfleet api` (HTTP for producers) binds to")

@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_layers", "test_ossserver", "test_ossserver_link", "test_archive_proxy", "test_deployment_k8s",
         "test_deployment_images", "test_deployment_compose", "test_upstream", "test_deployment_validators",
         "test_deployment_redis", "test_route_history", "test_stranded_unit",
-        "test_peers_spread", "test_jobstats_unit",
+        "test_peers_spread", "test_jobstats_unit", "test_canary_unit", "test_roles",
         "test_layers_probe",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     PIPELINE: (
@@ -39,7 +39,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_batching", "test_beat", "test_demo_fleet", "test_deployment_health", "test_fleet", "test_fleet_oss",
         "test_fleetwide", "test_live_lora", "test_localfleet_auth", "test_main_job", "test_observability",
         "test_peers_fleet", "test_peers_live", "test_real_models", "test_retention_fleet", "test_routing_fleet",
-        "test_security", "test_sync_while_serving", "test_gpu_ops", "test_stranding_fleet",
+        "test_security", "test_sync_while_serving", "test_gpu_ops", "test_stranding_fleet", "test_canary_fleet",
+        "test_api_fleet",
         "test_layers_probe_fleet",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     FAULT: (
