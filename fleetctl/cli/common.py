@@ -37,6 +37,13 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(exc)) from None
         except redis.ConnectionError as exc:
             raise click.ClickException(f"cannot reach the broker: {exc}; is the fleet up (`warmfleet up`)?") from None
+        except (redis.ResponseError, OSError) as exc:  # kombu re-raises a refusal as its OperationalError (OSError)
+            from fleetstate.acl import denied_message
+
+            line = denied_message(exc, load_settings().resolved_broker_url)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
 
     return wrapper
 
