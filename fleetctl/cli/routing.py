@@ -304,5 +304,7 @@ def _print_workers(rows: list[dict[str, Any]]) -> None:
 
 def register(group: click.Group) -> None:
     """Add these commands to the `warmfleet` group."""
-    for command in (promote, rollback, routes, status):
+    from .review import review  # `warmfleet review A B`: registered here while main.py's module list is being edited
+
+    for command in (promote, rollback, routes, status, review):
         group.add_command(command)
