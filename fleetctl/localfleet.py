@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetstate.acl import create_roles
 from tasks.settings import FleetSettings, offline_environment
 
 from .localredis import RedisNotReady, compact_aof, redis_config, start_time, wait_redis
@@ -70,6 +71,8 @@ class FleetState:
     releases: list[str] = field(default_factory=list)
     flower_user: str | None = None
     flower_password: str | None = None  # only when `up` generated it; the file is mode 0600
+    roles: dict[str, str] | None = None  # role → its Redis URL (fleetstate/acl.py); broker_url is the admin's
+    api_url: str | None = None  # `warmfleet api`, logged in as the producer role
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,13 +191,16 @@ class LocalFleet:
                 wait_redis(state.broker_url, state.procs[-1])  # listening is not ready: it may still load its AOF
             except RedisNotReady as exc:
                 raise FleetError(str(exc)) from None
-            env = self.child_env(state.broker_url)
+            state.roles = create_roles(state.broker_url)  # each process logs in as its own role
+            state.save(self.state_file)
+            env = self.child_env(state.roles["worker"])
             self._route(state.broker_url, releases, active)
             for i, slot in enumerate(worker_plan(releases, gpus)):
                 state.procs.append(self._spawn(f"worker-{i}", [
                     sys.executable, "-m", "fleetctl.cli", "worker", "--release", slot.release,
                     "--name", slot.name, *slot.args(), "--loglevel", "INFO",
                 ], {**env, **slot.env()}))
+            env = self.child_env(state.roles["maintenance"])
             state.procs.append(self._spawn("maintenance", [sys.executable, "-m", "fleetctl.cli", "maintenance-worker"], env))
             if beat:
                 schedule = self.settings.state_dir / "beat-schedule"
@@ -204,14 +210,20 @@ class LocalFleet:
                 ], env))
             mport = self.settings.metrics_port if self._port_free(self.settings.metrics_port) else free_port()
             state.procs.append(self._spawn("metrics", [sys.executable, "-m", "fleetctl.cli", "metrics",
-                                                       "--port", str(mport)], env))
+                                                       "--port", str(mport)], self.child_env(state.roles["monitoring"])))
             state.metrics_url = f"http://127.0.0.1:{mport}/metrics"
             if flower:
                 fport = self.settings.flower_port if self._port_free(self.settings.flower_port) else free_port()
                 args = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", "--address=127.0.0.1",
                         f"--port={fport}"]
+                env = self.child_env(state.roles["operator"])
                 state.procs.append(self._spawn("flower", args, self._flower_env(env, state)))
                 state.flower_url = f"http://127.0.0.1:{fport}"
+            aport = self.settings.api_port if self.settings.api_port and self._port_free(self.settings.api_port) \
+                else free_port()
+            state.procs.append(self._spawn("api", [sys.executable, "-m", "fleetctl.cli", "api", "--port", str(aport)], {
+                **self.child_env(state.roles["producer"]), "FLEET_API_URL_SECRET": secrets.token_urlsafe(32)}))
+            state.api_url = f"http://127.0.0.1:{aport}"
             state.save(self.state_file)
             self._wait_warm(state, releases, timeout)
         except BaseException:

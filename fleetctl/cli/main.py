@@ -298,8 +298,8 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
     click.echo(json.dumps(result, indent=1))
 
 
-from . import archive, dead, health, live, ops, queues, routing  # noqa: E402  their commands register on the group
+from . import api, archive, dead, health, live, ops, queues, routing  # noqa: E402  their commands register on the group
 
-for _module in (routing, health, ops, dead, live, queues, archive):
+for _module in (routing, health, ops, dead, live, queues, archive, api):
     _module.register(main)
 
