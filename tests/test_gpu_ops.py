@@ -31,7 +31,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 def test_the_alerting_rules_are_valid():
     checked = promtool("check", "rules", "rules.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "6 rules found" in checked.stdout
+    assert "11 rules found" in checked.stdout
 
 
 def test_each_alert_fires_on_its_history_in_promtools_unit_tests():
@@ -53,6 +53,10 @@ def served_metric_names(redis_server, fleet_settings) -> set[str]:
     client = redis.Redis.from_url(redis_server.url)
     RouteTable(client).set_active(RELEASE, actor="test")
     WarmRegistry(client).publish(WorkerState("gpu0@n1", "n1", 1, "warm", [RELEASE], device="cuda:0"))
+    from fleetstate import jobstats
+
+    jobstats.record_served(client, RELEASE, {"queued_ms": 3, "inference_ms": 90, "total_ms": 100})
+    jobstats.record_failed(client, RELEASE, "other")
     from cachemgr import EventLog
 
     alert = MissRateAlert(client, EventLog(fleet_settings.event_log_path, "n1"), 0.01, 300)
