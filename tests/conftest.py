@@ -87,6 +87,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         layer = item_layer(item) or ""
         item.add_marker(getattr(pytest.mark, layer))
         item.stash[_LAYER] = layer
+    # The slowest layers first (fault, fleet, then pipeline, unit; modules keep their order within a layer): with
+    # `-n 2 --dist loadfile` the long modules start at once and the short ones fill in behind them.
+    rank = {layer: i for i, layer in enumerate(reversed(ORDER))}
+    items.sort(key=lambda item: rank.get(layer_of(item.path.stem) or "", len(ORDER)))
 
 
 _LAYER = pytest.StashKey[str]()
