@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetstate.acl import create_roles
+from fleetstate.acl import config_lines, new_passwords, role_urls
 from tasks.settings import FleetSettings, offline_environment
 
 from .localredis import RedisNotReady, compact_aof, redis_config, start_time, wait_redis
+from .localtls import make_certificates, tls_url
 
 
 class FleetError(RuntimeError):
@@ -183,16 +184,19 @@ class LocalFleet:
             redis_dir.mkdir(parents=True, exist_ok=True)
             password = secrets.token_urlsafe(24)
             state.broker_url = f"redis://:{password}@127.0.0.1:{port}/0"  # kept in the 0600 state file only
-            state.procs.append(self._spawn("redis", [redis_server, str(redis_config(redis_dir, port, password))],
-                                           os.environ.copy()))
+            tls = make_certificates(redis_dir / "tls") if self.settings.local_tls else None
+            if tls is not None:
+                state.broker_url = tls_url(state.broker_url, tls)
+            passwords = new_passwords()  # each process logs in as its own role (fleetstate/acl.py)
+            state.roles = role_urls(state.broker_url, passwords)
+            conf = redis_config(redis_dir, port, password, tls and tls.parent, users=config_lines(passwords))
+            state.procs.append(self._spawn("redis", [redis_server, str(conf)], os.environ.copy()))
             state.save(self.state_file)
             wait_port(port)
             try:
                 wait_redis(state.broker_url, state.procs[-1])  # listening is not ready: it may still load its AOF
             except RedisNotReady as exc:
                 raise FleetError(str(exc)) from None
-            state.roles = create_roles(state.broker_url)  # each process logs in as its own role
-            state.save(self.state_file)
             env = self.child_env(state.roles["worker"])
             self._route(state.broker_url, releases, active)
             for i, slot in enumerate(worker_plan(releases, gpus)):

@@ -49,7 +49,7 @@ def wait_redis(url: str, proc=None, timeout: float = REDIS_READY_SECONDS) -> Non
         time.sleep(0.1)
 
 
-def redis_config(folder: Path, port: int, password: str) -> Path:
+def redis_config(folder: Path, port: int, password: str, tls: Path | None = None, users: list[str] = ()) -> Path:
     """The local redis-server's configuration, password included, in a file only this user can read: never argv,
     which every local user sees in `ps`."""
     path = folder / "redis.conf"
@@ -58,6 +58,11 @@ def redis_config(folder: Path, port: int, password: str) -> Path:
     lines = [f"port {port}", "bind 127.0.0.1", f'dir "{folder}"', 'save ""', "appendonly yes", "protected-mode yes",
              "auto-aof-rewrite-percentage 100", "auto-aof-rewrite-min-size 8mb", "aof-use-rdb-preamble yes",
              f"requirepass {password}"]
+    lines += users  # the fleet's roles (fleetstate/acl.py config_lines): here, they survive a restart
+    if tls is not None:  # TLS only: no plain-text port; clients verify the server, the password authenticates them
+        lines[0] = "port 0"
+        lines += [f"tls-port {port}", f'tls-cert-file "{tls / "server.pem"}"', f'tls-key-file "{tls / "server.key"}"',
+                  f'tls-ca-cert-file "{tls / "ca.pem"}"', "tls-auth-clients no"]
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -105,6 +105,20 @@ def apply_roles(client, passwords: dict[str, str]) -> None:  # noqa: ANN001 - re
                                "resetchannels", "-@all", *RULES[role])
 
 
+def config_lines(passwords: dict[str, str]) -> list[str]:
+    """The roles as `user` directives of a redis.conf: they survive a restart of the server (ACL SETUSER does not
+    unless the server has an ACL file)."""
+    def arg(rule: str) -> str:
+        return f'"{rule}"' if " " in rule else rule
+
+    return [" ".join(["user", user_of(role), "reset", "on", f">{password}", "resetkeys", "resetchannels", "-@all",
+                      *(arg(r) for r in RULES[role])]) for role, password in passwords.items()]
+
+
+def role_urls(url: str, passwords: dict[str, str]) -> dict[str, str]:
+    return {role: role_url(url, role, password) for role, password in passwords.items()}
+
+
 def create_roles(admin_url: str) -> dict[str, str]:
     """Create every role on the server `admin_url` reaches (as a user allowed ACL SETUSER) with fresh passwords:
     role → its URL."""

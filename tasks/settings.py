@@ -149,6 +149,8 @@ class FleetSettings(BaseSettings):
     canary_p95_slack_s: float = Field(0.25, ge=0, description="seconds of p95 slack: small latencies jitter by more than any ratio")
     canary_min_jobs: int = Field(5, ge=1, description="jobs a canary must finish in a window before it is judged")
 
+    local_tls: bool = Field(False, description="`warmfleet up`: its Redis speaks TLS only (a CA and certificate made "
+                            "under <home>/state/redis/tls); every process connects with rediss:// and verifies it")
     api_address: str = Field("127.0.0.1", description="the interface `warmfleet api` (HTTP for producers) binds to")
     api_port: int = Field(9820, ge=0, le=65535, description="its port; 0 = any free one")
     api_public_url: str | None = Field(None, description="the API's URL as clients reach it (signed image URLs); "

@@ -41,7 +41,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_peers_fleet", "test_peers_live", "test_real_models", "test_retention_fleet", "test_routing_fleet",
         "test_security", "test_sync_while_serving", "test_gpu_ops", "test_stranding_fleet", "test_canary_fleet",
         "test_review_fleet",
-        "test_api_fleet",
+        "test_api_fleet", "test_tls_fleet",
         "test_layers_probe_fleet",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     FAULT: (

@@ -158,3 +158,28 @@ def test_role_urls_keep_host_scheme_and_database():
     url = acl.role_url("rediss://:admin@10.0.0.1:6380/3?ssl_cert_reqs=required", "producer", "p/w")
     assert url == "rediss://fleet-producer:p%2Fw@10.0.0.1:6380/3?ssl_cert_reqs=required"
     assert acl.url_role(url) == "producer" and acl.url_role("redis://:x@h/0") is None
+
+
+def test_roles_in_the_local_redis_conf_survive_a_restart(tmp_path):
+    import shutil
+    import subprocess
+
+    from fleetctl.localfleet import free_port, wait_port
+    from fleetctl.localredis import redis_config
+
+    passwords, port = acl.new_passwords(), free_port()
+    conf = redis_config(tmp_path, port, "admin-pass", users=acl.config_lines(passwords))
+    urls = acl.role_urls(f"redis://:admin-pass@127.0.0.1:{port}/0", passwords)
+    for _ in range(2):  # started, then started again from the same configuration and AOF
+        proc = subprocess.Popen([shutil.which("redis-server"), str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_port(port)
+            producer = redis.Redis.from_url(urls["producer"])
+            assert producer.hgetall(ROUTE_KEY.format(model="m")) == {}
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                producer.flushall()
+            assert redis.Redis.from_url(urls["operator"]).sadd(PIN_KEY, "x") in (0, 1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)

@@ -41,15 +41,18 @@ def _default_releases(settings: FleetSettings) -> list[str]:
 @click.option("--archive", type=click.Choice(["local", "oss"]), default="local",
               help="L3: a local directory, or the project's OSS-protocol server on loopback (a real oss:// archive)")
 @click.option("--gpus", metavar="0,1,…", help="one worker per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)")
+@click.option("--tls", is_flag=True, help="Redis over TLS only (rediss://, certificate verified; FLEET_LOCAL_TLS)")
 @click.pass_context
 @friendly
 def up(ctx: click.Context, releases: tuple[str, ...], active: str | None, foreground: bool, no_flower: bool,
-       no_beat: bool, archive: str, gpus: str | None) -> None:
+       no_beat: bool, archive: str, gpus: str | None, tls: bool) -> None:
     """Start a local fleet on embedded defaults (private redis, workers, beat, Flower)."""
     from fleetctl.gpus import parse_gpus
     from fleetctl.localfleet import LocalFleet
 
     settings = _settings(ctx)
+    if tls:
+        settings = settings.model_copy(update={"local_tls": True})
     fleet = LocalFleet(settings, log=click.echo)
     state = fleet.up(list(releases) or _default_releases(settings), active, flower=not no_flower, beat=not no_beat,
                      archive=archive, gpus=parse_gpus(gpus))
