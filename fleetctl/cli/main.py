@@ -69,6 +69,11 @@ def _print_fleet(state: Any) -> None:
         click.echo(f"  flower   {state.flower_url}")
     if state.metrics_url:
         click.echo(f"  metrics  {state.metrics_url}")
+    if getattr(state, "api_url", None):
+        click.echo(f"  api      {state.api_url}  (keys: `warmfleet api-key add <client>`)")
+    if getattr(state, "roles", None):
+        click.echo(f"  roles    {', '.join(sorted(state.roles))}: each process logs in as its own (URLs in the state "
+                   "file)")
     if state.archive_url:
         click.echo(f"  archive  {state.archive_url} at {state.oss['endpoint'] if state.oss else ''}")
     for p in state.procs:
