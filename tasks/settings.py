@@ -149,6 +149,9 @@ class FleetSettings(BaseSettings):
     canary_p95_slack_s: float = Field(0.25, ge=0, description="seconds of p95 slack: small latencies jitter by more than any ratio")
     canary_min_jobs: int = Field(5, ge=1, description="jobs a canary must finish in a window before it is judged")
 
+    role: Literal["producer", "worker", "maintenance", "operator", "monitoring"] | None = Field(
+        None, description="with a local fleet and no FLEET_BROKER_URL: log in as this role (fleetstate/acl.py; its URL "
+        "from the state file) instead of the fleet's admin")
     local_tls: bool = Field(False, description="`warmfleet up`: its Redis speaks TLS only (a CA and certificate made "
                             "under <home>/state/redis/tls); every process connects with rediss:// and verifies it")
     api_address: str = Field("127.0.0.1", description="the interface `warmfleet api` (HTTP for producers) binds to")
@@ -236,7 +239,13 @@ class FleetSettings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str | None:
         """The configured broker, else the one of a local fleet started by `warmfleet up` under this home."""
-        return self.broker_url or self._local_fleet().get("broker_url")  # type: ignore[return-value]
+        if self.broker_url:
+            return self.broker_url
+        fleet = self._local_fleet()
+        roles = fleet.get("roles") if isinstance(fleet.get("roles"), dict) else {}
+        if self.role:
+            return roles.get(self.role)  # type: ignore[union-attr,return-value]
+        return fleet.get("broker_url")  # type: ignore[return-value]
 
     @property
     def resolved_result_url(self) -> str | None:

@@ -183,3 +183,15 @@ def test_roles_in_the_local_redis_conf_survive_a_restart(tmp_path):
         finally:
             proc.terminate()
             proc.wait(timeout=15)
+
+
+def test_a_local_producer_picks_its_role_from_the_state_file(tmp_path):
+    from tasks.settings import FleetSettings
+
+    state = tmp_path / "state" / "fleet.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"broker_url": "redis://:admin@h:1/0",
+                                 "roles": {"producer": "redis://fleet-producer:p@h:1/0"}}))
+    assert FleetSettings(home=tmp_path).resolved_broker_url == "redis://:admin@h:1/0"
+    assert FleetSettings(home=tmp_path, role="producer").resolved_broker_url == "redis://fleet-producer:p@h:1/0"
+    assert FleetSettings(home=tmp_path, role="producer", broker_url="redis://x/0").resolved_broker_url == "redis://x/0"
