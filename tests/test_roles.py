@@ -195,3 +195,23 @@ def test_a_local_producer_picks_its_role_from_the_state_file(tmp_path):
     assert FleetSettings(home=tmp_path).resolved_broker_url == "redis://:admin@h:1/0"
     assert FleetSettings(home=tmp_path, role="producer").resolved_broker_url == "redis://fleet-producer:p@h:1/0"
     assert FleetSettings(home=tmp_path, role="producer", broker_url="redis://x/0").resolved_broker_url == "redis://x/0"
+
+
+def test_roles_apply_creates_the_users_on_your_own_redis(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    from fleetctl.cli import main
+
+    srv = RedisServer(tmp_path / "own", appendonly=False).start()
+    try:
+        monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+        env = {"FLEET_BROKER_URL": srv.url} | {f"FLEET_{r.upper()}_PASSWORD": f"pw-{r}-0123456789" for r in acl.ROLES}
+        missing = CliRunner().invoke(main, ["roles", "apply"], env={"FLEET_BROKER_URL": srv.url})
+        assert missing.exit_code == 1 and "FLEET_PRODUCER_PASSWORD" in missing.output
+        done = CliRunner().invoke(main, ["roles", "apply"], env=env)
+        assert done.exit_code == 0, done.output
+        producer = redis.Redis.from_url(acl.role_url(srv.url, "producer", "pw-producer-0123456789"))
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            producer.set(LEASE_KEY.format(task_id="x"), 1)
+        lines = CliRunner().invoke(main, ["roles", "config"], env=env).output.splitlines()
+        assert len(lines) == len(acl.ROLES) and all(line.startswith("user fleet-") for line in lines)
+    finally:
+        srv.stop()
