@@ -44,6 +44,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("oss_download", []),
     ("peers", []),
     ("peer_faults", []),
+    ("canary", []),
 ]
 LARGE_SCRIPTS = [("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
