@@ -218,7 +218,7 @@ class LocalFleet:
             state.metrics_url = f"http://127.0.0.1:{mport}/metrics"
             if flower:
                 fport = self.settings.flower_port if self._port_free(self.settings.flower_port) else free_port()
-                args = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", "--address=127.0.0.1",
+                args = [sys.executable, "-m", "fleetctl.cli", "flower", "--address=127.0.0.1",
                         f"--port={fport}"]
                 env = self.child_env(state.roles["operator"])
                 state.procs.append(self._spawn("flower", args, self._flower_env(env, state)))

@@ -262,7 +262,7 @@ def test_archive_commands_refuse_in_one_line(fleet_settings, archive_dir, tmp_pa
 def test_flower_answers_a_bad_generate_request_with_its_reason(fleet_settings, producer, fleet, tmp_path):
     port = free_port()
     env = child_env(fleet_settings, FLOWER_BASIC_AUTH="admin:s3cret")
-    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.flower", "--address=127.0.0.1", f"--port={port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "fleetctl.cli", "flower", "--address=127.0.0.1", f"--port={port}"],
                             env=env, cwd=REPO, stdout=open(tmp_path / "flower.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     token = base64.b64encode(b"admin:s3cret").decode()

@@ -306,8 +306,8 @@ def generate(ctx: click.Context, prompt: str, release: str | None, seed: int | N
     click.echo(json.dumps(result, indent=1))
 
 
-from . import api, archive, dead, health, live, ops, queues, roles, routing  # noqa: E402  their commands register on the group
+from . import api, archive, dead, flowercmd, health, live, ops, queues, roles, routing  # noqa: E402  their commands register on the group
 
-for _module in (routing, health, ops, dead, live, queues, archive, api, roles):
+for _module in (routing, health, ops, dead, live, queues, archive, api, roles, flowercmd):
     _module.register(main)
 
