@@ -29,6 +29,7 @@ DOCKER = REPO / "docker"
 K8S = DOCKER / "k8s"
 COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / "fleet.env.example"
+REDIS_ENV_EXAMPLE = DOCKER / "redis.env.example"
 RUNBOOK = REPO / "docs" / "runbook.md"
 PLACEHOLDER = "SET-BY-THE-RELEASE-FOLDER"
 DIGEST_PLACEHOLDER = "sha256:SET-BY-THE-RELEASE-PROCESS"
@@ -269,6 +270,8 @@ def check_warmfleet(tokens: list[str], seen: list[str]) -> list[str]:
         command = sub
         path.append(name)
     seen.append(" ".join(path[1:]))
+    if command.context_settings.get("ignore_unknown_options"):
+        return []  # hands its options on (`warmfleet flower`: Flower's own), so any option is its callee's to judge
     valid = _valid_options(command)
     return [f"`{' '.join(path)}` has no option {opt}" for opt in option_names(rest) if opt not in valid]
 
@@ -328,14 +331,25 @@ def check_command(argv: list[str], seen: list[str]) -> list[str]:
 FLEET_VARIABLE = re.compile(r"(?<![A-Za-z0-9_])FLEET_[A-Z0-9_]+")
 
 
+def role_password_variables() -> set[str]:
+    """FLEET_<ROLE>_PASSWORD: what `warmfleet roles apply | config` read (fleetctl/cli/roles.py), one per role of
+    fleetstate/acl.py; not settings, but variables the CLI reads."""
+    from fleetctl.cli.roles import PASSWORD_ENV
+    from fleetstate.acl import ROLES
+
+    return {PASSWORD_ENV.format(role=r.upper()) for r in ROLES}
+
+
 def check_settings_named(text: str) -> list[str]:
     fields = set(FleetSettings.model_fields)
+    allowed = role_password_variables()
     return [f"{name} is not a setting: FleetSettings has no field {name[6:].lower()!r}"
-            for name in sorted(set(FLEET_VARIABLE.findall(text))) if name[6:].lower() not in fields]
+            for name in sorted(set(FLEET_VARIABLE.findall(text)))
+            if name[6:].lower() not in fields and name not in allowed]
 
 
 def deployment_files() -> list[Path]:
-    return [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu", COMPOSE, ENV_EXAMPLE, RUNBOOK, *k8s_files(),
+    return [DOCKER / "Dockerfile", DOCKER / "Dockerfile.gpu", COMPOSE, ENV_EXAMPLE, REDIS_ENV_EXAMPLE, RUNBOOK, *k8s_files(),
             *k8s_env_files()]
 
 
@@ -349,3 +363,27 @@ def all_commands() -> Iterator[tuple[Path, list[str]]]:
                 yield path, argv
     for argv in runbook_commands():
         yield RUNBOOK, argv
+
+
+# -- Redis roles (fleetstate/acl.py) ------------------------------------------------------------------------------
+
+COMPOSE_URL = re.compile(r"^\$\{REDIS_SCHEME:-redis\}://(?P<user>[a-z-]+):\$\{(?P<password>[A-Z_]+):\?[^}]*\}@")
+
+
+def compose_role(service: dict[str, Any]) -> str | None:
+    """The role a compose service's FLEET_BROKER_URL logs in as, checked to use that role's own password variable
+    (REDIS_<ROLE>_PASSWORD); None: no broker URL."""
+    from fleetstate.acl import role_of_user
+
+    url = (service.get("environment") or {}).get("FLEET_BROKER_URL")
+    if url is None:
+        return None
+    m = COMPOSE_URL.match(url)
+    assert m, f"not a role's URL: {url}"
+    role = role_of_user(m["user"])
+    assert role and m["password"] == f"REDIS_{role.upper()}_PASSWORD", url
+    return role
+
+
+def env_keys(path: Path) -> set[str]:
+    return {line.split("=", 1)[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}

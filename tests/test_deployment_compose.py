@@ -23,9 +23,12 @@ from .deployment_files import (
     ENV_EXAMPLE,
     K8S,
     L2_PATH,
+    REDIS_ENV_EXAMPLE,
     argv_of,
     commands_in,
     compose,
+    compose_role,
+    env_keys,
     option_names,
     segments,
     services,
@@ -91,14 +94,96 @@ def test_compose_and_k8s_run_beat_flower_and_maintenance_as_the_local_fleet_does
 
 
 def test_compose_redis_is_persistent_and_password_protected():
-    redis = compose()["services"]["redis"]
+    svc = compose()["services"]
+    redis = svc["redis"]
     argv = argv_of(redis["command"])
     assert argv[argv.index("--appendonly") + 1] == "yes"
     assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
-    assert argv[argv.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
     assert any(v.endswith(":/data") for v in redis["volumes"])
-    broker = compose()["x-fleet-env"]["FLEET_BROKER_URL"]
-    assert broker.startswith("redis://:${REDIS_PASSWORD:?")
+    # the users, the default (admin) one with REDIS_PASSWORD, are the `user` lines of the config file the one-shot
+    # redis-users writes before Redis starts (redis-server's first argument)
+    assert "--requirepass" not in argv and "--aclfile" not in argv
+    aclfile = argv[1]
+    [acl_mount] = [v for v in redis["volumes"] if v.endswith(":ro") and aclfile.startswith(v.split(":")[1] + "/")]
+    volume = acl_mount.split(":")[0]
+    assert redis["depends_on"]["redis-users"]["condition"] == "service_completed_successfully"
+    users = svc["redis-users"]
+    [(written_to)] = [v.split(":")[1] for v in users["volumes"] if v.split(":")[0] == volume]
+    script = " ".join(argv_of(users["command"]))
+    target = f"{written_to}/{Path(aclfile).name}"
+    assert "warmfleet roles config" in script and f"mv {target}.new {target}" in script
+    assert re.search(r'echo "user default on >\$\$\{REDIS_ADMIN_PASSWORD\} ~\* &\* \+@all"', script), script
+    assert users["environment"]["REDIS_ADMIN_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    # only Redis, its healthcheck and redis-users know the admin password; only those two mount the ACL file
+    for name, s in svc.items():
+        if name not in ("redis", "redis-users"):
+            assert "REDIS_PASSWORD:" not in yaml.safe_dump(s), name
+            assert not any(str(v).split(":")[0] == volume for v in s.get("volumes", [])), name
+
+
+def test_compose_redis_users_get_every_role_of_fleetstate_acl_from_its_own_variable():
+    from fleetctl.cli.roles import PASSWORD_ENV
+    from fleetstate.acl import ROLES
+
+    env = compose()["services"]["redis-users"]["environment"]
+    given = {k: v for k, v in env.items() if k != "REDIS_ADMIN_PASSWORD"}
+    assert set(given) == {PASSWORD_ENV.format(role=r.upper()) for r in ROLES}
+    for role in ROLES:
+        assert given[PASSWORD_ENV.format(role=role.upper())].startswith(f"${{REDIS_{role.upper()}_PASSWORD:?")
+
+
+# each compose service's role: as fleetstate.acl.PROCESS_ROLES gives the local fleet's processes
+COMPOSE_ROLES = {
+    "beat": "maintenance", "maintenance": "maintenance", "demo-maintenance": "maintenance",
+    "publish-demo": "maintenance", "flower": "operator", "demo-route": "operator", "exporter": "monitoring",
+    "api": "producer", "worker-blue": "worker", "worker-green": "worker", "demo-worker-blue": "worker",
+    "demo-worker-green": "worker",
+}
+
+
+def test_compose_gives_each_service_only_its_roles_redis_user_and_password():
+    from fleetstate.acl import PROCESS_ROLES, ROLES
+
+    svc = compose()["services"]
+    roles = {name: compose_role(s) for name, s in svc.items()}
+    assert {n: r for n, r in roles.items() if r} == COMPOSE_ROLES
+    assert set(COMPOSE_ROLES.values()) == set(ROLES)
+    # the same role as the local fleet's process of that kind
+    for name, process in (("beat", "beat"), ("maintenance", "maintenance"), ("flower", "flower"),
+                          ("exporter", "metrics"), ("api", "api"), ("worker-blue", "worker")):
+        assert COMPOSE_ROLES[name] == PROCESS_ROLES[process], name
+    # no service names another role's password: only its own URL's
+    for name, s in svc.items():
+        text = yaml.safe_dump(s)
+        named = set(re.findall(r"REDIS_([A-Z]+)_PASSWORD", text))
+        if name == "redis-users":
+            assert named == {r.upper() for r in ROLES} | {"ADMIN"}
+        else:
+            assert named <= ({roles[name].upper()} if roles[name] else set()), (name, named)
+    # the containers given docker/fleet.env whole get no Redis password from it
+    assert not {k for k in env_keys(ENV_EXAMPLE) if k.startswith("REDIS_") and k.endswith("PASSWORD")}
+
+
+def test_compose_and_the_local_fleet_log_each_process_in_as_the_same_user(tmp_path, monkeypatch):
+    from fleetstate.acl import url_role
+
+    local_fleet_argv(tmp_path, monkeypatch)
+    for compose_name, local_name in (("beat", "beat"), ("flower", "flower"), ("maintenance", "maintenance"),
+                                     ("exporter", "metrics"), ("api", "api")):
+        if local_name not in SPAWN_ENV:
+            continue
+        assert url_role(SPAWN_ENV[local_name].get("FLEET_BROKER_URL")) == COMPOSE_ROLES[compose_name], local_name
+    workers = [n for n in SPAWN_ENV if n.startswith("worker")]
+    assert workers and all(url_role(SPAWN_ENV[n]["FLEET_BROKER_URL"]) == "worker" for n in workers)
+
+
+def test_compose_tls_is_one_scheme_and_query_for_every_url():
+    svc = compose()["services"]
+    urls = [s["environment"]["FLEET_BROKER_URL"] for s in svc.values() if "FLEET_BROKER_URL" in s.get("environment", {})]
+    assert urls and all(u.startswith("${REDIS_SCHEME:-redis}://") and u.endswith("/0${REDIS_URL_QUERY:-}") for u in urls)
+    text = REDIS_ENV_EXAMPLE.read_text()
+    assert "# REDIS_SCHEME=rediss" in text and "ssl_cert_reqs=required&ssl_ca_certs=" in text
 
 
 def test_compose_runs_one_beat_and_flower_behind_auth():
@@ -162,14 +247,17 @@ def test_compose_cpu_profile_runs_the_demo_without_a_gpu():
 
 
 def test_fleet_env_example_defines_what_compose_requires():
-    keys = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
-            if line.strip() and not line.startswith("#")}
-    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", k) for k in keys), keys
+    keys = env_keys(ENV_EXAMPLE)
+    redis_keys = env_keys(REDIS_ENV_EXAMPLE)
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", k) for k in keys | redis_keys), keys | redis_keys
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text()))
-    assert required and required <= keys, required - keys
+    assert required and required <= keys | redis_keys, required - keys - redis_keys
     for key in ("FLEET_ARCHIVE_URL", "FLEET_OSS_ENDPOINT", "FLEET_OSS_ACCESS_KEY_ID", "FLEET_OSS_ACCESS_KEY_SECRET",
                 "REDIS_ADDRESS", "FLEET_FLOWER_USER"):
         assert key in keys, key
+    # the Redis passwords: in redis.env only (fleet.env is given whole to the workers)
+    assert redis_keys == {"REDIS_PASSWORD"} | {f"REDIS_{r.upper()}_PASSWORD" for r in COMPOSE_ROLES.values()}
+    assert not keys & redis_keys
 
 
 def test_compose_runs_the_exporter_prometheus_with_the_rules_and_grafana_with_the_dashboard():
@@ -207,7 +295,7 @@ def test_compose_runs_the_exporter_prometheus_with_the_rules_and_grafana_with_th
 
 def test_compose_gives_each_role_only_what_it_uses_and_hardens_every_fleet_container():
     svc = compose()["services"]
-    for name in ("beat", "flower", "exporter"):
+    for name in ("beat", "flower", "exporter", "redis-users"):
         assert "env_file" not in svc[name], f"{name} needs the broker only, not docker/fleet.env"
     for name in ("maintenance", "worker-blue", "worker-green"):
         assert "fleet.env" in svc[name]["env_file"], name

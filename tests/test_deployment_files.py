@@ -48,7 +48,7 @@ def test_every_command_module_and_setting_they_name_exists():
     assert problems == []
     # the check looked at the commands that matter, so it cannot pass by finding nothing
     for expected in ("worker", "health", "maintenance-worker", "publish-demo", "promote", "rollback", "sync",
-                     "status", "celery beat", "celery flower"):
+                     "status", "celery beat", "flower"):
         assert expected in seen, f"no `{expected}` found in the deployment files"
 
 

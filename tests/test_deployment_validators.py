@@ -33,6 +33,7 @@ from .deployment_files import (
     COMPOSE,
     DOCKER,
     ENV_EXAMPLE,
+    REDIS_ENV_EXAMPLE,
     K8S,
     OVERLAYS,
     VALIDATORS,
@@ -280,16 +281,19 @@ def compose_copy(tmp_path: Path, fill: bool = True) -> Path:
     """docker/ copied with a fleet.env made from the example (required values filled), as an operator would."""
     shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("k8s", "validators"))
     env = ENV_EXAMPLE.read_text()
+    redis_env = REDIS_ENV_EXAMPLE.read_text()
     if fill:
-        for key in ("REDIS_PASSWORD", "FLEET_FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        for key in ("FLEET_FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
             env = re.sub(rf"^{key}=$", f"{key}=a0b1c2d3", env, flags=re.M)
+        redis_env = re.sub(r"^(REDIS_(?:[A-Z]+_)?PASSWORD)=$", r"\1=pw-\1", redis_env, flags=re.M)
     (tmp_path / "docker" / "fleet.env").write_text(env)
+    (tmp_path / "docker" / "redis.env").write_text(redis_env)
     return tmp_path / "docker"
 
 
 def compose_config(docker: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return offline([tool("compose-v2"), "-f", str(docker / COMPOSE.name), "--env-file", str(docker / "fleet.env"),
-                    "--profile", "gpu", "--profile", "cpu", "config", *args], cwd=docker.parent)
+                    "--env-file", str(docker / "redis.env"), "--profile", "gpu", "--profile", "cpu", "config", *args], cwd=docker.parent)
 
 
 def test_compose_config_accepts_the_fleet_with_every_profile(tmp_path):
@@ -300,6 +304,16 @@ def test_compose_config_accepts_the_fleet_with_every_profile(tmp_path):
     assert {"redis", "beat", "flower", "exporter", "prometheus", "grafana", "maintenance", "worker-blue",
             "worker-green", "demo-worker-blue", "demo-worker-green"} <= set(config["services"])
     assert config["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "a0b1c2d3"
+    # each service's URL, interpolated: its role's user and password, and no other password in its environment
+    services = config["services"]
+    assert services["worker-blue"]["environment"]["FLEET_BROKER_URL"] == (
+        "redis://fleet-worker:pw-REDIS_WORKER_PASSWORD@redis:6379/0")
+    assert services["exporter"]["environment"]["FLEET_BROKER_URL"].startswith("redis://fleet-monitoring:pw-REDIS_MONITORING_")
+    assert services["api"]["environment"]["FLEET_BROKER_URL"].startswith("redis://fleet-producer:pw-REDIS_PRODUCER_")
+    for name in ("worker-blue", "worker-green", "maintenance", "api", "beat", "flower", "exporter"):
+        environment = json.dumps(services[name]["environment"])
+        assert "pw-REDIS_PASSWORD" not in environment, name
+        assert len(set(re.findall(r"pw-REDIS_[A-Z]+_PASSWORD", environment))) == 1, name
 
 
 def test_compose_config_refuses_a_bad_file_and_a_missing_password(tmp_path):
@@ -310,7 +324,7 @@ def test_compose_config_refuses_a_bad_file_and_a_missing_password(tmp_path):
     assert result.returncode != 0 and ("comand" in result.stderr or "privileged" in result.stderr), result.stderr
     unfilled = compose_copy(tmp_path / "unfilled", fill=False)
     result = compose_config(unfilled, "-q")
-    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr, result.stderr
+    assert result.returncode != 0 and re.search(r"REDIS_[A-Z_]*PASSWORD", result.stderr), result.stderr
 
 
 # -- promtool ---------------------------------------------------------------------------------------------------
