@@ -101,7 +101,7 @@ def test_runbook_walks_an_empty_cluster_to_the_reference_deployment():
         script = argv[2]
         m = re.search(r"create secret generic (\S+)", script)
         if m:
-            created[m.group(1)] = set(re.findall(r"--from-literal=([A-Z0-9_]+)=", script))
+            created[m.group(1)] = set(re.findall(r"--from-(?:literal|file)=([A-Za-z0-9_.-]+)=", script))
     read: dict[str, set[str]] = {}
     for _, pod in pod_specs(kustomize(K8S / "overlays" / "production")):
         for c in pod["containers"]:
@@ -112,4 +112,9 @@ def test_runbook_walks_an_empty_cluster_to_the_reference_deployment():
         for v in pod.get("volumes") or []:
             if "secret" in v:
                 read.setdefault(v["secret"]["secretName"], set()).update(i["key"] for i in v["secret"]["items"])
+    # components/redis-tls (not in the production overlay) reads the CA Secret: the runbook creates its keys too
+    tls = K8S / "components" / "redis-tls"
+    tls_keys = set(re.findall(r"name: warmfleet-redis-ca, key: ([\w.]+)\}", (tls / "kustomization.yaml").read_text()))
+    tls_keys |= set(re.findall(r"key: ([\w.]+), path:", (tls / "ca-volume.yaml").read_text()))
+    assert tls_keys == {"tls", "ca.crt"} and created.pop("warmfleet-redis-ca") == tls_keys
     assert created == read

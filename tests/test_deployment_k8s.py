@@ -302,13 +302,126 @@ def test_each_worker_release_has_a_disruption_budget(rendered):
 
 
 SECRETS_BY_ROLE = {
-    "Deployment/beat": {"warmfleet-redis"},
-    "Deployment/flower": {"warmfleet-redis", "warmfleet-flower"},
-    "Deployment/exporter": {"warmfleet-redis"},
-    "DaemonSet/maintenance": {"warmfleet-redis", "warmfleet-oss", "warmfleet-peer"},
-    "Deployment/worker-*": {"warmfleet-redis", "warmfleet-oss"},
-    "StatefulSet/redis": {"warmfleet-redis"},
+    "Deployment/beat": {"warmfleet-redis-maintenance"},
+    "Deployment/flower": {"warmfleet-redis-operator", "warmfleet-flower"},
+    "Deployment/exporter": {"warmfleet-redis-monitoring"},
+    "Deployment/api": {"warmfleet-redis-producer", "warmfleet-oss", "warmfleet-api"},
+    "DaemonSet/maintenance": {"warmfleet-redis-maintenance", "warmfleet-oss", "warmfleet-peer"},
+    "Deployment/worker-*": {"warmfleet-redis-worker", "warmfleet-oss"},
+    "StatefulSet/redis": {"warmfleet-redis", "warmfleet-redis-users"},
 }
+
+# the Redis role (fleetstate/acl.py) each fleet workload logs in as: fleetstate.acl.PROCESS_ROLES's for its process
+REDIS_ROLE_OF = {"Deployment/beat": "beat", "Deployment/flower": "flower", "Deployment/exporter": "metrics",
+                 "Deployment/api": "api", "DaemonSet/maintenance": "maintenance", "Deployment/worker-*": "worker"}
+ROLE_SECRET = re.compile(r"^warmfleet-redis-(?P<role>[a-z]+)$")
+
+
+def redis_secret_refs(pod: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """env name → (Secret, key) of the pod's containers' Redis variables."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for c in pod["containers"] for e in c.get("env") or []
+            if e["name"].startswith("REDIS_") and "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_each_fleet_pod_logs_in_to_redis_as_its_own_role_from_that_roles_secret_only(rendered):
+    from fleetstate.acl import PROCESS_ROLES, ROLES
+
+    for overlay, docs in rendered.items():
+        seen_roles = set()
+        for name, pod in pod_specs(docs):
+            if name == "StatefulSet/redis":
+                continue
+            kind = "Deployment/worker-*" if name.startswith("Deployment/worker-") else name
+            role = PROCESS_ROLES[REDIS_ROLE_OF[kind]]
+            assert role in ROLES
+            refs = redis_secret_refs(pod)
+            assert refs == {"REDIS_USERNAME": (f"warmfleet-redis-{role}", "REDIS_USERNAME"),
+                            "REDIS_PASSWORD": (f"warmfleet-redis-{role}", "REDIS_PASSWORD")}, (overlay, name)
+            # no other role's Redis Secret, and never the admin's
+            redis_secrets = {s for s in secrets_used(pod) if s.startswith("warmfleet-redis")}
+            assert redis_secrets == {f"warmfleet-redis-{role}"}, (overlay, name)
+            [url] = [e["value"] for c in pod["containers"] for e in c.get("env") or [] if e["name"] == "FLEET_BROKER_URL"]
+            assert url == "$(REDIS_SCHEME)://$(REDIS_USERNAME):$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/0$(REDIS_URL_QUERY)"
+            seen_roles.add(role)
+        # every role but the operator's CLI-only use is a workload; Flower is the operator
+        assert seen_roles == set(ROLES), (overlay, seen_roles)
+        # every role Secret named anywhere is one of fleetstate/acl.py's roles
+        named = {m["role"] for _, pod in pod_specs(docs) for s in secrets_used(pod) if (m := ROLE_SECRET.match(s))}
+        assert named - {"users"} <= set(ROLES), named
+
+
+def test_keda_reads_the_queues_as_the_monitoring_role(rendered):
+    for overlay, docs in rendered.items():
+        [auth] = by_kind(docs, "TriggerAuthentication").values()
+        refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+        assert refs == {"username": ("warmfleet-redis-monitoring", "REDIS_USERNAME"),
+                        "password": ("warmfleet-redis-monitoring", "REDIS_PASSWORD")}, overlay
+        for so in by_kind(docs, "ScaledObject").values():
+            assert all(t["authenticationRef"]["name"] == auth["metadata"]["name"] for t in so["spec"]["triggers"])
+
+
+def test_redis_gets_the_roles_users_from_their_secret(rendered):
+    for overlay, docs in rendered.items():
+        [redis] = by_kind(docs, "StatefulSet").values()
+        pod = redis["spec"]["template"]["spec"]
+        [server] = [c for c in pod["containers"] if c["name"] == "redis"]
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        users_file = Path(env["REDIS_USERS_FILE"])
+        [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "warmfleet-redis-users"]
+        [mount] = [m for m in server["volumeMounts"] if m["name"] == volume["name"]]
+        assert Path(mount["mountPath"]) / volume["secret"]["items"][0]["path"] == users_file and mount["readOnly"]
+        # the sentinels never see the users
+        assert all(m["name"] != volume["name"] for c in pod["containers"] if c["name"] != "redis"
+                   for m in c.get("volumeMounts") or [])
+    script = (K8S / "components" / "redis-sentinel" / "redis.sh").read_text()
+    assert 'echo "include ${REDIS_USERS_FILE}" >> "$conf"' in script
+
+
+def render_with(tmp_path: Path, *components: str) -> list[dict[str, Any]]:
+    """base, the releases and the given components, as an overlay of your own would."""
+    import os
+
+    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [rel(K8S / "base"), rel(K8S / "releases")],
+        "components": [rel(K8S / "components" / c) for c in components]}))
+    return kustomize(tmp_path)
+
+
+def test_the_redis_tls_component_turns_every_url_and_keda_to_verified_rediss(tmp_path):
+    docs = render_with(tmp_path, "l2-pvc", "redis-tls")
+    broker = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("warmfleet-broker"))
+    assert broker["data"]["REDIS_SCHEME"] == "rediss"
+    query = broker["data"]["REDIS_URL_QUERY"]
+    m = re.fullmatch(r"\?ssl_cert_reqs=required&ssl_ca_certs=(?P<ca>/\S+)", query)
+    assert m, query
+    ca = Path(m["ca"])
+    pods = dict(pod_specs(docs))
+    assert any(n.startswith("Deployment/worker-") for n in pods) and "Deployment/api" in pods
+    for name, pod in pods.items():
+        [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "warmfleet-redis-ca"]
+        assert [i["key"] for i in volume["secret"]["items"]] == [ca.name], name
+        [mount] = [mt for mt in pod["containers"][0]["volumeMounts"] if mt["name"] == volume["name"]]
+        assert Path(mount["mountPath"]) == ca.parent and mount["readOnly"], name
+        # still its own role: TLS adds the CA, no other Redis Secret
+        assert {s for s in secrets_used(pod) if s.startswith("warmfleet-redis")} - {"warmfleet-redis-ca"} == {
+            f"warmfleet-redis-{PROCESS_ROLE(name)}"}, name
+    [auth] = by_kind(docs, "TriggerAuthentication").values()
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {"username": ("warmfleet-redis-monitoring", "REDIS_USERNAME"),
+                    "password": ("warmfleet-redis-monitoring", "REDIS_PASSWORD"),
+                    "tls": ("warmfleet-redis-ca", "tls"), "ca": ("warmfleet-redis-ca", ca.name)}
+    # without the component: plain redis://, no CA anywhere
+    plain = render_with(tmp_path, "l2-pvc")
+    assert not any("warmfleet-redis-ca" in secrets_used(pod) for _, pod in pod_specs(plain))
+
+
+def PROCESS_ROLE(name: str) -> str:  # noqa: N802 - the role of a workload, as REDIS_ROLE_OF names it
+    from fleetstate.acl import PROCESS_ROLES
+
+    return PROCESS_ROLES[REDIS_ROLE_OF["Deployment/worker-*" if name.startswith("Deployment/worker-") else name]]
 
 
 def secrets_used(pod: dict[str, Any]) -> set[str]:
@@ -362,8 +475,8 @@ def test_network_policies_guard_redis_the_peer_port_and_the_web_ports(rendered):
         for name, lab in labels.items():
             if name != "StatefulSet/redis":
                 assert lab.get("warmfleet.io/redis-client") == "true", f"{name} cannot reach Redis"
-        # Flower and the exporter: only from the ingress controller's and the monitoring namespace
-        for port, namespace in ((5555, "ingress-nginx"), (9808, "monitoring")):
+        # Flower, the API and the exporter: only from the ingress controller's and the monitoring namespace
+        for port, namespace in ((5555, "ingress-nginx"), (9820, "ingress-nginx"), (9808, "monitoring")):
             [(_, source)] = admitted(port)
             assert set(source) == {"namespaceSelector"}
             assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}

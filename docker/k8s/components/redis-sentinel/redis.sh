@@ -3,7 +3,8 @@
 # after that the sentinels decide, so a pod that restarts asks them who the primary is and comes back as its replica
 # (never as a second primary). Settings as docs/reliability.md measured them: append-only, never evict a queue, and
 # min-replicas-to-write 1, so a primary demoted while alive refuses writes instead of losing them.
-# Environment: POD_NAME, POD_NAMESPACE, REDIS_PASSWORD_FILE (or REDIS_PASSWORD); optional: REDIS_HOST_SUFFIX (default
+# Environment: POD_NAME, POD_NAMESPACE, REDIS_PASSWORD_FILE (or REDIS_PASSWORD); optional: REDIS_USERS_FILE (the
+# roles' `user` lines, included), REDIS_HOST_SUFFIX (default
 # .redis-headless.$POD_NAMESPACE.svc), REDIS_PORT (6379), SENTINEL_PORT (26379), MASTER_NAME (warmfleet),
 # REDIS_REPLICAS (3), REDIS_HOSTS (the pods' addresses, instead of their DNS names), REDIS_BIND (the interface to
 # listen on; default all), SENTINEL_DOWN_AFTER_MS (5000), CONF_DIR (/conf), DATA_DIR (/data).
@@ -52,6 +53,11 @@ min-replicas-max-lag 10
 CONF
 if [ -n "${REDIS_BIND:-}" ]; then
   echo "bind ${REDIS_BIND}" >> "$conf"
+fi
+# the fleet's roles (fleetstate/acl.py) as `user` lines, from `warmfleet roles config`: the default user stays the
+# admin (requirepass above), each fleet pod logs in as its role's user
+if [ -n "${REDIS_USERS_FILE:-}" ]; then
+  echo "include ${REDIS_USERS_FILE}" >> "$conf"
 fi
 if [ "$primary" != "$me" ]; then
   echo "replicaof ${primary} ${port}" >> "$conf"
