@@ -4,7 +4,7 @@ A Sentinel URL names every sentinel, `;`-separated, as kombu's broker URL does:
 `sentinel://[:password@]host:port;sentinel://host2:port/db`. The client then asks the sentinels for the current
 primary of `master_name` (the setting FLEET_SENTINEL_MASTER) on every (re)connection, so after a failover the fleet
 state follows the promoted replica as the broker and result backend do. The password, when given, is the data
-servers' password (as kombu uses it); sentinels themselves are reached without one.
+servers' login (user name and password, as kombu uses them); sentinels themselves are reached without one.
 
 A primary demoted by a failover while it is still alive (`SENTINEL FAILOVER`, a partition) keeps accepting writes on
 the connections clients already hold until the sentinels reconfigure it — about 10 s — and those writes are dropped
@@ -54,29 +54,32 @@ def is_sentinel_url(url: str | None) -> bool:
     return bool(url) and url.split(";", 1)[0].strip().lower().startswith(f"{SENTINEL_SCHEME}://")
 
 
-def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
-    """The sentinels of a Sentinel URL, its database number and its password."""
-    hosts, db, password = [], 0, None
+def sentinel_hosts(url: str) -> tuple[list[tuple[str, int]], int, str | None, str | None]:
+    """The sentinels of a Sentinel URL, its database number, and the data servers' user name and password (an ACL
+    role's login, `sentinel://fleet-worker:secret@host:port;…`; no user name: Redis's default user)."""
+    hosts, db, username, password = [], 0, None, None
     for chunk in filter(None, (c.strip() for c in url.split(";"))):
         parts = urlsplit(chunk)
         if parts.scheme != SENTINEL_SCHEME or not parts.hostname:
             raise ValueError(f"not a sentinel URL: {chunk!r} (write sentinel://host:port;sentinel://host2:port/db)")
         hosts.append((parts.hostname, parts.port or 26379))
+        if parts.username:
+            username = unquote(parts.username)
         if parts.password:
             password = unquote(parts.password)
         if parts.path.strip("/"):
             db = int(parts.path.strip("/"))
-    return hosts, db, password
+    return hosts, db, username, password
 
 
 def redis_client(url: str, master_name: str | None = None, **transport: Any) -> redis.Redis:
     """A client for `url`: `redis://…` as redis-py reads it, or the current primary behind Sentinel."""
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **transport)
-    hosts, db, password = sentinel_hosts(url)
+    hosts, db, username, password = sentinel_hosts(url)
     sentinel_options = {k: v for k, v in transport.items() if k in ("socket_timeout", "socket_connect_timeout")}
     sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options or None)
-    return sentinel.master_for(master_name or DEFAULT_SENTINEL_MASTER, db=db, password=password,
+    return sentinel.master_for(master_name or DEFAULT_SENTINEL_MASTER, db=db, username=username, password=password,
                                connection_class=FailoverAwareConnection, **transport)
 
 

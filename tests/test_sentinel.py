@@ -75,6 +75,23 @@ def test_the_app_and_the_fleet_state_reach_the_primary_through_the_sentinels(fle
     assert int(client.info("server")["tcp_port"]) == sentinels.primary_port()
 
 
+def test_a_role_logs_in_to_the_primary_through_the_sentinels_with_its_own_user(sentinels):
+    """A role's Sentinel URL carries its ACL user (`sentinel://fleet-worker:secret@…`): the fleet state's client logs
+    in as that user, not as Redis's default one with the role's password."""
+    from fleetstate.client import sentinel_hosts
+
+    admin = redis_client(sentinels.url, MASTER)
+    admin.execute_command("ACL", "SETUSER", "fleet-probe", "on", ">probe-secret", "~fleet:probe:*", "+@all")
+    try:
+        auth = sentinels.url.replace("sentinel://", "sentinel://fleet-probe:probe-secret@", 1)
+        assert sentinel_hosts(auth)[2:] == ("fleet-probe", "probe-secret")
+        client = redis_client(auth, MASTER)
+        assert client.acl_whoami() == "fleet-probe"
+        client.set("fleet:probe:1", "1")
+    finally:
+        admin.execute_command("ACL", "DELUSER", "fleet-probe")
+
+
 @pytest.mark.timeout(600 + 120 * TRIALS)  # a failover and its settling take a minute or two on a loaded machine
 def test_a_failover_under_load_loses_no_acknowledged_job(fleet_settings, sentinels, producer, workers):
     """Given producers sending without pause to two workers through Sentinel, when the primary fails over (the
