@@ -339,3 +339,23 @@ def record_result(scenario: str, *, trials: int, sent: int, completed: int, lost
            "notes": notes, "at": time.time()}
     slug = "".join(c if c.isalnum() else "-" for c in scenario.lower()).strip("-")
     (Path(folder) / f"{slug}.json").write_text(json.dumps(row, indent=1))
+
+
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def image_data(png: bytes) -> bytes:
+    """A PNG without its text chunks: the bytes a plain `Image.save(..., format="PNG")` of the same pixels writes.
+    The fleet adds provenance text chunks to every image it stores (workers/provenance.py); comparing this with a
+    bare diffusers PNG checks that everything else — header, pixels, compression — is byte for byte the same."""
+    import struct
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    out, at = [png[:8]], 8
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at:at + 4])
+        end = at + 12 + length
+        if png[at + 4:at + 8] not in PNG_TEXT_CHUNKS:
+            out.append(png[at:end])
+        at = end
+    return b"".join(out)

@@ -26,6 +26,8 @@ from workers.outputs import LocalOutputStore, read_uri
 from workers.resident import NotResident
 from workers.runtime import WorkerRuntime
 
+from .support import image_data
+
 PREVIOUS, CURRENT = SHARED_BASE_RELEASES
 BASE_ONLY = f"{DEMO_MODEL}@base-v1.1.0"
 JOBS = [(PREVIOUS, 1), (CURRENT, 1), (CURRENT, 2), (PREVIOUS, 2), (PREVIOUS, 3), (CURRENT, 3)]
@@ -170,7 +172,7 @@ def test_the_runtime_activates_the_release_of_each_jobs_queue(shared, expected, 
         request = GenerateRequest(prompt="Leather Jacket", seed=seed)
         result = runtime.serve(request, task_id=f"job-{i}", queue=queue_for(release), sent_at=None)
         assert result["release"] == release
-        assert read_uri(result["image_uri"]) == expected[(release, seed)]
+        assert image_data(read_uri(result["image_uri"])) == expected[(release, seed)]
         assert result["timings"]["switch_ms"] >= 0
     with pytest.raises(BadRequest, match="arrived on the queue of"):
         runtime.serve(GenerateRequest(prompt="x", release=PREVIOUS), "bad", queue_for(CURRENT), None)
@@ -192,7 +194,7 @@ def test_one_worker_serves_two_lora_releases_on_one_base(fleet_settings, produce
         for release, seed, result in pending:
             done = result.get(timeout=120)
             assert (done["release"], done["worker"]) == (release, "w-shared@testnode")
-            assert read_uri(done["image_uri"]) == expected[(release, seed)], (release, seed)
+            assert image_data(read_uri(done["image_uri"])) == expected[(release, seed)], (release, seed)
         registry = WarmRegistry(redis.Redis.from_url(fleet_settings.broker_url))
         warm = registry.warm_workers()
         assert all(warm.get(release) == ["w-shared@testnode"] for release in SHARED_BASE_RELEASES)

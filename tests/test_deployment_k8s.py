@@ -362,7 +362,7 @@ def test_keda_reads_the_queues_as_the_monitoring_role(rendered):
 
 
 def test_redis_gets_the_roles_users_from_their_secret(rendered):
-    for overlay, docs in rendered.items():
+    for docs in rendered.values():
         [redis] = by_kind(docs, "StatefulSet").values()
         pod = redis["spec"]["template"]["spec"]
         [server] = [c for c in pod["containers"] if c["name"] == "redis"]

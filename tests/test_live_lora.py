@@ -30,8 +30,8 @@ from tasks.settings import FleetSettings
 from workers.models import StableDiffusionXL
 from workers.outputs import read_uri
 
+from .support import image_data, start_worker, wait_warm
 from .support import run_cli as run_fleet_cli
-from .support import start_worker, wait_warm
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def test_a_new_lora_goes_live_under_load_then_promote_rollback_retire(fleet, fle
     assert all(r["worker"] == LIVE for r in results)
 
     fresh = producer.generate.delay("Leather Jacket", seed=7, release=NEW).get(timeout=60)
-    assert read_uri(fresh["image_uri"]) == twin(NEW, 7)
+    assert image_data(read_uri(fresh["image_uri"])) == twin(NEW, 7)
     assert twin(NEW, 7) != twin(OLD, 7)
 
     refused = run_cli(fleet_settings, "retire", OLD, "--on", "w-live")
@@ -182,7 +182,7 @@ def test_a_new_lora_goes_live_under_load_then_promote_rollback_retire(fleet, fle
     assert after.lora_params == before.lora_params < during.lora_params  # the old adapter's memory is freed
     assert after.loads == 1
     again = producer.generate.delay("Leather Jacket", seed=7).get(timeout=60)
-    assert again["release"] == NEW and read_uri(again["image_uri"]) == twin(NEW, 7)
+    assert again["release"] == NEW and image_data(read_uri(again["image_uri"])) == twin(NEW, 7)
 
 
 def test_refusals_are_one_line(fleet, fleet_settings):
@@ -201,7 +201,7 @@ def test_a_failed_load_leaves_the_worker_serving_what_it_served(fleet, fleet_set
     status = run_cli(fleet_settings, "status")
     assert "size mismatch" in status.output
     result = producer.generate.delay("Leather Jacket", seed=7).get(timeout=60)
-    assert read_uri(result["image_uri"]) == twin(NEW, 7)
+    assert image_data(read_uri(result["image_uri"])) == twin(NEW, 7)
 
 
 def test_the_adapter_budget_evicts_the_least_recently_used_or_refuses(fleet, fleet_settings, producer):

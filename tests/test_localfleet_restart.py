@@ -110,8 +110,11 @@ def test_5000_jobs_survive_down_and_up_with_1000_still_queued(env, home):
         assert {m["result"]["task_id"] for m in metas.values()} == set(ids)
         client = redis.Redis.from_url(settings.resolved_broker_url)
         records = [job_record(client, i) for i in ids]
-        assert all(r.get("completed") == "1" and r.get("duplicates", "0") == "0" for r in records), \
-            next(r for r in records if r.get("completed") != "1" or r.get("duplicates", "0") != "0")
+        # each job ran its pipeline once and completed once; a message delivered again after `down` (its ack lost
+        # with the stopping worker) is answered from the job record without running — counted as a duplicate
+        # delivery, never a second execution
+        assert all(r.get("completed") == "1" and r.get("runs") == "1" for r in records), \
+            next(r for r in records if r.get("completed") != "1" or r.get("runs") != "1")
         after_restart = sum(1 for m in metas.values() if _timestamp(m["date_done"]) > downed_at)
         assert queued_at_down > 0 and after_restart >= 1  # jobs queued at down were served by the new fleet
         outputs = {Path(m["result"]["image_uri"].removeprefix("file://")) for m in metas.values()}

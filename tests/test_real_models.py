@@ -17,7 +17,7 @@ from fleetctl.demo import formats
 from fleetctl.demo.builders import build_sd, build_sdxl
 from tasks.settings import FleetSettings
 
-from .support import start_worker, wait_warm
+from .support import image_data, start_worker, wait_warm
 
 pytestmark = pytest.mark.integration
 SMALL = ["--meta", "default_steps=2", "--meta", "default_width=64", "--meta", "default_height=64"]
@@ -180,7 +180,7 @@ def test_the_kohya_release_draws_what_bare_diffusers_draws_from_the_original_fil
                height=64, generator=torch.Generator("cpu").manual_seed(11))
     buf = io.BytesIO()
     out.images[0].save(buf, format="PNG")
-    assert image_bytes(generate(studio, R["kohya"], seed=11)) == buf.getvalue()
+    assert image_data(image_bytes(generate(studio, R["kohya"], seed=11))) == buf.getvalue()
 
 
 def test_a_kohya_lora_named_by_its_trainer_and_its_diffusers_twin_give_the_same_image(studio):
@@ -188,7 +188,7 @@ def test_a_kohya_lora_named_by_its_trainer_and_its_diffusers_twin_give_the_same_
     assert manifest.meta["weight_name"] == "20.safetensors" and manifest.meta["lora_format"] == "kohya"
     assert manifest.meta["lora_parts"] == ["te1", "te2", "unet"] and manifest.meta["family"] == "sdxl"
     kohya, twin = generate(studio, R["kohya"], seed=11), generate(studio, R["twin"], seed=11)
-    assert image_bytes(kohya) == image_bytes(twin)
+    assert image_data(image_bytes(kohya)) == image_data(image_bytes(twin))
 
 
 def test_an_sd_single_file_and_a_peft_folder_serve(studio):
