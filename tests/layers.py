@@ -27,7 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_requests", "test_retention", "test_routing_unit", "test_settings", "test_store", "test_verify_trust",
         "test_layers", "test_ossserver", "test_ossserver_link", "test_archive_proxy", "test_deployment_k8s",
         "test_deployment_images", "test_deployment_compose", "test_upstream", "test_deployment_validators",
-        "test_deployment_redis", "test_route_history", "test_stranded_unit",
+        "test_route_history", "test_stranded_unit",
         "test_peers_spread", "test_jobstats_unit", "test_canary_unit", "test_roles",
         "test_layers_probe",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
@@ -47,7 +47,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     FAULT: (
         "test_bounded_memory", "test_gpu_faults", "test_reliability", "test_reliability_boot", "test_reliability_cache",
         "test_reliability_disk", "test_reliability_lease", "test_reliability_outbox", "test_reliability_prod",
-        "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits", "test_localfleet_restart",
+        "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits",
+        "test_deployment_redis",  # the Kubernetes Sentinel set's scripts: start, fail over, take the old primary back "test_localfleet_restart",
         "test_peers_faults",
     ),
 }

@@ -148,10 +148,10 @@ def test_the_set_starts_fails_over_and_takes_its_old_primary_back_as_a_replica(r
     wait_for("every sentinel to agree", lambda: {rs.primary_says(i) for i in range(3)} == {new})
 
     rs.start(0, "redis")  # the pod comes back: it asks the sentinels before it starts
-    wait_for("pod 0 back as a replica of the new primary",
+    wait_for("pod 0 back as a replica of the new primary",  # a full resync: longer on a loaded machine
              lambda: rs.data(0).info("replication")["role"] == "slave"
              and rs.data(0).info("replication")["master_host"] == new
-             and rs.data(0).info("replication")["master_link_status"] == "up")
+             and rs.data(0).info("replication")["master_link_status"] == "up", timeout=120)
     assert f"replica of {new}" in rs.log(0, "redis").split("redis: ")[-1]
     assert rs.data(0).get("job") == b"queued before the failover"
     new_index = HOSTS.index(new)
