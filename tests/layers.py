@@ -48,7 +48,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_bounded_memory", "test_gpu_faults", "test_reliability", "test_reliability_boot", "test_reliability_cache",
         "test_reliability_disk", "test_reliability_lease", "test_reliability_outbox", "test_reliability_prod",
         "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits",
-        "test_deployment_redis",  # the Kubernetes Sentinel set's scripts: start, fail over, take the old primary back "test_localfleet_restart",
+        "test_localfleet_restart",
+        "test_deployment_redis",  # the Kubernetes Sentinel set's scripts: start, fail over, take the old primary back
         "test_peers_faults",
     ),
 }
