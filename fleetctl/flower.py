@@ -37,22 +37,23 @@ def refusal(handler: Any) -> str | None:
     return None
 
 
-class GenerateAsyncApply(TaskAsyncApply):
+class RefusesBadGenerate:
+    """Mixed in front of a Flower apply handler: a `generate` the producer would refuse is a 400 with the reason."""
+
     @web.authenticated
     async def post(self, taskname: str) -> None:
         reason = refusal(self)
         if reason:
             raise web.HTTPError(400, reason.replace("%", "%%"))
-        await super().post(taskname)
+        await super().post(taskname)  # type: ignore[misc]
 
 
-class GenerateApply(TaskApply):
-    @web.authenticated
-    async def post(self, taskname: str) -> None:
-        reason = refusal(self)
-        if reason:
-            raise web.HTTPError(400, reason.replace("%", "%%"))
-        await super().post(taskname)
+class GenerateAsyncApply(RefusesBadGenerate, TaskAsyncApply):
+    pass
+
+
+class GenerateApply(RefusesBadGenerate, TaskApply):
+    pass
 
 
 def fleet_handlers(url_prefix: str = "") -> list[tuple[str, type]]:
