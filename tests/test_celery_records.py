@@ -24,7 +24,7 @@ from fleetstate.keys import CELERY_META_KEY
 from fleetstate.leases import JobLease, job_record
 from tasks.router import GENERATE_TASK
 
-from .support import fleet_settings_for
+from .support import fleet_settings_for, wait_for
 
 RELEASE = "nano-banana@base-v1.0.0+lora-v1.0.0"
 WORKER = "records@testnode"
@@ -84,13 +84,6 @@ def subscribed(client: redis.Redis, task_id: str) -> Any:
     return channel
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_producer_reads_celerys_own_started_and_success_records(fleet):
     task_id = "records-job-1"
     channel = subscribed(fleet.client, task_id)
@@ -119,7 +112,7 @@ def test_a_later_delivery_of_a_finished_job_leaves_its_success_record(fleet):
                                              task_id=task_id).get(timeout=30)
     channel = subscribed(fleet.client, task_id)
     fleet.tasks.generate.apply_async(("a harbour",), {"seed": 4, "release": RELEASE}, task_id=task_id)  # again
-    wait_for(lambda: job_record(fleet.client, task_id).get("duplicates") == "1", "the second delivery")
+    wait_for(lambda: job_record(fleet.client, task_id).get("duplicates") == "1", timeout=15, what="the second delivery")
     assert published(channel, 1, timeout=1.0) == []  # Celery stores nothing over a SUCCESS: no STARTED, no SUCCESS
     meta = fleet.tasks.app.backend.get_task_meta(task_id)
     assert (meta["status"], meta["result"]) == (states.SUCCESS, first)
