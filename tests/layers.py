@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_layers", "test_ossserver", "test_ossserver_link", "test_archive_proxy", "test_deployment_k8s",
         "test_deployment_images", "test_deployment_compose", "test_upstream", "test_deployment_validators",
         "test_route_history", "test_stranded_unit",
-        "test_peers_spread", "test_jobstats_unit", "test_canary_unit", "test_roles",
+        "test_peers_spread", "test_jobstats_unit", "test_canary_unit", "test_roles", "test_registry_scale",
         "test_layers_probe",  # tests/test_layers.py's own probe suite (made at run time, not a file here)
     ),
     PIPELINE: (
@@ -50,7 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "test_reliability_redis", "test_routing_failover", "test_sentinel", "test_time_limits",
         "test_localfleet_restart",
         "test_deployment_redis",  # the Kubernetes Sentinel set's scripts: start, fail over, take the old primary back
-        "test_peers_faults",
+        "test_peers_faults", "test_netns_partitions",
     ),
 }
 
