@@ -22,8 +22,8 @@ def job_families(client: redis.Redis, releases: set[str]) -> Iterator[Any]:
                                  "out_of_memory, time_limit, other)", labels=[*labels, "reason"])
     histograms = {kind: HistogramMetricFamily(f"warmfleet_job_{kind}_seconds", f"Per-release {kind} time of served "
                                               "jobs", labels=labels) for kind in jobstats.KINDS}
-    for release in sorted(jobstats.counted_releases(client) & releases):
-        stats = jobstats.read(client, release)
+    counted = sorted(jobstats.counted_releases(client) & releases)
+    for release, stats in jobstats.read_many(client, counted).items():
         row = [Release.parse(release).model, release]
         served.add_metric(row, stats.served)
         for reason in jobstats.REASONS:

@@ -50,12 +50,13 @@ RULES: dict[str, list[str]] = {
         # a selector: kombu's push and the outbox script (fleetstate/lua/outbox_enqueue.lua) with what it calls, on
         # the queue lists and the outbox only; none of them reads a message back
         "(+lpush +llen +pexpire +evalsha +eval +script|load +script|exists +time +hset +zadd "
-        "~" + _QUEUES + " ~fleet:outbox ~fleet:outbox:at)",
+        "~" + _QUEUES + " ~fleet:outbox ~fleet:outbox:at ~fleet:outbox:queues +sadd)",
     ],
     "worker": [
         "+@all", "-@dangerous", "+info", "+client|setname", "+client|id", "-flushdb", "-flushall",
         "~release.*", "~node.*", "~fleet.*", "~celery*", "~_kombu.*", "~*.celery.pidbox*", "~unacked*", "~fleet:warm:*", "~fleet:worker:*",
         "~fleet:lease:*", "~fleet:job:*", "~fleet:outbox*", "~fleet:deliveries", "~fleet:stats", "~fleet:l2:*",
+        "~fleet:registry:*",
         "~fleet:nodes", "~fleet:peers*", "~fleet:origin:*", "~fleet:lock:*", "~fleet:fanout:*", "~fleet:dead",
         "~fleet:live-warm", "~fleet:alerts", "~fleet:release-meta:*", "~fleet:breaker*", "~fleet:jobstats*",
         "~fleet:catalog*",  # a worker's boot lists the archive into the catalog
@@ -66,6 +67,7 @@ RULES: dict[str, list[str]] = {
         "+@all", "-@dangerous", "+info", "+client|setname", "+client|id", "-flushdb", "-flushall",
         "~release.*", "~node.*", "~fleet.*", "~celery*", "~_kombu.*", "~*.celery.pidbox*", "~unacked*", "~fleet:warm:*", "~fleet:worker:*",
         "~fleet:lease:*", "~fleet:job:*", "~fleet:outbox*", "~fleet:deliveries", "~fleet:stats", "~fleet:l2:*",
+        "~fleet:registry:*",
         "~fleet:nodes", "~fleet:peers*", "~fleet:origin:*", "~fleet:lock:*", "~fleet:fanout:*", "~fleet:dead",
         "~fleet:live-warm", "~fleet:alerts", "~fleet:release-meta:*", "~fleet:catalog*", "~fleet:breaker*",
         "~fleet:jobstats*", "~fleet:canary*",

@@ -111,12 +111,24 @@ class ReleaseStats:
 
 
 def read(client: redis.Redis, release: str) -> ReleaseStats:
-    raw = {k.decode(): v.decode() for k, v in client.hgetall(JOBSTATS_KEY.format(release=release)).items()}
-    stats = ReleaseStats(release, int(raw.get("served", 0)),
-                         {r: int(raw.get(f"failed:{r}", 0)) for r in REASONS},
-                         {k: [int(raw.get(f"b:{k}:{i}", 0)) for i in range(len(BUCKETS))] for k in KINDS},
-                         {k: float(raw.get(f"sum:{k}", 0.0)) for k in KINDS})
-    return stats
+    return _from_hash(release, client.hgetall(JOBSTATS_KEY.format(release=release)))
+
+
+def read_many(client: redis.Redis, releases: list[str]) -> dict[str, ReleaseStats]:
+    """Several releases' counters in one round trip (the exporter reads every known release at each scrape)."""
+    with client.pipeline(transaction=False) as pipe:
+        for release in releases:
+            pipe.hgetall(JOBSTATS_KEY.format(release=release))
+        found = pipe.execute()
+    return {release: _from_hash(release, raw) for release, raw in zip(releases, found, strict=True)}
+
+
+def _from_hash(release: str, found: dict[bytes, bytes]) -> ReleaseStats:
+    raw = {k.decode(): v.decode() for k, v in found.items()}
+    return ReleaseStats(release, int(raw.get("served", 0)),
+                        {r: int(raw.get(f"failed:{r}", 0)) for r in REASONS},
+                        {k: [int(raw.get(f"b:{k}:{i}", 0)) for i in range(len(BUCKETS))] for k in KINDS},
+                        {k: float(raw.get(f"sum:{k}", 0.0)) for k in KINDS})
 
 
 def counted_releases(client: redis.Redis) -> set[str]:

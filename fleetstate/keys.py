@@ -31,6 +31,12 @@ PIN_KEY = "fleet:pins"  # set of component refs that retention must keep
 DEAD_KEY = "fleet:dead"  # list of jobs recorded as dead, with reasons
 NODE_L2_KEY = "fleet:l2:{node}"  # hash with TTL: the component refs a node's L2 holds, as its workers last saw them
 NODE_L2_PATTERN = "fleet:l2:*"
+# The registry's directories, so readers list it without walking the keyspace (a day of job records is most of it):
+# sorted sets whose members are the names above and whose scores are when the member's key expires (epoch ms); the
+# keys stay the truth (a member whose key is gone is not listed), writers drop members long expired.
+WORKERS_INDEX = "fleet:registry:workers"  # worker → when its WORKER_KEY expires
+WARM_INDEX = "fleet:registry:warm"  # "<release>:<worker>" → when its WARM_KEY expires
+NODE_L2_INDEX = "fleet:registry:l2"  # node → when its NODE_L2_KEY expires
 
 # kombu's Redis transport keeps one list per queue and priority step: `queue` for step 0, then `queue` + sep + step
 # for the others (its channel's `sep` and `priority_steps`).
@@ -61,6 +67,8 @@ LEASE_KEY = "fleet:lease:{task_id}"  # SET NX PX: the worker executing a job now
 RELEASE_META_KEY = "fleet:release-meta:{release}"  # hash: a release's own settings (job_time_limit_s)
 OUTBOX_KEY = "fleet:outbox"  # hash: delivery tag → JSON {task_id, list, message, resends} of sent, unclaimed jobs
 OUTBOX_AT_KEY = "fleet:outbox:at"  # sorted set: delivery tag → when its message was sent (or last found queued)
+OUTBOX_QUEUES_KEY = "fleet:outbox:queues"  # set: every queue list a send or a queue move pushed onto, so `status`
+# finds the lists holding jobs without walking the keyspace (fleetstate/queues.py `queued_releases`)
 DELIVERIES_KEY = "fleet:deliveries"  # hash: delivery tag → JSON {worker, task_id} of messages in a worker's hands
 
 # kombu's Redis transport keeps every unacknowledged message in a hash and a sorted set scored by delivery time;

@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from .keys import CELERY_META_KEY, JOB_KEY, KOMBU_UNACKED, OUTBOX_AT_KEY, OUTBOX_KEY, STATS_KEY
+from .keys import CELERY_META_KEY, JOB_KEY, KOMBU_UNACKED, OUTBOX_AT_KEY, OUTBOX_KEY, OUTBOX_QUEUES_KEY, STATS_KEY
 from .locks import run_lock
 from .scripts import OUTBOX_ENQUEUE, OUTBOX_RESEND
 
@@ -73,7 +73,7 @@ def entry_for(tag: str, list_key: str, message: str, task_id: str, resends: int 
 
 def enqueue_args(entry: Entry) -> tuple[list[str], list[str]]:
     """KEYS and ARGV of the enqueue script for one message."""
-    return [OUTBOX_KEY, OUTBOX_AT_KEY, entry.list], [entry.tag, entry.to_json(), entry.message]
+    return [OUTBOX_KEY, OUTBOX_AT_KEY, entry.list, OUTBOX_QUEUES_KEY], [entry.tag, entry.to_json(), entry.message]
 
 
 def enqueue_command(entry: Entry) -> tuple[str, tuple[Any, ...]]:

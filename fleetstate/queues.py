@@ -18,7 +18,7 @@ import redis
 
 from cachemgr.names import QUEUE_PREFIX, InvalidName, queue_for, release_of_queue, validate_name
 
-from .keys import OUTBOX_KEY, PRIORITY_SEP, queue_lists
+from .keys import OUTBOX_KEY, OUTBOX_QUEUES_KEY, PRIORITY_SEP, queue_lists
 from .scripts import QUEUE_MOVE
 
 
@@ -64,14 +64,25 @@ def _sent_at(raw: bytes) -> float | None:
 
 
 def queued_releases(client: redis.Redis, model: str | None = None) -> list[str]:
-    """Releases (of a model, or of every model) with jobs waiting, found by the names of their queue lists (empty
-    lists do not exist)."""
+    """Releases (of a model, or of every model) with jobs waiting: of the queue lists any send or move pushed onto
+    (`fleet:outbox:queues`, written by the same scripts that push), those not empty. Two round trips whatever the
+    size of the keyspace (a day of job records is most of it); a list that only a sender outside the fleet's
+    transport pushed onto is not seen."""
+    prefix = f"{QUEUE_PREFIX}{validate_name(model, 'model')}@" if model else QUEUE_PREFIX
+    lists = sorted(name for name in (raw.decode(errors="replace") for raw in client.smembers(OUTBOX_QUEUES_KEY))
+                   if name.startswith(prefix))
+    if not lists:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for name in lists:
+            pipe.exists(name)
+        present = pipe.execute()
     found = set()
-    pattern = f"{QUEUE_PREFIX}{validate_name(model, 'model')}@*" if model else f"{QUEUE_PREFIX}*"
-    for key in client.scan_iter(match=pattern, count=500):
-        queue = key.decode(errors="replace").split(PRIORITY_SEP, 1)[0]
+    for name, there in zip(lists, present, strict=True):
+        if not there:
+            continue
         try:
-            release = release_of_queue(queue)
+            release = release_of_queue(name.split(PRIORITY_SEP, 1)[0])
         except InvalidName:
             continue  # not a queue of ours
         if release is not None:
@@ -164,7 +175,7 @@ def move_queued(client: redis.Redis, source_release: str, target_release: str, i
                     pairs += [raw, json.dumps(readdress(message, source, target))]
                     ids.append(task_id)
             if pairs:
-                moved = int(QUEUE_MOVE(client, [src_list, dst_list, OUTBOX_KEY], pairs))
+                moved = int(QUEUE_MOVE(client, [src_list, dst_list, OUTBOX_KEY, OUTBOX_QUEUES_KEY], pairs))
                 report.moved += ids[:moved] if moved == len(ids) else _moved_ids(client, dst_list, ids)
                 report.taken_meanwhile += len(ids) - moved
         report.moved += _move_orphans(client, source, target, is_pinned, report)

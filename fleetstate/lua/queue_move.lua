@@ -3,7 +3,8 @@
 -- worker took between the caller's read and this script is simply not found: no loss, no duplicate. O(N) for N
 -- elements, however many move. A moved message's outbox entry (outbox.py; same delivery tag) follows it: its new
 -- list and text.
--- KEYS: source list, destination list, outbox. ARGV: payload, rewritten payload, ... Returns how many moved.
+-- KEYS: source list, destination list, outbox, the set of queue lists (queues.py). ARGV: payload, rewritten
+-- payload, ... Returns how many moved.
 local wanted = {}
 for i = 1, #ARGV, 2 do
   local entry = wanted[ARGV[i]]
@@ -24,6 +25,7 @@ if #move == 0 then return 0 end
 redis.call('DEL', KEYS[1])
 for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep))) end
 for i = 1, #move, 1000 do redis.call('RPUSH', KEYS[2], unpack(move, i, math.min(i + 999, #move))) end
+if #move > 0 then redis.call('SADD', KEYS[4], KEYS[2]) end
 for _, item in ipairs(move) do
   local ok, message = pcall(cjson.decode, item)
   local tag = ok and type(message) == 'table' and type(message.properties) == 'table' and message.properties.delivery_tag
