@@ -8,9 +8,10 @@ date, and every metric that has a target, met or not. One script: `python bench/
 the byte-bound scripts on a ~0.6 GB SDXL-shaped release (`--size large`, a few minutes more); off by default.
 `python -m bench reference [--scale S] [--cache DIR] [--clean]` runs the reference deployment at real size (an 8 GB
 SDXL single file + kohya LoRA): its transfers over an emulated line, then its worker rows on real worker processes.
-`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py). `python -m bench upstream` runs, in one
-run, the three figures of loading and dispatch through the libraries' public APIs: dispatch, live LoRA on the large
-release, and the full-size warm restart vs bare diffusers.
+`python -m bench chaos --minutes N` runs the chaos soak (bench/bench_chaos.py). `python -m bench netfleet` runs the
+namespaced nodes (bench/bench_netfleet.py, as root): partitions as faults, and the reference rows over a kernel-shaped
+line. `python -m bench upstream` runs, in one run, the three figures of loading and dispatch through the libraries'
+public APIs: dispatch, live LoRA on the large release, and the full-size warm restart vs bare diffusers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SCRIPTS = [  # cheapest first; (name, extra arguments)
     ("peers", []),
     ("peer_faults", []),
     ("canary", []),
+    ("scale", []),  # the control plane at 100, 300 and 1,000 simulated workers (about 7 minutes)
 ]
 LARGE_SCRIPTS = [("cold_start", ["--size", "large", "--profile"])]
 TIMEOUT_S = 1800
@@ -135,6 +137,8 @@ def upstream(extra: list[str]) -> int:
 def main() -> int:
     if sys.argv[1:2] == ["chaos"]:  # the soak: `python -m bench chaos --minutes N`, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_chaos.py"), *sys.argv[2:]]).returncode
+    if sys.argv[1:2] == ["netfleet"]:  # nodes in network namespaces: partitions, the kernel-shaped line (root)
+        return subprocess.run([sys.executable, str(HERE / "bench_netfleet.py"), *sys.argv[2:]]).returncode
     if sys.argv[1:2] == ["reference"]:  # the full-size scenario: its own options, never part of the suite
         return subprocess.run([sys.executable, str(HERE / "bench_reference.py"), *sys.argv[2:]]).returncode
 

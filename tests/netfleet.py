@@ -9,6 +9,7 @@ docs/reliability.md ("Partitions").
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,14 +31,15 @@ from fleetstate.nodes import NodeRegistry
 from tasks.settings import FleetSettings
 
 from .netns import Lab, NsOss, NsRedis, start_node_process, start_node_worker, wait_tcp
+from .sentinels import MASTER, WRITE_GUARD
 from .support import Calibration, WorkerProc, fleet_settings_for, wait_warm
 
 RELEASE = DEMO_RELEASES[1]
 AK, SK, PEER_SECRET = "netfleet-ak", "netfleet-sk", "netfleet-peer-secret"
-JOB_SETTINGS: dict[str, Any] = {"heartbeat_seconds": 1.0, "warm_ttl_seconds": 4.0, "job_lease_seconds": 20.0,
+JOB_SETTINGS: dict[str, Any] = {"heartbeat_seconds": 1.0, "warm_ttl_seconds": 4.0, "job_lease_seconds": 30.0,
                                 "visibility_timeout": 60}
 """A holder silent past the warm TTL (4 s) looks dead and its job goes to a peer, which waits on the execution lease
-(20 s): a holder back before the lease lapses finishes its job, and the peer returns its result."""
+(30 s, renewed every 10 s): a holder back before the lease lapses finishes its job, and the peer returns its result."""
 
 
 def l2_faults(root: Path) -> list[str]:
@@ -69,14 +71,14 @@ class Outcome:
 @dataclass
 class JobFleet:
     lab: Lab
-    redis: NsRedis
+    redis: Any  # NsRedis, or NsSentinelSet
     settings: FleetSettings  # the producers'
     nodes: dict[str, FleetSettings]
     workers: dict[str, WorkerProc]
     tasks: Any
 
-    def client(self):  # noqa: ANN201 - redis.Redis from the producers' namespace
-        return self.redis.client()
+    def client(self):  # noqa: ANN201 - redis.Redis on the fleet state (the primary, behind Sentinel)
+        return self.settings.state_client()
 
     def meta(self, task_id: str) -> dict:
         return self.tasks.app.backend.get_task_meta(task_id)
@@ -108,20 +110,90 @@ class JobFleet:
         raise AssertionError(f"job {task_id} not started within {timeout} s")
 
 
+@dataclass
+class NsSentinelSet:
+    """A primary and a replica (each its own member) and three sentinels (one member), as tests/sentinels.py
+    starts them on loopback: the data servers refuse writes without an in-sync replica (WRITE_GUARD)."""
+
+    lab: Lab
+    dir: Path
+    master: str = MASTER
+    data: dict[str, NsRedis] = field(default_factory=dict)
+    ports: tuple[int, ...] = (26379, 26380, 26381)
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://{self.lab.address('sentinels')}:{p}" for p in self.ports) + "/0"
+
+    def start(self) -> NsSentinelSet:
+        primary = self.lab.address("redis-a")
+        self.data["redis-a"] = NsRedis(self.lab, "redis-a", self.dir / "a", extra=WRITE_GUARD).start()
+        self.data["redis-b"] = NsRedis(self.lab, "redis-b", self.dir / "b",
+                                       extra=(*WRITE_GUARD, "--replicaof", primary, "6379")).start()
+        for server in self.data.values():
+            wait_tcp(server.host, server.port)
+        for i, port in enumerate(self.ports):
+            conf = self.dir / f"sentinel{i}.conf"
+            conf.write_text(f"port {port}\nbind {self.lab.address('sentinels')}\nprotected-mode no\ndir {self.dir}\n"
+                            f"sentinel monitor {self.master} {primary} 6379 2\n"
+                            f"sentinel down-after-milliseconds {self.master} 1000\n"
+                            f"sentinel failover-timeout {self.master} 15000\n"
+                            f"sentinel parallel-syncs {self.master} 1\n")
+            self.lab.popen("sentinels", [shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"],
+                           self.dir / f"sentinel{i}.log")
+            wait_tcp(self.lab.address("sentinels"), port)
+        self.wait_ready()
+        return self
+
+    def sentinel(self, i: int = 0):  # noqa: ANN201
+        import redis
+
+        return redis.Redis(host=self.lab.address("sentinels"), port=self.ports[i], decode_responses=True,
+                           socket_timeout=2, socket_connect_timeout=2)
+
+    def primary(self) -> str:
+        """The member the sentinels name as primary (all must agree)."""
+        named = {self.sentinel(i).sentinel_get_master_addr_by_name(self.master)[0] for i in range(len(self.ports))}
+        if len(named) != 1:
+            raise AssertionError(f"the sentinels disagree on the primary: {named}")
+        return next(m for m, server in self.data.items() if server.host in named)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Every sentinel names the same primary and sees its replica, and the replica is in sync."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                primary = self.primary()
+                replica = next(server for m, server in self.data.items() if m != primary)
+                if all(len(self.sentinel(i).sentinel_slaves(self.master)) == 1 for i in range(len(self.ports))) \
+                        and replica.client().info("replication").get("master_link_status") == "up":
+                    return
+            except (redis.RedisError, AssertionError, StopIteration, IndexError, KeyError, TypeError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"sentinel set not ready after {timeout} s (see {self.dir})")
+
+
 @contextmanager
-def job_fleet(root: Path, archive_dir: Path, nodes: tuple[str, ...] = ("node-a", "node-b"),
+def job_fleet(root: Path, archive_dir: Path, nodes: tuple[str, ...] = ("node-a", "node-b"), sentinel: bool = False,
               **overrides: Any) -> Iterator[JobFleet]:
-    """Redis, the producers (the calling thread) and one warm worker per node, each in its namespace; workers read
-    the archive from a local folder (no network: a partition cuts them from Redis only)."""
+    """Redis (or a Sentinel set), the producers (the calling thread) and one warm worker per node, each in its
+    namespace; workers read the archive from a local folder (no network: a partition cuts them from Redis only)."""
     import tasks
 
     with ExitStack() as stack:
         lab = stack.enter_context(Lab())
-        for member in ("redis", "prod", *nodes):
+        servers = ("redis-a", "redis-b", "sentinels") if sentinel else ("redis",)
+        for member in (*servers, "prod", *nodes):
             lab.add(member)
         stack.enter_context(lab.entered("prod"))
-        redis_server = NsRedis(lab, "redis", root / "redis").start()
-        wait_tcp(redis_server.host, redis_server.port)
+        if sentinel:
+            redis_server: Any = NsSentinelSet(lab, root / "sentinel").start()
+        else:
+            redis_server = NsRedis(lab, "redis", root / "redis").start()
+            wait_tcp(redis_server.host, redis_server.port)
         settings = fleet_settings_for(root / "prod", redis_server.url, archive_dir, **(JOB_SETTINGS | overrides))
         node_settings = {n: settings.model_copy(update={"home": root / n, "node_name": n}) for n in nodes}
         workers = {n: start_node_worker(lab, n, s, [RELEASE], "gpu0", root / "logs") for n, s in node_settings.items()}
@@ -169,12 +241,11 @@ def worker_cut_trial(fleet: JobFleet, calibration: Calibration, cut_s: float = 8
     return out
 
 
-def producers_cut_trial(fleet: JobFleet, producers: int = 4, cut_s: float = 5.0, before_s: float = 2.0,
-                        after_s: float = 3.0, seed: int = 0) -> Outcome:
-    """Producer threads send small jobs while their namespace's link goes down and comes back: a send either
-    returns (and its job then completes, once) or raises to the producer (never acknowledged: the producer's to
-    send again). Nothing acknowledged may be lost."""
-    out = Outcome("producers cut from Redis")
+def produce_during(fleet: JobFleet, scenario: str, fault: Callable[[], dict[str, Any]], producers: int = 4,
+                   before_s: float = 2.0, after_s: float = 3.0, seed: int = 0) -> Outcome:
+    """Producer threads send small jobs before, during and after `fault()`: a send either returns (and its job must
+    then complete, once) or raises to the producer (never acknowledged: the producer's to send again)."""
+    out = Outcome(scenario)
     acknowledged: list[Any] = []
     refused: list[str] = []
     lock = threading.Lock()
@@ -200,15 +271,11 @@ def producers_cut_trial(fleet: JobFleet, producers: int = 4, cut_s: float = 5.0,
     for t in threads:
         t.start()
     time.sleep(before_s)
-    fleet.lab.cut("prod")
-    try:
-        time.sleep(cut_s)
-    finally:
-        fleet.lab.heal("prod")
+    out.notes.update(fault())
     time.sleep(after_s)
     stop.set()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=300)
     out.sent, out.refused = len(acknowledged), len(refused)
     client = fleet.client()
     for r in acknowledged:
@@ -221,17 +288,55 @@ def producers_cut_trial(fleet: JobFleet, producers: int = 4, cut_s: float = 5.0,
             out.notes.setdefault("errors", []).append(f"{r.id}: {type(exc).__name__}: {exc}")
     out.seconds = time.monotonic() - started
     out.notes["refused_kinds"] = sorted(set(refused))
+    for settings in fleet.nodes.values():
+        out.corrupt_l2 += l2_faults(settings.resolved_cache_root)
     return out
+
+
+def producers_cut_trial(fleet: JobFleet, cut_s: float = 5.0, seed: int = 0) -> Outcome:
+    """The producers' namespace loses its link while they send, then gets it back."""
+    def fault() -> dict[str, Any]:
+        fleet.lab.cut("prod")
+        try:
+            time.sleep(cut_s)
+        finally:
+            fleet.lab.heal("prod")
+        return {"cut_s": cut_s}
+
+    return produce_during(fleet, "producers cut from Redis", fault, seed=seed)
+
+
+def primary_cut_trial(fleet: JobFleet, cut_s: float = 12.0, seed: int = 0) -> Outcome:
+    """Behind Sentinel, the primary's member loses its link (cut from its replica, the sentinels and every client)
+    while producers send; the sentinels promote the replica; the link comes back and the old primary rejoins as a
+    replica. Every acknowledged send completes once."""
+    sentinels: NsSentinelSet = fleet.redis
+
+    def fault() -> dict[str, Any]:
+        old = sentinels.primary()
+        fleet.lab.cut(old)
+        try:
+            time.sleep(cut_s)
+            new = sentinels.primary()  # asked from the producers' side, which still reaches the sentinels
+        finally:
+            fleet.lab.heal(old)
+        sentinels.wait_ready()
+        return {"old_primary": old, "new_primary": new}
+
+    return produce_during(fleet, "Redis primary cut from its replica (Sentinel)", fault, seed=seed, after_s=5.0)
 
 
 # -- a site of nodes syncing from the archive and from each other -----------------------------------------------
 
 
-def write_version(folder: Path, mib: int, seed: int, tensors: int = 32) -> Path:
-    """A checkpoint of `mib` MiB of seeded random bytes (incompressible, like weights) and a config."""
+def write_version(folder: Path, mib: int, seed: int, tensors: int = 32, changed: int | None = None,
+                  base_seed: int = 0) -> Path:
+    """A checkpoint of `mib` MiB of seeded random bytes (incompressible, like weights) and a config; with `changed`,
+    only the first `changed` tensors follow `seed`, the others `base_seed` (a new version of a base)."""
     folder.mkdir(parents=True, exist_ok=True)
     size = (mib << 20) // tensors
-    save_file({f"t{i:03d}": np.random.default_rng(seed * 1000 + i).integers(0, 255, size=size, dtype=np.uint8)
+    seeds = [seed if changed is None or i < changed else base_seed for i in range(tensors)]
+    save_file({f"t{i:03d}": np.random.default_rng(seeds[i] * 1000 + i).integers(0, 255, size=size, dtype=np.uint8)
                for i in range(tensors)}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(f'{{"tensors": {tensors}}}')
     return folder
@@ -352,18 +457,21 @@ def archive_cut_trial(site: SiteFleet, node: str, ref: ComponentRef, size: int, 
     return out
 
 
-def peer_cut_trial(site: SiteFleet, holders: list[str], fetcher: str, cut: str, ref: ComponentRef, size: int,
+def peer_cut_trial(site: SiteFleet, holders: list[str], fetcher: str, ref: ComponentRef, size: int,
                    heal_after_s: float = 8.0) -> Outcome:
-    """`fetcher` fills its L2 from `holders` (they hold `ref`); the holder `cut` loses its link while it uploads to
-    it: the fetcher drops that peer, takes its pieces from the others (or the archive), and verifies everything."""
+    """`fetcher` fills its L2 from `holders` (they hold `ref`); the first holder seen uploading to it loses its link
+    midway: the fetcher drops that peer, takes its pieces from the others (or the archive), and verifies all."""
     out = Outcome("peer cut mid-transfer", sent=1)
-    since = site.lab.sent_bytes(cut)
+    since = {h: site.lab.sent_bytes(h) for h in holders}
     oss_since = site.lab.sent_bytes("oss")
     started = time.monotonic()
     pending = site.send_sync(fetcher, ref)
-    mid = site.wait_bytes(cut, since, min(size // (4 * len(holders)), 1 << 20))
-    site.lab.cut(cut)
-    healed = False
+    cut = None
+    deadline = time.monotonic() + 60
+    while cut is None and time.monotonic() < deadline and not pending.ready():
+        cut = next((h for h in holders if site.lab.sent_bytes(h) - since[h] >= min(size // 8, 1 << 20)), None)
+    if cut:
+        site.lab.cut(cut)
     try:
         deadline = time.monotonic() + heal_after_s
         while time.monotonic() < deadline and not pending.ready():
@@ -375,14 +483,14 @@ def peer_cut_trial(site: SiteFleet, holders: list[str], fetcher: str, cut: str, 
     except Exception as exc:  # noqa: BLE001
         out.lost, out.notes["error"] = 1, f"{type(exc).__name__}: {exc}"
     finally:
-        if not healed:
+        if cut:
             site.lab.heal(cut)
     out.seconds = time.monotonic() - started
     store = SnapshotStore(site.l2(fetcher))
     if out.completed and not (store.has(ref) and all(c.ok for c in store.check(ref, stamp=False))):
         out.completed, out.lost = 0, 1
     out.corrupt_l2 += l2_faults(site.l2(fetcher))
-    out.notes.update(cut_mid_transfer=mid, oss_bytes=site.lab.sent_bytes("oss") - oss_since)
+    out.notes.update(cut=cut, oss_bytes=site.lab.sent_bytes("oss") - oss_since)
     return out
 
 

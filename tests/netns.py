@@ -207,10 +207,11 @@ class Lab:
                     "rate", f"{rate_mbit}mbit", "ceil", f"{rate_mbit}mbit")
 
     def sent_bytes(self, name: str) -> int:
-        """Bytes the member's link has sent (the kernel's count on its qdisc)."""
-        out = self.tc(self.members[name].ns, "-s", "qdisc", "show", "dev", DEV)
-        match = re.search(r"Sent (\d+) bytes", out)
-        return int(match.group(1)) if match else 0
+        """Bytes the member's link has sent (the kernel's interface counter: frames, headers included)."""
+        import json
+
+        return int(json.loads(ip("-n", self.members[name].ns, "-j", "-s", "link", "show", "dev", DEV))[0]
+                   ["stats64"]["tx"]["bytes"])
 
     @staticmethod
     def tc(ns: str, *args: str) -> str:
