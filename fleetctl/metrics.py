@@ -114,11 +114,12 @@ class FleetCollector(Collector):
         yield warm_gauge
         per_worker = GaugeMetricFamily("warmfleet_worker_loads", "Pipelines each live worker process has loaded",
                                        labels=["worker", "state"])
-        for state in registry.workers():
+        states = registry.workers()
+        for state in states:
             per_worker.add_metric([state.worker, state.state], state.loads)
         yield per_worker
 
-        yield from worker_families(registry, RouteTable(self.redis))
+        yield from worker_families(registry, RouteTable(self.redis), states)
         yield from job_families(self.redis, releases)
 
         queues = {queue_for(r): r for r in releases}

@@ -16,8 +16,10 @@ MEMORY_KINDS = {"allocated": "mem_allocated", "reserved": "mem_reserved", "total
 WORKER_STATES = ("loading", "warm", "sick", "failed", "stopping")
 
 
-def worker_families(registry: WarmRegistry, table: RouteTable) -> Iterator[Any]:
-    states: list[WorkerState] = registry.workers()
+def worker_families(registry: WarmRegistry, table: RouteTable,
+                    states: list[WorkerState] | None = None) -> Iterator[Any]:
+    """`states`: the registry's workers when the caller has read them already (one read per scrape)."""
+    states = registry.workers() if states is None else states
     state = GaugeMetricFamily("warmfleet_worker_state", "1 for the state each live worker process is in "
                               "(sick: its jobs kept failing; it stopped consuming)", labels=["worker", "node", "state"])
     for w in states:

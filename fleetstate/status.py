@@ -91,10 +91,9 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
                 ReleaseStatus(
                     release=r, roles=roles.get(r, []), queued=depths[queue_for(r)], oldest_s=ages[queue_for(r)],
                     workers=[_worker_row(workers.get(name), name, now) for name in warm.get(r, [])],
-                    l2={node: {str(ref): str(ref) in info.refs for ref in Release.parse(r).refs()}
-                        for node, info in nodes.items()},
+                    l2={node: {ref: ref in info.refs for ref in refs} for node, info in nodes.items()},
                 ).__dict__
-                for r in releases
+                for r, refs in ((r, [str(ref) for ref in Release.parse(r).refs()]) for r in releases)
             ],
         }
     out["stranded"] = [s.__dict__ for s in stranded_queues(client, warm, now)]
