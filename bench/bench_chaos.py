@@ -7,7 +7,10 @@ the OSS archive stopped in the middle of a `warmfleet sync` download, or a job t
 test worker entry hangs on one prompt; such jobs time out on every try and are dead-lettered on purpose).
 
 The broker, result backend and fleet state run behind Redis Sentinel (a primary, one replica, three sentinels on
-loopback: tests/sentinels.py); `--broker plain` runs one redis-server instead (no failover fault then). Each sync
+loopback: tests/sentinels.py); `--broker plain` runs one redis-server instead (no failover fault then). `--netns`
+(root) gives each worker slot its own network namespace and address (tests/netns.py), with Redis, the archive and
+the producers in another, and adds partitions: a worker's node loses its link for 3–6 s (shorter than the warm TTL
+and the execution lease at the defaults, whose promise docs/reliability.md states) and gets it back. Each sync
 runs into a fresh L2 of its own over a 32 Mbit/s emulated line (a 32 MiB version: about 8 s), the archive is stopped
 once the download is under way and started again 5–15 s later; the sync either retries through it or fails with one
 line, and a second sync must then resume and verify. Workers serve from their own L2 meanwhile.
@@ -49,12 +52,12 @@ SYNC_RELEASE = "chaosbig@base-v1"
 class Broker:
     """The soak's Redis: behind Sentinel (primary, replica, three sentinels) or one plain redis-server."""
 
-    def __init__(self, workdir: Path, sentinel: bool) -> None:
+    def __init__(self, workdir: Path, sentinel: bool, host: str = "127.0.0.1") -> None:
         from tests.sentinels import SentinelSet
         from tests.support import RedisServer
 
         self.sentinel = sentinel
-        self.set = SentinelSet(workdir / "sentinel").start() if sentinel else None
+        self.set = SentinelSet(workdir / "sentinel", host=host).start() if sentinel else None
         self.server = None if sentinel else RedisServer(workdir / "redis", appendonly=True).start()
         self.failovers_failed = 0
 
@@ -206,24 +209,28 @@ class OssSyncs:
 class Supervisor:
     """Keeps WORKERS workers running: one that exits (killed, stopped, recycled) is replaced by a fresh one."""
 
-    def __init__(self, settings, logs: Path) -> None:  # noqa: ANN001 - FleetSettings
+    def __init__(self, settings, logs: Path, lab=None) -> None:  # noqa: ANN001 - FleetSettings, tests.netns.Lab
         from tests.fault_worker import HANG_ENV
 
         self.settings, self.logs, self.env = settings, logs, {HANG_ENV: HANG_PROMPT}
+        self.lab = lab  # with a lab, slot i's workers run in its member `node<i>`
         self.generation, self.slots, self.restarts = 0, [], 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
 
-    def _start(self):  # noqa: ANN202 - tests.support.WorkerProc
+    def _start(self, slot: int):  # noqa: ANN202 - tests.support.WorkerProc
+        from contextlib import nullcontext
+
         from tests.support import start_worker
 
         self.generation += 1
-        return start_worker(self.settings, [RELEASE], f"chaos{self.generation}", self.logs, wait=False, **self.env)
+        with self.lab.entered(f"node{slot}") if self.lab else nullcontext():  # the worker starts in the node's namespace
+            return start_worker(self.settings, [RELEASE], f"chaos{self.generation}", self.logs, wait=False, **self.env)
 
     def start(self) -> None:
         from tests.support import wait_warm
 
-        self.slots = [self._start() for _ in range(WORKERS)]
+        self.slots = [self._start(i) for i in range(WORKERS)]
         for w in self.slots:
             wait_warm(self.settings, w, timeout=600)
         threading.Thread(target=self._loop, daemon=True).start()
@@ -233,13 +240,22 @@ class Supervisor:
             with self.lock:
                 for i, w in enumerate(self.slots):
                     if w.proc.poll() is not None:
-                        self.slots[i] = self._start()
+                        self.slots[i] = self._start(i)
                         self.restarts += 1
 
     def victim(self):  # noqa: ANN201
         with self.lock:
             running = [w for w in self.slots if w.proc.poll() is None]
             return random.choice(running) if running else None
+
+    def partition(self, seconds: float) -> None:
+        """A random slot's node loses its link for `seconds`; its worker keeps running, cut from everything."""
+        node = f"node{random.randrange(len(self.slots))}"
+        self.lab.cut(node)
+        try:
+            time.sleep(seconds)
+        finally:
+            self.lab.heal(node)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -256,7 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     args.add_argument("--broker", choices=("sentinel", "plain"), default="sentinel",
                       help="Redis behind Sentinel (default; adds the failover fault) or one plain redis-server")
     args.add_argument("--faults", default=None, help="only these faults, comma-separated (a short check of one)")
+    args.add_argument("--netns", action="store_true",
+                      help="each worker slot in its own network namespace (root): adds the partition fault")
     opts = args.parse_args(argv)
+    lab = None
+    if opts.netns:
+        from tests.netns import Lab, unavailable
+
+        why = unavailable()
+        if why or opts.broker != "sentinel":
+            print(why or "--netns runs behind Sentinel: leave --broker at its default", file=sys.stderr)
+            return 1
+        lab = Lab().start()
+        for member in ("site", *(f"node{i}" for i in range(WORKERS))):
+            lab.add(member)
+        site = lab.entered("site")  # Redis, the archive and the producers: this thread and what it starts
+        site.__enter__()
     rng = random.Random(opts.seed)
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="warmfleet-chaos-"))
 
@@ -266,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.sentinels import MASTER
 
     publish_release(LocalArchive(workdir / "archive"), workdir / "build")
-    server = Broker(workdir, sentinel=opts.broker == "sentinel")
+    server = Broker(workdir, sentinel=opts.broker == "sentinel", host=lab.address("site") if lab else "127.0.0.1")
     oss = OssSyncs(workdir)
     settings = FleetSettings(home=workdir / "home", broker_url=server.url, archive_url=(workdir / "archive").as_uri(),
                              torch_threads=1, node_name="chaosnode", job_time_limit_s=TIME_LIMIT_S,
@@ -274,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     import tasks
 
     tasks.configure(settings)
-    supervisor = Supervisor(settings, workdir / "logs")
+    supervisor = Supervisor(settings, workdir / "logs", lab)
     supervisor.start()
     sent, refused, faults = [], Counter(), Counter()
     examples: dict[str, str] = {}
@@ -300,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["kill9", "sigterm", "redis_restart", "oss_outage", "hang"]
     if server.sentinel:
         kinds.append("sentinel_failover")
+    if lab:
+        kinds.append("partition")
     if opts.faults:
         kinds = [k for k in opts.faults.split(",") if k in kinds] or kinds
 
@@ -319,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 return "failover_failed"
         elif kind == "oss_outage":
             threading.Thread(target=oss.outage, args=(rng.uniform(5, 15),), daemon=True).start()
+        elif kind == "partition":
+            supervisor.partition(rng.uniform(3, 6))
         else:
             r = tasks.generate.delay(HANG_PROMPT, seed=rng.randrange(1 << 30), release=RELEASE)
             with lock:
@@ -367,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     outbox_resent = int(client.hget("fleet:stats", "outbox_resent") or 0)
     supervisor.stop()
     server.stop()
+    if lab:
+        lab.stop()
     sync_bad = oss.outcomes["failed badly"] + oss.outcomes["resume failed"]
     lost_total = len(lost) + len(failed_other)
     minutes = (time.monotonic() - started) / 60
@@ -388,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     write_section("chaos", "\n".join([
         "## Chaos soak (bench/bench_chaos.py)",
         f"{PRODUCERS} producers, {WORKERS} workers (restarted by a supervisor loop), {minutes:.1f} min of a fault every"
-        f" 20–40 s at random; broker, results and fleet state on {'Redis Sentinel (primary, replica, 3 sentinels)' if server.sentinel else 'one redis-server'}."
+        f" 20–40 s at random; broker, results and fleet state on {'Redis Sentinel (primary, replica, 3 sentinels)' if server.sentinel else 'one redis-server'}"
+        f"{'; each worker slot in its own network namespace (partitions: a node link down 3–6 s)' if lab else ''}."
         " Operator defaults (outbox grace 60 s) except a 20 s job time limit and one retry of a timed-out job.",
         "",
         "| jobs sent | faults | completed | dead on purpose (hung) | lost | duplicated | re-run after a fault |"

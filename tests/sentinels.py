@@ -30,10 +30,21 @@ class SentinelSet:
     data_argv: dict[int, list[str]] = field(default_factory=dict)
     write_guard: list[str] = field(default_factory=lambda: list(WRITE_GUARD))
     """Data-server options; the default refuses writes without an in-sync replica (docs/reliability.md)."""
+    host: str = "127.0.0.1"
+    """The address the servers announce and clients dial (a lab member's, tests/netns.py); loopback is bound too."""
+
+    @property
+    def binds(self) -> list[str]:
+        return [self.host] if self.host == "127.0.0.1" else [self.host, "127.0.0.1"]
+
+    @property
+    def open_argv(self) -> list[str]:
+        """Off loopback there is no password: let the lab's private LAN in."""
+        return [] if self.host == "127.0.0.1" else ["--protected-mode", "no"]
 
     @property
     def url(self) -> str:
-        return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.sentinel_ports) + "/0"
+        return ";".join(f"sentinel://{self.host}:{p}" for p in self.sentinel_ports) + "/0"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")
@@ -50,18 +61,19 @@ class SentinelSet:
         for i, port in enumerate(self.data_ports):
             folder = self.dir / f"data{i}"
             folder.mkdir(exist_ok=True)
-            argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-                    "--appendonly", "yes", "--appendfsync", "always", *self.write_guard]
+            argv = [exe, "--port", str(port), "--bind", *self.binds, *self.open_argv, "--dir", str(folder), "--save",
+                    "", "--appendonly", "yes", "--appendfsync", "always", *self.write_guard]
             self.data_argv[port] = list(argv)
             if i:
-                argv += ["--replicaof", "127.0.0.1", str(primary)]
+                argv += ["--replicaof", self.host, str(primary)]
             self.data_procs[port] = self._spawn(f"data{i}", argv)
             wait_port(port)
         self.sentinel_ports = [free_port() for _ in range(3)]
         for i, port in enumerate(self.sentinel_ports):
             conf = self.dir / f"sentinel{i}.conf"
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                            f"sentinel monitor {self.master} 127.0.0.1 {primary} 2\n"
+            conf.write_text(f"port {port}\nbind {' '.join(self.binds)}\ndir {self.dir}\n"
+                            + ("" if self.host == "127.0.0.1" else "protected-mode no\n")
+                            + f"sentinel monitor {self.master} {self.host} {primary} 2\n"
                             f"sentinel down-after-milliseconds {self.master} 1000\n"
                             f"sentinel failover-timeout {self.master} 15000\n"
                             f"sentinel parallel-syncs {self.master} 1\n")
@@ -126,7 +138,7 @@ class SentinelSet:
         proc.wait(timeout=30)
         argv = list(self.data_argv[port])
         if port != primary:
-            argv += ["--replicaof", "127.0.0.1", str(primary)]
+            argv += ["--replicaof", self.host, str(primary)]
         self.data_procs[port] = self._spawn(f"data{self.data_ports.index(port)}", argv)
         wait_port(port)
 
