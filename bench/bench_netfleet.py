@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._results import entry, merge_results, stamp, write_section  # noqa: E402
 from cachemgr.names import ComponentRef  # noqa: E402
+from fleetstate.keys import PEER_QUARANTINE_KEY  # noqa: E402
 from tests.netfleet import (  # noqa: E402
     Outcome,
     archive_cut_trial,
@@ -88,8 +89,10 @@ def run_jobs(workdir: Path, trials: int, only: set[str], log) -> list[Outcome]: 
 
 def run_site_faults(workdir: Path, trials: int, only: set[str], mib: int, log) -> list[Outcome]:  # noqa: ANN001
     outcomes: list[Outcome] = []
-    # holders upload at 20 Mbit each, so a new node's fill from five of them lasts seconds and can be cut midway
-    with site_fleet(workdir / "site", nodes=6, rate_mbit=LINE_MBIT, delay_ms=RTT_MS, peer_upload_mbps=20.0) as site:
+    # holders upload at 20 Mbit each, so a new node's fill from them lasts seconds and can be cut midway (the rate
+    # floor lowered to match: a holder shared by several fetchers must not be dropped as slow)
+    with site_fleet(workdir / "site", nodes=6, rate_mbit=LINE_MBIT, delay_ms=RTT_MS, peer_upload_mbps=20.0,
+                    peer_min_mbps=1.0) as site:
         publisher = site.publisher()
         nodes = list(site.nodes)
         for i in range(trials if "archive" in only else 0):
@@ -101,6 +104,7 @@ def run_site_faults(workdir: Path, trials: int, only: set[str], mib: int, log) -
             ref = ComponentRef("netfleet", "base", f"p{i}")
             manifest = publisher.publish(ref, write_version(workdir / "build" / ref.version, mib, seed=1000 + i))
             holders, fetcher = nodes[:-1], nodes[-1]
+            site.client().delete(PEER_QUARANTINE_KEY)
             site.sync(holders[0], ref)  # the site's one origin pull, then the others from their peers
             pending = [site.send_sync(n, ref) for n in holders[1:]]
             for p in pending:

@@ -25,7 +25,7 @@ from beat_schedule import SYNC_TASK
 from cachemgr.names import ComponentRef, node_queue, queue_for
 from cachemgr.store import SnapshotStore
 from fleetctl.demo.builders import DEMO_RELEASES
-from fleetstate.keys import KOMBU_UNACKED
+from fleetstate.keys import KOMBU_UNACKED, PEER_QUARANTINE_KEY
 from fleetstate.leases import job_record
 from fleetstate.nodes import NodeRegistry
 from tasks.settings import FleetSettings
@@ -462,6 +462,7 @@ def peer_cut_trial(site: SiteFleet, holders: list[str], fetcher: str, ref: Compo
     """`fetcher` fills its L2 from `holders` (they hold `ref`); the first holder seen uploading to it loses its link
     midway: the fetcher drops that peer, takes its pieces from the others (or the archive), and verifies all."""
     out = Outcome("peer cut mid-transfer", sent=1)
+    site.client().delete(PEER_QUARANTINE_KEY)  # each trial meets the site anew (a peer cut before is not skipped)
     since = {h: site.lab.sent_bytes(h) for h in holders}
     oss_since = site.lab.sent_bytes("oss")
     started = time.monotonic()
