@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from cachemgr import LocalArchive  # noqa: E402
 from fleetctl.demo.builders import DEMO_RELEASES, RANDOM_DEMO_VERSIONS, publish_demo  # noqa: E402
 from tasks.settings import FleetSettings  # noqa: E402
 
-from .layers import FAST, LAYERS, ORDER, layer_of  # noqa: E402
+from .layers import FAST, LAYERS, ORDER, SHARED_FLEET, layer_of, schedule_rank, work_unit_of  # noqa: E402
 from .support import OSS_AK, OSS_SK, REPO, RedisServer, fleet_settings_for, start_worker, wait_warm  # noqa: E402
 
 pytest_plugins = ["pytester"]  # tests/test_layers.py runs a small suite of its own to show the layer rule failing
@@ -87,10 +88,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         layer = item_layer(item) or ""
         item.add_marker(getattr(pytest.mark, layer))
         item.stash[_LAYER] = layer
-    # The slowest layers first (fault, fleet, then pipeline, unit; modules keep their order within a layer): with
-    # `-n 2 --dist loadfile` the long modules start at once and the short ones fill in behind them.
-    rank = {layer: i for i, layer in enumerate(reversed(ORDER))}
-    items.sort(key=lambda item: rank.get(layer_of(item.path.stem) or "", len(ORDER)))
+    # The slowest layers first (fault, fleet, then pipeline, unit), and within a layer the modules in the order
+    # tests/layers.py lists them (the longest first): with `-n 2` the long modules start at once and the short ones
+    # fill in behind them (the scheduler below keeps this order).
+    items.sort(key=lambda item: schedule_rank(item.path.stem))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (the whole suite's): xdist's file scheduling, with two changes — the modules of
+    tests/layers.py's SHARED_FLEET are one work unit (one process, so they share one fleet), and work units are
+    handed out in collection order (xdist would reorder them by test count, putting the long few-test modules last)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return work_unit_of(Path(scope).stem, scope)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
 
 
 _LAYER = pytest.StashKey[str]()
@@ -168,15 +187,77 @@ def archive_copy(demo_archive_dir: Path, tmp_path: Path) -> LocalArchive:
     return LocalArchive(dest)
 
 
+@dataclass
+class SharedFleet:
+    redis: RedisServer
+    settings: FleetSettings
+    workers: dict
+
+
+def _shares_fleet(request: pytest.FixtureRequest) -> bool:
+    """Whether the requesting module is one of tests/layers.py's SHARED_FLEET (it uses `shared_fleet`'s fleet)."""
+    return Path(request.node.path).stem in SHARED_FLEET
+
+
+def _start_two_workers(settings: FleetSettings, logs: Path) -> dict:
+    """Two warm workers, one per demo release, and a route to the newer release (the older one below it)."""
+    import redis
+
+    from fleetstate.routes import RouteTable
+
+    old, new = DEMO_RELEASES
+    workers = [start_worker(settings, [old], "w-old", logs, wait=False),
+               start_worker(settings, [new], "w-new", logs, wait=False)]
+    try:
+        for w in workers:
+            wait_warm(settings, w)
+    except BaseException:
+        for w in workers:
+            w.stop()
+        raise
+    table = RouteTable(redis.Redis.from_url(settings.broker_url))
+    table.set_active(old, actor="test")
+    table.set_active(new, actor="test")
+    return {"old": workers[0], "new": workers[1], "releases": (old, new)}
+
+
+def _stop_workers(fleet: dict) -> None:
+    for w in (fleet["old"], fleet["new"]):
+        w.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_fleet(demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One redis-server, settings and pair of warm workers per test process for the modules of tests/layers.py's
+    SHARED_FLEET, instead of one per module (their module fixtures `redis_server`, `fleet_settings` and
+    `two_workers` hand out this fleet's)."""
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis")).start()
+    try:
+        settings = fleet_settings_for(tmp_path_factory.mktemp("shared-home"), server.url, demo_archive_dir)
+        fleet = SharedFleet(server, settings, _start_two_workers(settings, tmp_path_factory.mktemp("shared-logs")))
+    except BaseException:
+        server.stop()
+        raise
+    yield fleet
+    _stop_workers(fleet.workers)
+    server.stop()
+
+
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
+def redis_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    if _shares_fleet(request):
+        yield request.getfixturevalue("shared_fleet").redis
+        return
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def fleet_settings(redis_server: RedisServer, demo_archive_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
+def fleet_settings(request: pytest.FixtureRequest, redis_server: RedisServer, demo_archive_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> FleetSettings:
+    if _shares_fleet(request):
+        return request.getfixturevalue("shared_fleet").settings
     return fleet_settings_for(tmp_path_factory.mktemp("home"), redis_server.url, demo_archive_dir)
 
 
@@ -191,29 +272,35 @@ def producer(fleet_settings: FleetSettings):
 
 
 @pytest.fixture(scope="module")
-def two_workers(fleet_settings: FleetSettings, producer, tmp_path_factory: pytest.TempPathFactory):
-    """Two warm workers, one per demo release, and a route to the newer release."""
+def two_workers(request: pytest.FixtureRequest, fleet_settings: FleetSettings, producer,
+                tmp_path_factory: pytest.TempPathFactory):
+    """Two warm workers, one per demo release, and a route to the newer release: the module's own, or the shared
+    fleet's for a SHARED_FLEET module (whose route it must leave as it found it: checked after the module)."""
+    if _shares_fleet(request):
+        fleet = request.getfixturevalue("shared_fleet")
+        yield fleet.workers
+        _assert_routes_as_started(fleet)
+        return
+    fleet = _start_two_workers(fleet_settings, tmp_path_factory.mktemp("logs"))
+    yield fleet
+    _stop_workers(fleet)
+
+
+def _assert_routes_as_started(fleet: SharedFleet) -> None:
+    """A module that shares the fleet left it as it found it: the newer release active over the older, no canary, no
+    job left queued."""
     import redis
 
     from fleetstate.routes import RouteTable
 
-    logs = tmp_path_factory.mktemp("logs")
-    old, new = DEMO_RELEASES
-    workers = [start_worker(fleet_settings, [old], "w-old", logs, wait=False),
-               start_worker(fleet_settings, [new], "w-new", logs, wait=False)]
-    try:
-        for w in workers:
-            wait_warm(fleet_settings, w)
-    except BaseException:
-        for w in workers:
-            w.stop()
-        raise
-    table = RouteTable(redis.Redis.from_url(fleet_settings.broker_url))
-    table.set_active(old, actor="test")
-    table.set_active(new, actor="test")
-    yield {"old": workers[0], "new": workers[1], "releases": (old, new)}
-    for w in workers:
-        w.stop()
+    old, new = fleet.workers["releases"]
+    model = new.split("@", 1)[0]
+    client = redis.Redis.from_url(fleet.settings.broker_url)
+    route = RouteTable(client).get(model)
+    assert (route.active, route.previous, route.canary) == (new, old, None), \
+        f"a SHARED_FLEET module changed the shared fleet's route: {route}"
+    left = {key.decode(): client.llen(key) for key in client.keys("release.*") if client.type(key) == b"list"}
+    assert not any(left.values()), f"a SHARED_FLEET module left jobs queued on the shared fleet: {left}"
 
 
 @pytest.fixture(autouse=True)

@@ -139,12 +139,16 @@ def test_a_release_with_no_route_and_no_worker_is_not_silently_queued(producer, 
         producer.generate.delay("x", model="ghost")
 
 
-def test_result_waits_are_bounded(producer, two_workers):
+def test_result_waits_are_bounded(fleet_settings, producer, two_workers):
     """A job pinned to a release nobody serves stays queued; the producer's get() times out, nothing else."""
-    r = producer.generate.delay("nobody serves this", release="nano-banana@base-v1.0.0+lora-v2.3.1")  # archived
+    nobody = "nano-banana@base-v1.0.0+lora-v2.3.1"  # archived, served by no worker here
+    r = producer.generate.delay("nobody serves this", release=nobody)
     with pytest.raises(CeleryTimeout):
         r.get(timeout=2)
     r.revoke()
+    client = redis.Redis.from_url(fleet_settings.broker_url)
+    assert client.llen(queue_for(nobody)) == 1  # still queued: only the wait was bounded
+    client.delete(*client.keys(f"{queue_for(nobody)}*"))  # the fleet is shared (tests/layers.py): leave no job behind
 
 
 def test_a_producer_re_pointed_at_the_same_broker_after_closing_its_pool_still_sends(fleet_settings, producer,
