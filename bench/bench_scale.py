@@ -435,7 +435,8 @@ def main() -> None:
         if given is not None and not given.is_file():
             sys.exit(f"bench_scale: {given}: no such file; pass a file an earlier run wrote with --save")
     if args.source is not None:
-        report(json.loads(args.source.read_text())["rows"], args)
+        saved = json.loads(args.source.read_text())
+        report(saved["rows"], args, saved.get("stamp") or f"{stamp()} (when written from a saved run)")
         return
     args.sizes = sorted(set(args.sizes))
     rows = []
@@ -446,11 +447,12 @@ def main() -> None:
             rows.append(summarise(raw))
             print(json.dumps(rows[-1]), flush=True)
     if args.save:
-        args.save.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        args.save.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "stamp": stamp(),
+                                         "rows": rows}, indent=1))
     report(rows, args)
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
+def report(rows: list[dict], args: argparse.Namespace, measured: str | None = None) -> None:
     small, large = rows[0], rows[-1]
     n_small, n_large = small["workers"], large["workers"]
     workers_ratio = n_large / n_small
@@ -486,7 +488,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     write_section("scale", f"""
 ## The control plane at {n_large:,} simulated workers (bench/bench_scale.py, {today()})
 
-{stamp()}.{note}
+{measured or stamp()}.{note}
 Simulated workers run the fleet's own registry, heartbeat, sweeper and per-job code (`JobRunner`: claim and
 completion scripts, watchdog, serve, job counters) with the pipeline call a timed no-op ({args.job_seconds:g} s,
 one job per ~{args.job_every:g} s per worker); threads in {args.procs} processes at nice 10, a Redis client each;
