@@ -137,16 +137,29 @@ def run_reference(workdir: Path, mib: int, log) -> dict:  # noqa: ANN001
             return time.perf_counter() - started, results, site.lab.sent_bytes("oss") - wire
 
         cold_s, (cold,), cold_wire = all_at_once(site_nodes[:1], v1)  # the first node: all of it over the line
-        log(f"first start of an empty node: {cold_s:.1f} s for {m1.total_size / 1e6:.1f} MB (floor {floor:.1f} s)")
+        sync_s = sync_seconds(site.nodes[site_nodes[0]].event_log_path, v1)
+        log(f"first start of an empty node: {sync_s:.1f} s (sync) / {cold_s:.1f} s (send → result) for "
+            f"{m1.total_size / 1e6:.1f} MB (floor {floor:.1f} s)")
         rest_s, rest, rest_wire = all_at_once(site_nodes[1:], v1)
         night_s, night, night_wire = all_at_once(site_nodes, v2)
         fill_s, (fill,), fill_wire = all_at_once([newcomer], v2)
-        return {"bytes": m1.total_size, "floor_s": floor, "cold_s": cold_s, "cold_from_l3": cold["from_l3"],
+        return {"bytes": m1.total_size, "floor_s": floor, "cold_s": cold_s, "sync_s": sync_s, "cold_from_l3": cold["from_l3"],
                 "cold_wire": cold_wire, "rest_s": rest_s, "rest_from_l3": sum(r["from_l3"] for r in rest),
                 "rest_wire": rest_wire, "changed": changed, "night_s": night_s,
                 "night_from_l3": sum(r["from_l3"] for r in night), "night_wire": night_wire, "fill_s": fill_s,
                 "fill_from_l3": fill["from_l3"], "fill_from_peers": fill["from_peers"], "fill_wire": fill_wire,
                 "v2_bytes": m2.total_size}
+
+
+def sync_seconds(events: Path, ref: ComponentRef) -> float:
+    """The node's own account of one version's sync (its L2_SYNC event): first request → verified snapshot."""
+    import json
+
+    for line in reversed(events.read_text().splitlines()):
+        event = json.loads(line)
+        if event.get("event") == "L2_SYNC" and event.get("version") == ref.version and event.get("model") == ref.model:
+            return float(event["seconds"])
+    raise AssertionError(f"no L2_SYNC event for {ref} in {events}")
 
 
 def table(outcomes: list[Outcome]) -> tuple[str, dict[str, list[Outcome]]]:
@@ -220,6 +233,7 @@ def main() -> int:
             print("netfleet: a scenario failed before its trials were done; nothing written", file=sys.stderr)
             return 1
     minutes = (time.monotonic() - started) / 60
+    note = f"\n{args.note}\n" if args.note else ""
     entries, sections = [], []
     if outcomes:
         rows, by = table(outcomes)
@@ -241,34 +255,45 @@ that did not verify after a trial **{corrupt}**. "Sent" is jobs whose send retur
 """)
     if reference:
         r = reference
-        ratio = r["cold_s"] / r["floor_s"]
+        ratio = r["sync_s"] / r["floor_s"]
         entries += [entry("netfleet.first_start_over_link_limit", round(ratio, 4), "ratio", "<= 1.10"),
+                    entry("netfleet.first_start_send_to_result_over_link_limit", round(r["cold_s"] / r["floor_s"], 4),
+                          "ratio", None),
                     entry("netfleet.site_first_start_origin_bytes_over_version",
                           round((r["cold_from_l3"] + r["rest_from_l3"]) / r["bytes"], 4), "ratio", "<= 1.05"),
                     entry("netfleet.nightly_origin_bytes_over_changed", round(r["night_from_l3"] / r["changed"], 4),
                           "ratio", "<= 1.05"),
                     entry("netfleet.new_node_origin_bytes", r["fill_from_l3"], "B", "0")]
         mb = 1e6
-        sections.append(f"""
-Reference rows over real addresses (6 site nodes + 1 newcomer, each a `warmfleet maintenance-worker` in its own
-namespace; the archive's link shaped by the kernel, tc htb {LINE_MBIT:g} Mbit both ways, +{RTT_MS:g} ms per request
-in the OSS server); a {r['bytes'] / mb:.1f} MB version (**scaled** from the reference's 8.14 GB: at 100 Mbit that is
-11 min per cold start), 64 tensors, v2 with 3 changed ({r['changed'] / mb:.2f} MB).
+        reference_md = f"""
+## The reference site's transfers over real addresses (bench/bench_netfleet.py --only reference)
 
-| row | measured | wire bytes on the archive's link (kernel count, headers included) |
+{stamp()}.{note}
+
+6 site nodes + 1 newcomer, each a `warmfleet maintenance-worker` in its own network namespace with its peer server
+on its own address; the archive's link shaped by the kernel (tc htb {LINE_MBIT:g} Mbit both ways), +{RTT_MS:g} ms
+per request in the OSS server; a {r['bytes'] / mb:.1f} MB version (**scaled** from the reference's 8.14 GB: at
+100 Mbit that is 11 min per cold start), 64 tensors, v2 with 3 changed ({r['changed'] / mb:.2f} MB). The first
+start is timed as bench/REFERENCE.md's row was (the sync's own time, first request → verified snapshot, from the
+node's L2_SYNC event) and from the operator's send to the task's result (queueing, the catalog refresh after the
+sync and the result's way back included).
+
+| row | measured | wire bytes on the archive's link (kernel count) |
 |---|---|---|
-| first start of an empty node (nobody holds it) | {r['cold_s']:.1f} s ÷ floor {r['floor_s']:.1f} s = **{ratio:.3f}** (target ≤ 1.10) | {r['cold_wire'] / mb:.1f} MB |
+| first start of an empty node (nobody holds it) | sync {r['sync_s']:.1f} s ÷ floor {r['floor_s']:.1f} s = **{ratio:.3f}** (target ≤ 1.10); send → result {r['cold_s']:.1f} s = {r['cold_s'] / r['floor_s']:.3f} | {r['cold_wire'] / mb:.1f} MB |
 | the other 5 nodes' first start, at once, with peers | {r['rest_s']:.1f} s; {r['rest_from_l3']} B from the archive | {r['rest_wire'] / mb:.2f} MB |
 | nightly update, 6 nodes at once | archive bytes ÷ changed = **{r['night_from_l3'] / r['changed']:.3f}**; {r['night_s']:.1f} s | {r['night_wire'] / mb:.2f} MB |
 | a new node filled from its peers | **{r['fill_from_l3']} B** from the archive; {r['fill_s']:.1f} s = {r['fill_s'] / r['floor_s']:.3f} × the line's floor | {r['fill_wire'] / mb:.2f} MB |
-""")
+"""
     merge_results(entries)
-    note = f"\n{args.note}\n" if args.note else ""
-    write_section("netfleet", f"""
-## Nodes in network namespaces: partitions and the shaped line (bench/bench_netfleet.py)
+    if sections:
+        write_section("netfleet", f"""
+## Nodes in network namespaces: partitions as faults (bench/bench_netfleet.py)
 
 {stamp()}; {minutes:.0f} min.{note}
 {''.join(sections)}""")
+    if reference:
+        write_section("netfleet_reference", reference_md)
     for e in entries:
         print(f"{e['name']} = {e['value']} {e['unit']} (target {e['target']})")
     return 0
