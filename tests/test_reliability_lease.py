@@ -129,6 +129,30 @@ def test_a_job_costs_two_redis_round_trips_and_completion_cleans_up_after_it(cli
     assert job_record(client, "job-1")["completed"] == "1"
 
 
+def test_a_completion_sent_again_after_its_reply_was_lost_counts_once(client):
+    """The server ran the completion script but its reply never came back (a link down past the client's timeout):
+    the retry stores the same result and counts neither the job nor the served-jobs counter twice."""
+    real = client.execute_command
+    lost = []
+
+    def reply_lost_once(*args, **options):
+        answer = real(*args, **options)
+        if args[0] == "EVALSHA" and not lost and running.held:
+            lost.append(args[0])
+            raise redis.ConnectionError("the reply was lost on its way back")
+        return answer
+
+    with lease(client, "w1") as running:
+        assert running.claim().run
+        client.execute_command = reply_lost_once
+        assert running.complete({"image_uri": "file:///x.png"})
+        client.execute_command = real
+    assert lost, "precondition: the first completion's reply was lost"
+    record = job_record(client, "job-1")
+    assert (record["runs"], record["completed"]) == ("1", "1"), record
+    assert client.hget(STATS_KEY, "l1_hits") == b"1"
+
+
 def test_completion_never_revives_a_lapsed_registry_entry(client):
     from fleetstate.keys import WORKER_KEY
 
