@@ -89,7 +89,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(getattr(pytest.mark, layer))
         item.stash[_LAYER] = layer
     # The slowest layers first (fault, fleet, then pipeline, unit), and within a layer the modules in the order
-    # tests/layers.py lists them (the longest first): with `-n 2` the long modules start at once and the short ones
+    # tests/layers.py lists them (the longest first): with `-n 3` the long modules start at once and the short ones
     # fill in behind them (the scheduler below keeps this order).
     items.sort(key=lambda item: schedule_rank(item.path.stem))
 

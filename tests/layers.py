@@ -9,7 +9,7 @@
 The rule of the fast layers is enforced while their tests run (tests/conftest.py): starting a Python process from a
 unit or pipeline test, or from a fixture it uses, raises `LayerError` naming the module and the layer to move it to.
 
-The whole suite runs on both cores (`-n 2 --dist loadfile`): a module's tests stay in one process, the modules run
+The whole suite runs in three processes (`-n 3 --dist loadfile`): a module's tests stay in one process, the modules run
 slowest layer first and, within a layer, in the order listed here (so the longest are listed first). The modules of
 SHARED_FLEET only read the fleet they are given and share one per process (tests/conftest.py: `shared_fleet`).
 """
