@@ -119,7 +119,7 @@ class FleetCollector(Collector):
             per_worker.add_metric([state.worker, state.state], state.loads)
         yield per_worker
 
-        yield from worker_families(registry, RouteTable(self.redis), states)
+        yield from worker_families(RouteTable(self.redis), states)
         yield from job_families(self.redis, releases)
 
         queues = {queue_for(r): r for r in releases}

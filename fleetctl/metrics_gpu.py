@@ -9,17 +9,15 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 
-from fleetstate.registry import WarmRegistry, WorkerState
+from fleetstate.registry import WorkerState
 from fleetstate.routes import RouteTable
 
 MEMORY_KINDS = {"allocated": "mem_allocated", "reserved": "mem_reserved", "total": "mem_total", "peak": "mem_peak"}
 WORKER_STATES = ("loading", "warm", "sick", "failed", "stopping")
 
 
-def worker_families(registry: WarmRegistry, table: RouteTable,
-                    states: list[WorkerState] | None = None) -> Iterator[Any]:
-    """`states`: the registry's workers when the caller has read them already (one read per scrape)."""
-    states = registry.workers() if states is None else states
+def worker_families(table: RouteTable, states: list[WorkerState]) -> Iterator[Any]:
+    """`states`: the registry's workers, as the scrape read them (once per scrape)."""
     state = GaugeMetricFamily("warmfleet_worker_state", "1 for the state each live worker process is in "
                               "(sick: its jobs kept failing; it stopped consuming)", labels=["worker", "node", "state"])
     for w in states:

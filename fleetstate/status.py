@@ -84,6 +84,7 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
         releases = sorted(set(roles) | {r for r in warm if Release.parse(r).model == model} | set(queued.get(model, [])))
         queues = [queue_for(r) for r in releases]
         depths, ages = queue_depths(client, queues), oldest_waiting(client, queues, now)
+        refs = {r: [str(ref) for ref in Release.parse(r).refs()] for r in releases}  # parsed once, not once per node
         out["models"][model] = {
             "active": route.active, "previous": route.previous, "canary": route.canary,
             "canary_weight": route.canary_weight if route.canary else 0.0, "updated_at": route.updated_at,
@@ -91,9 +92,9 @@ def fleet_status(client: redis.Redis) -> dict[str, Any]:
                 ReleaseStatus(
                     release=r, roles=roles.get(r, []), queued=depths[queue_for(r)], oldest_s=ages[queue_for(r)],
                     workers=[_worker_row(workers.get(name), name, now) for name in warm.get(r, [])],
-                    l2={node: {ref: ref in info.refs for ref in refs} for node, info in nodes.items()},
+                    l2={node: {ref: ref in info.refs for ref in refs[r]} for node, info in nodes.items()},
                 ).__dict__
-                for r, refs in ((r, [str(ref) for ref in Release.parse(r).refs()]) for r in releases)
+                for r in releases
             ],
         }
     out["stranded"] = [s.__dict__ for s in stranded_queues(client, warm, now)]

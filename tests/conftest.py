@@ -279,22 +279,23 @@ def two_workers(request: pytest.FixtureRequest, fleet_settings: FleetSettings, p
     if _shares_fleet(request):
         fleet = request.getfixturevalue("shared_fleet")
         yield fleet.workers
-        _assert_routes_as_started(fleet)
+        _assert_left_as_found(fleet)
         return
     fleet = _start_two_workers(fleet_settings, tmp_path_factory.mktemp("logs"))
     yield fleet
     _stop_workers(fleet)
 
 
-def _assert_routes_as_started(fleet: SharedFleet) -> None:
+def _assert_left_as_found(fleet: SharedFleet) -> None:
     """A module that shares the fleet left it as it found it: the newer release active over the older, no canary, no
     job left queued."""
     import redis
 
+    from cachemgr import Release
     from fleetstate.routes import RouteTable
 
     old, new = fleet.workers["releases"]
-    model = new.split("@", 1)[0]
+    model = Release.parse(new).model
     client = redis.Redis.from_url(fleet.settings.broker_url)
     route = RouteTable(client).get(model)
     assert (route.active, route.previous, route.canary) == (new, old, None), \

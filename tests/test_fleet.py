@@ -11,6 +11,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.utils.uuid import uuid
 
 from cachemgr.names import queue_for
+from fleetstate.keys import queue_lists
 from fleetstate.registry import WarmRegistry
 from tasks.router import GENERATE_TASK
 from workers.outputs import read_uri
@@ -148,7 +149,7 @@ def test_result_waits_are_bounded(fleet_settings, producer, two_workers):
     r.revoke()
     client = redis.Redis.from_url(fleet_settings.broker_url)
     assert client.llen(queue_for(nobody)) == 1  # still queued: only the wait was bounded
-    client.delete(*client.keys(f"{queue_for(nobody)}*"))  # the fleet is shared (tests/layers.py): leave no job behind
+    client.delete(*queue_lists(queue_for(nobody)))  # the fleet is shared (tests/layers.py): leave no job behind
 
 
 def test_a_producer_re_pointed_at_the_same_broker_after_closing_its_pool_still_sends(fleet_settings, producer,

@@ -25,7 +25,7 @@ if #move == 0 then return 0 end
 redis.call('DEL', KEYS[1])
 for i = 1, #keep, 1000 do redis.call('RPUSH', KEYS[1], unpack(keep, i, math.min(i + 999, #keep))) end
 for i = 1, #move, 1000 do redis.call('RPUSH', KEYS[2], unpack(move, i, math.min(i + 999, #move))) end
-if #move > 0 then redis.call('SADD', KEYS[4], KEYS[2]) end
+redis.call('SADD', KEYS[4], KEYS[2])
 for _, item in ipairs(move) do
   local ok, message = pcall(cjson.decode, item)
   local tag = ok and type(message) == 'table' and type(message.properties) == 'table' and message.properties.delivery_tag
